@@ -72,6 +72,12 @@ _SCALARS: dict[int, tuple[str, int, str]] = {
     GGUFValueType.INT64: ("<q", 8, "<i8"),
     GGUFValueType.FLOAT64: ("<d", 8, "<f8"),
 }
+# ggml types that GGUFReader (and numpy) read as typed arrays rather than bytes
+_PLAIN_DTYPES: dict[int, str] = {
+    GGMLQuantizationType.F32: "<f4", GGMLQuantizationType.F16: "<f2", GGMLQuantizationType.F64: "<f8",
+    GGMLQuantizationType.I8: "<i1", GGMLQuantizationType.I16: "<i2", GGMLQuantizationType.I32: "<i4",
+    GGMLQuantizationType.I64: "<i8",
+}
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
@@ -120,6 +126,19 @@ class GGUFTensor:
     def block(self) -> tuple[int, int]:
         """(elements per block, bytes per block) from ``gguf.GGML_QUANT_SIZES``."""
         return GGML_QUANT_SIZES[GGMLQuantizationType(self.ggml_type)]
+
+    def array(self) -> np.ndarray:
+        """Zero-copy view of the data in the layout ``gguf.GGUFReader`` gives.
+
+        F32/F16/F64/I8/I16/I32/I64: that dtype with ``shape``. Every other type (BF16 included):
+        uint8 ``[*shape[:-1], shape[-1] / block_elems * block_bytes]``, one row of blocks per
+        innermost row, which is what ``gguf.quants.dequantize`` and ``gptjax.quant.dequantize`` take.
+        """
+        dtype = _PLAIN_DTYPES.get(self.ggml_type)
+        if dtype is not None:
+            return self.raw.view(dtype).reshape(self.shape)
+        block_elems, block_bytes = self.block
+        return self.raw.reshape(*self.shape[:-1], self.shape[-1] // block_elems * block_bytes)
 
 
 _MISSING = object()
@@ -404,7 +423,7 @@ def _build_tensors(p: _Parser, infos: list[_RawInfo], data_offset: int, alignmen
         for d in ne:
             n_elements *= d
         if n_elements > _INT64_MAX:
-            raise p.fail(where, f"{ne} has {n_elements} elements, more than 2^63-1")
+            raise p.fail(where, f"ne={ne} has {n_elements} elements, more than 2^63-1")
         try:
             qtype = GGMLQuantizationType(ggml_type)
             block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
@@ -418,7 +437,7 @@ def _build_tensors(p: _Parser, infos: list[_RawInfo], data_offset: int, alignmen
             raise p.fail(where, f"data offset {rel} is not a multiple of the alignment {alignment}")
         start = data_offset + rel
         if n_bytes > p.size or start > p.size - n_bytes:
-            raise p.fail(where, f"data [{start}, {start + n_bytes}) ({qtype.name} {ne}, {n_bytes} bytes) "
+            raise p.fail(where, f"data [{start}, {start + n_bytes}) ({qtype.name}, ne={ne}, {n_bytes} bytes) "
                                 f"extends past the end of the file ({p.size} bytes)")
         tensors[name] = GGUFTensor(
             name=name,
