@@ -16,7 +16,9 @@ files (v3 only added big-endian files, which are rejected here with a clear mess
 
 Every count and length is checked against the bytes left in the file *before* anything is
 allocated for it, so a tiny hostile file cannot make the reader allocate or loop for long.
-Tensor data is never copied: ``GGUFTensor.raw`` is a read-only uint8 view of the file's mmap.
+Tensor data is never copied: ``GGUFTensor.raw`` is a read-only uint8 view of the file's mmap,
+and ``GGUFTensor.array()`` reshapes it the way ``gguf.GGUFReader`` does (typed for F32/F16/I*,
+rows of quant blocks otherwise).
 
 Metadata values are plain Python values:
 
@@ -34,6 +36,7 @@ starts with the path and names the metadata key or tensor involved.
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -112,10 +115,7 @@ class GGUFTensor:
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def ne(self) -> tuple[int, ...]:
@@ -146,7 +146,13 @@ _MISSING = object()
 
 @dataclass(frozen=True, eq=False)
 class GGUFFile:
-    """A validated GGUF file: metadata, tensor table and memory-mapped tensor bytes."""
+    """A validated GGUF file: metadata, tensor table and memory-mapped tensor bytes.
+
+    Beyond the contract fields: ``data_offset`` (absolute start of the data section),
+    ``metadata_types`` (key -> ``gguf.GGUFValueType`` as stored) and ``array_item_types``
+    (array key -> item ``GGUFValueType``), so a value can be re-serialized or shown exactly.
+    The mmap stays open as long as any ``GGUFTensor.raw`` view is alive.
+    """
 
     path: str
     version: int                   # 2 or 3
@@ -155,6 +161,7 @@ class GGUFFile:
     alignment: int
     data_offset: int = 0           # absolute offset of the data section
     metadata_types: dict[str, int] = field(default_factory=dict, repr=False)  # key -> GGUFValueType
+    array_item_types: dict[str, int] = field(default_factory=dict, repr=False)  # array key -> item type
 
     @property
     def architecture(self) -> str | None:
@@ -357,9 +364,10 @@ def _read_header(p: _Parser) -> tuple[int, int, int]:
     return version, n_tensors, n_kv
 
 
-def _read_metadata(p: _Parser, n_kv: int) -> tuple[dict[str, Any], dict[str, int]]:
+def _read_metadata(p: _Parser, n_kv: int) -> tuple[dict[str, Any], dict[str, int], dict[str, int]]:
     metadata: dict[str, Any] = {}
     types: dict[str, int] = {}
+    item_types: dict[str, int] = {}
     for i in range(n_kv):
         key = p.string(f"metadata entry #{i} key")
         if not key:
@@ -367,9 +375,12 @@ def _read_metadata(p: _Parser, n_kv: int) -> tuple[dict[str, Any], dict[str, int
         if key in metadata:
             raise p.fail(f"metadata key '{key}'", f"duplicate key (entry #{i})")
         vtype = p.u32(f"metadata key '{key}' (value type)")
+        start = p.pos
         metadata[key] = p.value(vtype, f"metadata key '{key}'")
         types[key] = vtype
-    return metadata, types
+        if vtype == GGUFValueType.ARRAY:  # value() has read (and validated) the item type at `start`
+            item_types[key] = _U32.unpack_from(p.buf, start)[0]
+    return metadata, types, item_types
 
 
 def _read_alignment(p: _Parser, metadata: dict[str, Any], types: dict[str, int]) -> int:
@@ -467,7 +478,7 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     p = _Parser(path, buf, size)
     try:
         version, n_tensors, n_kv = _read_header(p)
-        metadata, types = _read_metadata(p, n_kv)
+        metadata, types, item_types = _read_metadata(p, n_kv)
         alignment = _read_alignment(p, metadata, types)
         infos = _read_tensor_infos(p, n_tensors)
         data_offset = -(-p.pos // alignment) * alignment
@@ -482,4 +493,5 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
         # Safety net: every check above should fire first; never let a raw error escape.
         raise GGUFError(f"{path}: malformed GGUF near offset {p.pos} ({type(e).__name__}: {e})") from None
     return GGUFFile(path=path, version=version, metadata=metadata, tensors=tensors,
-                    alignment=alignment, data_offset=data_offset, metadata_types=types)
+                    alignment=alignment, data_offset=data_offset, metadata_types=types,
+                    array_item_types=item_types)
