@@ -336,6 +336,8 @@ def _open_mmap(path: str) -> tuple[mmap.mmap, int]:
         raise GGUFError(f"{path}: no such file") from None
     except OSError as e:
         raise GGUFError(f"{path}: cannot open ({e.strerror or e})") from None
+    except ValueError as e:  # mmap refuses some special files
+        raise GGUFError(f"{path}: cannot memory-map ({e})") from None
     return buf, size
 
 
