@@ -332,6 +332,8 @@ def _open_mmap(path: str) -> tuple[mmap.mmap, int]:
             if size == 0:
                 raise GGUFError(f"{path}: file is empty, expected a GGUF file")
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except GGUFError:
+        raise
     except FileNotFoundError:
         raise GGUFError(f"{path}: no such file") from None
     except OSError as e:
