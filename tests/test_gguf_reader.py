@@ -556,15 +556,18 @@ def test_hostile_cases_are_otherwise_valid(tmp_path):
     assert_matches_reference(gf)
 
 
-@pytest.mark.parametrize("kind", ["missing", "directory", "empty"])
-def test_bad_paths(tmp_path, kind):
+@pytest.mark.parametrize("kind, message", [("missing", "no such file"), ("directory", "is a directory"),
+                                           ("empty", "file is empty")])
+def test_bad_paths(tmp_path, kind, message):
     path = tmp_path / "model.gguf"
     if kind == "directory":
         path.mkdir()
     elif kind == "empty":
         path.write_bytes(b"")
-    with pytest.raises(GGUFError, match=r"model\.gguf: "):
+    with pytest.raises(GGUFError) as ei:
         read_gguf(path)
+    assert str(ei.value) == f"{path}: {message}" + (", expected a GGUF file" if kind == "empty" else
+                                                     ", expected a .gguf file" if kind == "directory" else "")
 
 
 # ---- (e) real files and speed ---------------------------------------------------------------------
