@@ -39,6 +39,11 @@ class GenerationError(GptjaxError):
     """A generation request is invalid (bad sampler settings, prompt longer than the context, ...)."""
 
 
+class ChatTemplateError(GptjaxError):
+    """A chat template is missing, fails to compile or raises while rendering, or the chat messages
+    handed to it are malformed."""
+
+
 __all__ = [
     "GptjaxError",
     "GGUFError",
@@ -48,4 +53,5 @@ __all__ = [
     "WeightsError",
     "TokenizerError",
     "GenerationError",
+    "ChatTemplateError",
 ]
