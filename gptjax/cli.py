@@ -24,6 +24,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     import gguf
 
     from gptjax.config import ModelConfig
+    from gptjax.errors import ConfigError, UnsupportedModelError
     from gptjax.formats.gguf import read_gguf
     from gptjax.tokenizer import Tokenizer
 
@@ -31,9 +32,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     out = []
     out.append(f"file: {f.path}")
     out.append(f"GGUF version {f.version}, {len(f.metadata)} metadata keys, {len(f.tensors)} tensors")
-    cfg = ModelConfig.from_gguf(f)
-    out.append("")
-    out.append(cfg.summary())
+    try:
+        cfg = ModelConfig.from_gguf(f)
+    except (ConfigError, UnsupportedModelError) as e:  # e.g. a vocabulary-only file: still show tensors and tokenizer
+        cfg = None
+        out.append(f"model config: not usable ({e})")
+    else:
+        out.append("")
+        out.append(cfg.summary())
 
     # Tensor-type histogram: count and bytes per ggml type, largest first.
     hist: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
@@ -48,7 +54,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         out.append(f"  {name:<6} {count:>5} tensors  {_human_bytes(nbytes):>12}  {100 * nbytes / max(total, 1):5.1f}%")
 
     out.append("")
-    for ctx in sorted({min(cfg.context_length, 4096), cfg.context_length}):
+    for ctx in [] if cfg is None else sorted({min(cfg.context_length, 4096), cfg.context_length}):
         out.append(f"device memory estimate, batch 1, context {ctx} (bf16 KV cache):")
         out.append(f"  {cfg.memory_estimate(context=ctx, batch=1)}")
 
