@@ -23,6 +23,10 @@ MXFP4 is different: its results *do* reach the f32 denormal range (scale byte 0 
 :func:`dequantize_mxfp4` builds the float32 bit patterns with integer arithmetic instead of
 multiplying (see :func:`_ldexp_bits`); it is exact for every code and every scale byte.
 
+Packed weights (pytree leaves holding these bytes) and the ``linear`` / ``embed`` that decode them
+inside the jitted computation live in :mod:`gptjax.packed`; their names are re-exported here
+(lazily, since gptjax.packed imports this module), so ``quant.linear is packed.linear``.
+
 ggml type ids, block sizes and layouts: gguf-py ``constants.py`` (``GGML_QUANT_SIZES``) and
 ``quants.py``; ggml ``ggml-common.h`` / ``ggml-quants.c``; MODEL_FORMATS.md §3 and §8.
 All multi-byte fields in GGUF are little-endian; they are assembled byte by byte here, so the
@@ -44,6 +48,9 @@ from gptjax.errors import UnsupportedModelError, WeightsError
 __all__ = [
     "QUANT_BLOCK",
     "dequantize",
+    "dequantize_blocks",
+    "check_raw",
+    "row_bytes",
     "ggml_type_name",
     "dequantize_f32",
     "dequantize_f16",
@@ -339,8 +346,9 @@ def dequantize_mxfp4(blocks: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 
 # ggml type id -> decoder of uint8[..., nb, bytes_per_block] blocks.  Packed weight leaves and
-# ``linear(x, w)`` (issue 4) build on this table: a packed leaf keeps the file's block bytes and
-# dequantizes them with these same functions inside the jitted matmul.
+# ``linear(x, w)`` (gptjax/packed.py) build on this table through :func:`dequantize_blocks`: a
+# packed leaf keeps the file's block bytes and dequantizes them with these same functions inside
+# the jitted matmul.
 _DEQUANTIZERS: dict[int, Callable[[jax.Array], jax.Array]] = {
     _T.F32: dequantize_f32,
     _T.F16: dequantize_f16,
@@ -358,23 +366,33 @@ _DEQUANTIZERS: dict[int, Callable[[jax.Array], jax.Array]] = {
 assert _DEQUANTIZERS.keys() == QUANT_BLOCK.keys()
 
 
-def dequantize(raw, ggml_type: int, shape: Sequence[int], *, name: str | None = None) -> jax.Array:
-    """Decode a GGML tensor's bytes into ``float32[shape]``, bit-exact vs gguf.quants.dequantize.
+def dequantize_blocks(blocks: jax.Array, ggml_type: int) -> jax.Array:
+    """Decode blocks ``uint8[..., nb, bytes_per_block]`` of ``ggml_type`` -> ``f32[..., nb * per]``.
 
-    ``raw``: uint8 bytes (numpy, jax array, or a bytes-like object), flat or ``[..., row_bytes]``;
-    ``ggml_type``: a ``gguf.GGMLQuantizationType`` id; ``shape``: the logical numpy shape,
-    outermost first, whose last (contiguous) dimension is a multiple of the block's elements.
-    ``name`` (optional) is the tensor's name, used in error messages.  Works under ``jax.jit``
-    with ``ggml_type`` and ``shape`` static.
+    Traceable (plain jnp, static shapes): this is what packed weights (:mod:`gptjax.packed`) run
+    inside the jitted matmul.  ``ggml_type`` must be a key of :data:`QUANT_BLOCK`.
+    """
+    return _DEQUANTIZERS[int(ggml_type)](blocks)
 
-    Raises UnsupportedModelError for a type without a decoder, WeightsError when the byte count,
-    dtype or shape does not fit the type.
+
+def row_bytes(ggml_type: int, n: int) -> int:
+    """Bytes of one row of ``n`` elements of ``ggml_type`` (``n`` a multiple of the block size)."""
+    per_block, block_bytes = QUANT_BLOCK[int(ggml_type)]
+    return n // per_block * block_bytes
+
+
+def check_raw(raw, ggml_type: int, shape: Sequence[int], *, name: str | None = None):
+    """Validate a tensor's bytes against its type and logical shape; return ``(raw, shape)``.
+
+    ``raw`` may be numpy, a jax array (or anything with ``.dtype``/``.size``/``.shape``, e.g. a
+    ``jax.ShapeDtypeStruct``) or a bytes-like object (turned into a numpy uint8 view); ``shape``
+    comes back as a tuple of ints.  Raises UnsupportedModelError for a type without a decoder,
+    WeightsError when the byte count, dtype or shape does not fit the type, naming ``name``.
     """
     what = f"tensor {name!r}" if name else "tensor"
     t = int(ggml_type)
     tname = ggml_type_name(t)
-    decode = _DEQUANTIZERS.get(t)
-    if decode is None:
+    if t not in _DEQUANTIZERS:
         supported = ", ".join(ggml_type_name(k) for k in QUANT_BLOCK)
         raise UnsupportedModelError(
             f"{what}: ggml type {tname} (id {t}) is not supported; supported types: {supported}")
@@ -392,16 +410,34 @@ def dequantize(raw, ggml_type: int, shape: Sequence[int], *, name: str | None = 
                            f"a multiple of the {tname} block size {per_block}")
     if raw.dtype != np.uint8:
         raise WeightsError(f"{what} ({tname}): expected uint8 bytes, got dtype {raw.dtype}")
-    n_blocks = shape[-1] // per_block
-    row_bytes = n_blocks * block_bytes
+    n_row_bytes = row_bytes(t, shape[-1])
     n_rows = int(np.prod(shape[:-1], dtype=np.int64))
-    if raw.size != n_rows * row_bytes:
-        raise WeightsError(f"{what} ({tname}): has {raw.size} bytes, expected {n_rows * row_bytes}"
-                           f" = {n_rows} rows x {row_bytes} bytes for shape {shape}")
-    if raw.ndim > 1 and raw.shape[-1] != row_bytes:
+    size = int(np.prod(raw.shape, dtype=np.int64))
+    if size != n_rows * n_row_bytes:
+        raise WeightsError(f"{what} ({tname}): has {size} bytes, expected {n_rows * n_row_bytes}"
+                           f" = {n_rows} rows x {n_row_bytes} bytes for shape {shape}")
+    if len(raw.shape) > 1 and raw.shape[-1] != n_row_bytes:
         raise WeightsError(f"{what} ({tname}): byte array of shape {tuple(raw.shape)} has rows of "
-                           f"{raw.shape[-1]} bytes, expected {row_bytes} for shape {shape}")
-    blocks = jnp.asarray(raw).reshape(*shape[:-1], n_blocks, block_bytes)  # [..., nb, bytes]
+                           f"{raw.shape[-1]} bytes, expected {n_row_bytes} for shape {shape}")
+    return raw, shape
+
+
+def dequantize(raw, ggml_type: int, shape: Sequence[int], *, name: str | None = None) -> jax.Array:
+    """Decode a GGML tensor's bytes into ``float32[shape]``, bit-exact vs gguf.quants.dequantize.
+
+    ``raw``: uint8 bytes (numpy, jax array, or a bytes-like object), flat or ``[..., row_bytes]``;
+    ``ggml_type``: a ``gguf.GGMLQuantizationType`` id; ``shape``: the logical numpy shape,
+    outermost first, whose last (contiguous) dimension is a multiple of the block's elements.
+    ``name`` (optional) is the tensor's name, used in error messages.  Works under ``jax.jit``
+    with ``ggml_type`` and ``shape`` static.
+
+    Raises UnsupportedModelError for a type without a decoder, WeightsError when the byte count,
+    dtype or shape does not fit the type (see :func:`check_raw`).
+    """
+    raw, shape = check_raw(raw, ggml_type, shape, name=name)
+    t = int(ggml_type)
+    per_block, block_bytes = QUANT_BLOCK[t]
+    blocks = jnp.asarray(raw).reshape(*shape[:-1], shape[-1] // per_block, block_bytes)
     return _decode_jit(blocks, t).reshape(shape)
 
 
@@ -468,3 +504,18 @@ def mxfp4_openai_to_ggml(blocks, scales):
     qs = codes[..., :16] | (codes[..., 16:] << 4)                           # [..., G, 16]
     out = xp.concatenate([scales[..., None], qs], axis=-1)                  # [..., G, 17]
     return out.reshape(*lead, g * 17)
+
+
+# ---------------------------------------------------------------------------------------------
+# Re-exports of gptjax.packed (PEP 562 lazy attributes: packed.py imports this module)
+# ---------------------------------------------------------------------------------------------
+
+_PACKED_NAMES = frozenset({"PackedWeight", "linear", "embed", "to_dense", "pack_from_gguf_tensor",
+                           "is_packed"})
+
+
+def __getattr__(name: str):
+    if name in _PACKED_NAMES:
+        from gptjax import packed
+        return getattr(packed, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
