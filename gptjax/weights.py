@@ -21,6 +21,13 @@ Sources:
   Names may carry the ``transformer.`` prefix (GPT2LMHeadModel) or not (GPT2Model, the
   original openai-community/gpt2 upload).
 
+llama (MODEL_FORMATS.md §5): the parameters keep llama.cpp's GGUF order of the q/k rows, in
+which each head's RoPE pairs are adjacent rows (the converter permuted HF's half-split order,
+``LlamaModel.permute``); models/llama.py rotates adjacent pairs (``rope_type == "norm"``). So GGUF
+tensors, packed or not, load untouched, and the HF loader applies the same permutation to
+``q_proj`` / ``k_proj`` weights and biases (:func:`rope_permute_rows`); both sources give the
+same tree. A GGUF ``rope_freqs.weight`` (llama3 frequency factors) raises UnsupportedModelError.
+
 Tied heads: when ``config.tied_embeddings`` is true the model has no ``output.weight`` parameter
 and uses the token embedding; an ``lm_head.weight`` / ``output.weight`` still present in the file
 is ignored, as transformers does when it ties the weights.
@@ -44,6 +51,7 @@ from gptjax.errors import FormatError, UnsupportedModelError, WeightsError
 
 __all__ = [
     "Rule", "TABLES", "default_dtype", "load_params_gguf", "load_params_hf", "param_shapes",
+    "rope_permute_rows",
 ]
 
 
@@ -52,18 +60,24 @@ class Rule:
     """File tensor ``source`` fills parameter ``param`` (``{i}`` = layer index in both).
 
     ``transpose``: the file stores the matrix as [in, out]; the parameter is [out, in].
+    ``rope_permute``: "q" or "k": the file stores the rows of each head in HF's half-split RoPE
+    order; apply llama.cpp's converter permutation (:func:`rope_permute_rows`) with
+    ``config.n_heads`` ("q") or ``config.n_kv_heads`` ("k") heads to get the GGUF order.
     ``param=None`` marks a tensor that is deliberately ignored.
     """
 
     source: str
     param: str | None
     transpose: bool = False
+    rope_permute: str | None = None
 
 
 @dataclass(frozen=True)
 class Table:
     rules: tuple[Rule, ...]
     prefixes: tuple[str, ...] = ("",)   # optional name prefixes, stripped before matching
+    # file tensor name → why a file holding it cannot be run (UnsupportedModelError)
+    unsupported: tuple[tuple[str, str], ...] = ()
 
 
 # ---- GPT-2 ------------------------------------------------------------------------------------
@@ -111,11 +125,75 @@ _GPT2_HF = Table(prefixes=("transformer.", ""), rules=(
     Rule("h.{i}.attn.masked_bias", None),
 ))
 
+# ---- llama (MODEL_FORMATS.md §5) ----------------------------------------------------------------
+# The parameters keep the GGUF q/k row order (adjacent RoPE pairs, see models/llama.py); HF rows
+# are permuted at load the way llama.cpp's converter does.
+
+_LLAMA_LAYER = (   # (GGUF role, HF name under model.layers.{i}., rope permutation)
+    ("attn_norm.weight", "input_layernorm.weight", None),
+    ("attn_q.weight", "self_attn.q_proj.weight", "q"),
+    ("attn_q.bias", "self_attn.q_proj.bias", "q"),
+    ("attn_k.weight", "self_attn.k_proj.weight", "k"),
+    ("attn_k.bias", "self_attn.k_proj.bias", "k"),
+    ("attn_v.weight", "self_attn.v_proj.weight", None),
+    ("attn_v.bias", "self_attn.v_proj.bias", None),
+    ("attn_output.weight", "self_attn.o_proj.weight", None),
+    ("attn_output.bias", "self_attn.o_proj.bias", None),
+    ("ffn_norm.weight", "post_attention_layernorm.weight", None),
+    ("ffn_gate.weight", "mlp.gate_proj.weight", None),
+    ("ffn_gate.bias", "mlp.gate_proj.bias", None),
+    ("ffn_up.weight", "mlp.up_proj.weight", None),
+    ("ffn_up.bias", "mlp.up_proj.bias", None),
+    ("ffn_down.weight", "mlp.down_proj.weight", None),
+    ("ffn_down.bias", "mlp.down_proj.bias", None),
+)
+
+_LLAMA_GGUF = Table(
+    rules=(
+        Rule("token_embd.weight", "token_embd.weight"),
+        Rule("output_norm.weight", "output_norm.weight"),
+        Rule("output.weight", "output.weight"),
+        *(Rule(f"blk.{{i}}.{g}", f"blocks.{{i}}.{g}") for g, _, _ in _LLAMA_LAYER),
+    ),
+    # llama.cpp's converter writes rope_freqs for llama3-style RoPE scaling (per-dimension
+    # frequency divisors, LC-llama ``rope_factors``); not implemented here.
+    unsupported=(("rope_freqs.weight", "llama3-style RoPE scaling (per-dimension frequency "
+                  "factors) is not supported"),),
+)
+
+_LLAMA_HF = Table(
+    prefixes=("model.", ""),
+    rules=(
+        Rule("embed_tokens.weight", "token_embd.weight"),
+        Rule("norm.weight", "output_norm.weight"),
+        Rule("lm_head.weight", "output.weight"),
+        *(Rule(f"layers.{{i}}.{h}", f"blocks.{{i}}.{g}", rope_permute=perm)
+          for g, h, perm in _LLAMA_LAYER),
+        # RoPE frequencies that old transformers versions saved as a buffer: recomputed.
+        Rule("layers.{i}.self_attn.rotary_emb.inv_freq", None),
+    ),
+)
+
 # (arch, source) → table; source is "gguf" or "hf".
 TABLES: dict[tuple[str, str], Table] = {
     ("gpt2", "gguf"): _GPT2_GGUF,
     ("gpt2", "hf"): _GPT2_HF,
+    ("llama", "gguf"): _LLAMA_GGUF,
+    ("llama", "hf"): _LLAMA_HF,
 }
+
+
+def rope_permute_rows(w, n_heads: int):
+    """llama.cpp's converter permutation of q/k rows (CONV-llama ``LlamaModel.permute``):
+    ``w.reshape(n_heads, 2, rows/n_heads/2, *rest).swapaxes(1, 2).reshape(w.shape)``.
+
+    Per head of d = rows/n_heads rows: new row 2i + j = old row j*d/2 + i (i < d/2, j in
+    {0, 1}), so HF's half-split RoPE pairs (x_i, x_{i+d/2}) become adjacent (x_2i, x_2i+1).
+    w: [n_heads * d, ...] (a weight [rows, D] or a bias [rows]); numpy or jax array.
+    """
+    rows = w.shape[0]
+    return (w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
 
 
 def param_shapes(config) -> dict[str, tuple[int, ...]]:
@@ -123,6 +201,9 @@ def param_shapes(config) -> dict[str, tuple[int, ...]]:
     if config.arch == "gpt2":
         from gptjax.models import gpt2
         return gpt2.param_shapes(config)
+    if config.arch == "llama":
+        from gptjax.models import llama
+        return llama.param_shapes(config)
     raise UnsupportedModelError(f"no weight table for architecture {config.arch!r}; "
                                 f"supported: {sorted({a for a, _ in TABLES})}")
 
@@ -139,6 +220,7 @@ def default_dtype():
 class _Use:
     source: str                 # file tensor name
     transpose: bool
+    rope_permute: str | None = None
 
 
 def _compile(table: Table):
@@ -193,6 +275,9 @@ def audit(tensor_shapes: dict[str, tuple[int, ...]], config, source: str, where:
     if table is None:
         raise UnsupportedModelError(f"{where}: no {source} weight table for architecture "
                                     f"{config.arch!r}")
+    for bad, why in table.unsupported:
+        if bad in tensor_shapes:
+            raise UnsupportedModelError(f"{where}: tensor {bad!r}: {why}")
     expected = param_shapes(config)
     compiled = _compile(table)
     uses: dict[str, _Use] = {}
@@ -234,7 +319,7 @@ def audit(tensor_shapes: dict[str, tuple[int, ...]], config, source: str, where:
             problems.append(f"tensor {name!r} has dtype {dtypes[name]}, expected one of "
                             f"{sorted(allowed_dtypes)} for parameter {param}")
             continue
-        uses[param] = _Use(name, rule.transpose)
+        uses[param] = _Use(name, rule.transpose, rule.rope_permute)
     for param, shape in expected.items():
         if param not in claimed:
             problems.append(f"missing tensor {_expected_name(param, table)} for parameter "
@@ -260,6 +345,9 @@ def _build(uses: dict[str, _Use], config, read, dtype):
         x = read(use.source)
         if use.transpose:
             x = x.T
+        if use.rope_permute is not None:
+            x = rope_permute_rows(x, config.n_heads if use.rope_permute == "q"
+                                  else config.n_kv_heads)
         node = params
         parts = param.split(".")
         for part in parts[:-1]:

@@ -1,9 +1,10 @@
 """Tiny random Hugging Face models, written as HF directories and as llama.cpp-layout GGUF files.
 
-Shared by the model tests (GPT-2 now; llama and gpt-oss later). Import from any test
+Shared by the model tests (GPT-2, llama; gpt-oss later). Import from any test
 (pytest puts ``tests/`` on ``sys.path``)::
 
     from tiny_models import tiny_gpt2, save_hf_dir, write_gpt2_gguf, gpt2_gguf_tensors, torch_logits
+    from tiny_models import tiny_llama, write_llama_gguf, llama_gguf_tensors
 
 The reference is always the transformers implementation run with torch on CPU in float32.
 Every dimension of the default tiny configs is distinct (equal sizes hide transposed axes).
@@ -23,7 +24,8 @@ from gguf_factory import write_gguf
 __all__ = [
     "GPT2_TINY", "randomize_", "tiny_gpt2", "save_hf_dir", "torch_logits", "state_dict_numpy",
     "dummy_tokenizer_metadata", "gpt2_gguf_metadata", "gpt2_gguf_tensors", "write_gpt2_gguf",
-    "rel_err",
+    "rel_err", "LLAMA_TINY", "tiny_llama", "llama_cpp_permute", "llama_gguf_metadata",
+    "llama_gguf_tensors", "write_llama_gguf",
 ]
 
 # V 97, P 64, D 48, N 4 (so H 12), L 3, F 80.
@@ -177,3 +179,125 @@ def write_gpt2_gguf(model, path, *, tensors: dict[str, Any] | None = None,
     return write_gguf(path, "gpt2",
                       metadata=gpt2_gguf_metadata(model.config) if metadata is None else metadata,
                       tensors=gpt2_gguf_tensors(model) if tensors is None else tensors)
+
+
+# ---- llama in llama.cpp's GGUF layout (MODEL_FORMATS.md §5; convert_hf_to_gguf LlamaModel) -------
+
+# V 101, D 48, N 6, K 2 (G 3), H 8, F 80, L 3, context 64.
+LLAMA_TINY = dict(vocab_size=101, hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
+                  head_dim=8, intermediate_size=80, num_hidden_layers=3,
+                  max_position_embeddings=64, rms_norm_eps=1e-5)
+
+
+def tiny_llama(*, tied: bool = False, seed: int = 0, rope_theta: float = 10000.0,
+               rope_scaling: dict | None = None, **overrides):
+    """A random float32 ``transformers.LlamaForCausalLM`` in eval mode (dims: LLAMA_TINY).
+
+    ``rope_scaling``: extra ``rope_parameters`` entries (e.g. ``{"rope_type": "linear",
+    "factor": 2.0}``); ``overrides`` replace LlamaConfig arguments (``attention_bias=True``...).
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dims = {**LLAMA_TINY, **overrides}
+    rope = {"rope_type": "default", "rope_theta": float(rope_theta), **(rope_scaling or {})}
+    cfg = LlamaConfig(**dims, rope_parameters=rope, tie_word_embeddings=tied,
+                      attention_dropout=0.0, bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(torch.float32).eval()
+    randomize_(model, seed)
+    if tied:
+        model.tie_weights()
+    return model
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The q/k row order llama.cpp's converter writes, from the documented per-head rule
+    (MODEL_FORMATS.md §5): GGUF row 2i + j of a head = HF row j*(d/2) + i (d = head dim,
+    i < d/2, j in {0, 1}). Written as an explicit index table on purpose: it must not share
+    code with the loader's inverse."""
+    d = w.shape[0] // n_head
+    index = np.empty(w.shape[0], np.int64)
+    for h in range(n_head):
+        for i in range(d // 2):
+            for j in range(2):
+                index[h * d + 2 * i + j] = h * d + j * (d // 2) + i
+    return np.ascontiguousarray(w[index])
+
+
+_LLAMA_GGUF_LAYER = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def llama_gguf_tensors(model) -> dict[str, np.ndarray]:
+    """GGUF name → float32 array as llama.cpp's converter writes a LlamaForCausalLM:
+    ``model.layers.N.`` → ``blk.N.``, q/k weights and biases permuted (:func:`llama_cpp_permute`
+    with the query / kv head counts), ``lm_head.weight`` → ``output.weight`` only when untied."""
+    cfg = model.config
+    tied = bool(cfg.tie_word_embeddings)
+    out: dict[str, np.ndarray] = {}
+    for name, arr in state_dict_numpy(model).items():
+        if name == "lm_head.weight":
+            if not tied:
+                out["output.weight"] = arr
+            continue
+        if name == "model.embed_tokens.weight":
+            out["token_embd.weight"] = arr
+            continue
+        if name == "model.norm.weight":
+            out["output_norm.weight"] = arr
+            continue
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
+        layer, module, kind = m.groups()
+        if module == "self_attn.q_proj":
+            arr = llama_cpp_permute(arr, cfg.num_attention_heads)
+        elif module == "self_attn.k_proj":
+            arr = llama_cpp_permute(arr, cfg.num_key_value_heads)
+        out[f"blk.{layer}.{_LLAMA_GGUF_LAYER[module]}.{kind}"] = arr
+    return out
+
+
+def llama_gguf_metadata(hf_config) -> dict[str, Any]:
+    """The ``llama.*`` keys convert_hf_to_gguf writes (LlamaModel.set_gguf_parameters and the
+    generic ones) plus a dummy tokenizer. ``attention.key_length`` only when head_dim is not
+    hidden / heads (as the converter does)."""
+    c = hf_config
+    head_dim = c.head_dim
+    md = {
+        "general.name": "tiny-llama",
+        "general.file_type": 0,                     # ALL_F32
+        "llama.block_count": c.num_hidden_layers,
+        "llama.context_length": c.max_position_embeddings,
+        "llama.embedding_length": c.hidden_size,
+        "llama.feed_forward_length": c.intermediate_size,
+        "llama.attention.head_count": c.num_attention_heads,
+        "llama.attention.head_count_kv": c.num_key_value_heads,
+        "llama.rope.freq_base": float(c.rope_parameters["rope_theta"]),
+        "llama.attention.layer_norm_rms_epsilon": float(c.rms_norm_eps),
+        "llama.rope.dimension_count": head_dim,
+        "llama.vocab_size": c.vocab_size,
+        **dummy_tokenizer_metadata(c.vocab_size),
+    }
+    if head_dim * c.num_attention_heads != c.hidden_size:
+        md["llama.attention.key_length"] = head_dim
+        md["llama.attention.value_length"] = head_dim
+    rope = c.rope_parameters
+    if rope.get("rope_type", "default") == "linear":
+        md["llama.rope.scaling.type"] = "linear"
+        md["llama.rope.scaling.factor"] = float(rope["factor"])
+    elif rope.get("rope_type", "default") != "default":
+        raise ValueError(f"no GGUF writer for rope_type {rope['rope_type']!r} in this helper")
+    return md
+
+
+def write_llama_gguf(model, path, *, tensors: dict[str, Any] | None = None,
+                     metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` as a llama.cpp-layout llama GGUF (``tensors`` / ``metadata`` replace the
+    converted ones when given)."""
+    return write_gguf(path, "llama",
+                      metadata=llama_gguf_metadata(model.config) if metadata is None else metadata,
+                      tensors=llama_gguf_tensors(model) if tensors is None else tensors)

@@ -1,4 +1,4 @@
-"""Building blocks shared by the model files: norms, activations, linear layers, attention.
+"""Building blocks shared by the model files: norms, activations, RoPE, linear layers, attention.
 
 Axis alphabet (docs/INTERFACES.md): B batch, T query length, S cache length, N query heads,
 K kv heads, G = N/K, H head dim, D model dim, E experts, F ffn dim, V vocab, L layers.
@@ -14,8 +14,13 @@ kernel or a packed quantized weight type can later replace the body of :func:`li
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from gptjax.errors import UnsupportedModelError
 
 F32 = jnp.float32
 
@@ -91,6 +96,35 @@ def gelu(x, *, approximate=True):
     return jax.nn.gelu(x.astype(F32), approximate=approximate).astype(x.dtype)
 
 
+def rms_norm(x, weight, eps, *, out_dtype=None):
+    """RMSNorm over the last axis (Zhang & Sennrich 2019), in float32.
+
+    y = x / sqrt(mean(x^2) + eps) * weight — HF ``LlamaRMSNorm`` (float32 statistics) and
+    ggml_rms_norm followed by ggml_mul (llama.cpp llama graph).
+    x: [..., D]; weight: [D] → [..., D] in ``out_dtype`` (default: x.dtype).
+    """
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    x32 = x.astype(F32)
+    ms = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    return (x32 * jax.lax.rsqrt(ms + eps) * weight.astype(F32)).astype(out_dtype)
+
+
+def add_rms_norm(residual, delta, weight, eps, *, out_dtype):
+    """``r = residual + delta; return r, RMSNorm(r)`` (see :func:`add_layer_norm`).
+    residual: float32 [..., D]; delta: [..., D] → (float32 [..., D], [..., D] in out_dtype)."""
+    r = residual + delta.astype(F32)
+    return r, rms_norm(r, weight, eps, out_dtype=out_dtype)
+
+
+def swiglu(gate, up, *, out_dtype=None):
+    """SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer"): silu(gate) * up in float32,
+    silu(g) = g * sigmoid(g) — HF llama ``down(act_fn(gate(x)) * up(x))`` with ``hidden_act =
+    "silu"``; ggml ``ggml_swiglu_split``. gate, up: [..., F] → [..., F] in ``out_dtype``
+    (default: gate.dtype)."""
+    out_dtype = gate.dtype if out_dtype is None else out_dtype
+    return (jax.nn.silu(gate.astype(F32)) * up.astype(F32)).astype(out_dtype)
+
+
 def linear(x, w, b=None, *, out_dtype=None):
     """Dense layer y = x @ w.T + b, accumulated in float32.
 
@@ -106,6 +140,112 @@ def linear(x, w, b=None, *, out_dtype=None):
     if b is not None:
         y = y + b.astype(F32)
     return y.astype(out_dtype)
+
+
+def unembed(params, hidden):
+    """Logits from final (normalised) hidden states: float32 [B, T, D] → float32 [B, T, V].
+
+    Uses ``output.weight`` [V, D] when present, else the token embedding (tied head: llama.cpp's
+    TENSOR_DUPLICATED fallback, HF ``tie_word_embeddings``). The hidden state is cast to the
+    weight's compute dtype so that the big matmul runs in it, accumulated in float32.
+    """
+    w = params["output"]["weight"] if "output" in params else params["token_embd"]["weight"]
+    return linear(hidden.astype(w.dtype), w, out_dtype=F32)
+
+
+# ---- rotary position embedding (Su et al. 2021, "RoFormer") ------------------------------------
+
+def rope_frequencies(config) -> tuple[np.ndarray, float]:
+    """RoPE inverse frequencies and the cos/sin multiplier of ``config``: (float32 [R/2], float).
+
+    R = ``config.rope_dim`` (= head_dim), theta = ``config.rope_theta``, i = 0..R/2-1::
+
+        inv_freq_i = 1 / theta^(2i/R)                      plain RoPE (multiplier 1)
+        inv_freq_i / factor                                rope_scaling.type == "linear"
+        YaRN ramp between inv_freq_i and inv_freq_i / factor, multiplier mscale   "yarn"
+
+    The YaRN ramp (Peng et al. 2023; transformers ``_compute_yarn_parameters``, OpenAI gpt-oss
+    ``_compute_concentration_and_inv_freq``; formulas in :class:`gptjax.config.RopeScaling`)::
+
+        low  = R ln(L0 / (beta_fast 2 pi)) / (2 ln theta),  high = same with beta_slow
+        (floor(low), ceil(high) when truncate), clamped to [0, R-1] as transformers does
+        extrap_i = clamp((i - low) / (high - low), 0, 1) → mask_i = 1 - extrap_i
+        inv_freq_i = inv_freq_i / factor * (1 - mask_i) + inv_freq_i * mask_i
+
+    Computed in float32 like the references (transformers: ``1.0 / (base ** (arange(0, R, 2)
+    .float() / R))``; ggml keeps its theta in float32 too). Done in numpy at trace time: the
+    result is a constant of the compiled program, identical on every backend.
+    """
+    R = int(config.rope_dim)
+    theta = np.float32(config.rope_theta)
+    pos_freqs = theta ** (np.arange(0, R, 2, dtype=np.float32) / np.float32(R))   # [R/2] f32
+    inv_freq = np.float32(1.0) / pos_freqs
+    rs = config.rope_scaling
+    if rs is None:
+        return inv_freq.astype(np.float32), 1.0
+    factor = np.float32(rs.factor)
+    if rs.type == "linear":
+        return (inv_freq / factor).astype(np.float32), 1.0
+    if rs.type == "yarn":
+        def correction_dim(n_rot):
+            return R * math.log(rs.original_context / (n_rot * 2 * math.pi)) / (2 * math.log(
+                float(config.rope_theta)))
+        low, high = correction_dim(rs.beta_fast), correction_dim(rs.beta_slow)
+        if rs.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, R - 1)
+        if low == high:
+            high += 0.001                                   # transformers: no zero division
+        ramp = (np.arange(R // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low)
+        mask = np.float32(1) - np.clip(ramp, 0, 1).astype(np.float32)   # 1: keep (extrapolate)
+        interp = np.float32(1.0) / (factor * pos_freqs)
+        inv = interp * (np.float32(1) - mask) + inv_freq * mask
+        return inv.astype(np.float32), float(rs.mscale)
+    raise UnsupportedModelError(f"{config.source or '<config>'}: RoPE scaling {rs.type!r} is not "
+                                f"implemented; supported: none, linear, yarn")
+
+
+def rope_cos_sin(positions, inv_freq, mscale=1.0):
+    """cos and sin of the rotation angles: float32 [B, T, R/2] each.
+
+    angle[b, t, i] = positions[b, t] * inv_freq[i] in float32 (transformers: float positions
+    times float32 inv_freq); both are multiplied by ``mscale`` (YaRN's attention factor, 1
+    otherwise), which scales q.k by mscale^2.
+    positions: int [B, T]; inv_freq: float32 [R/2] (:func:`rope_frequencies`).
+    """
+    angles = positions.astype(F32)[..., None] * jnp.asarray(inv_freq, F32)   # [B, T, R/2]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if mscale != 1.0:
+        cos, sin = cos * F32(mscale), sin * F32(mscale)
+    return cos, sin
+
+
+def apply_rope(x, cos, sin, rope_type):
+    """Rotate pairs of the head dim of x by the angles of (cos, sin), in float32.
+
+    x: [B, T, N, H]; cos, sin: float32 [B, T, H/2] → [B, T, N, H] in x.dtype. Pair i is
+    rotated by angle i: (a, b) → (a cos - b sin, a sin + b cos).
+
+    rope_type "norm" (ggml GGML_ROPE_TYPE_NORMAL, llama GGUFs): pairs are adjacent,
+    (x[2i], x[2i+1]) — llama.cpp's converter permuted the q/k rows so that HF's pairs land here.
+    rope_type "neox" (GGML_ROPE_TYPE_NEOX, HF ``rotate_half``, gpt-oss): pairs are the two
+    halves, (x[i], x[i + H/2]). (ggml-cpu ops.cpp ``rotate_pairs`` with offset 1 vs n_dims/2;
+    MODEL_FORMATS.md §5.)
+    """
+    B, T, N, H = x.shape
+    c = cos[:, :, None, :]                                              # [B, T, 1, H/2]
+    s = sin[:, :, None, :]
+    x32 = x.astype(F32)
+    if rope_type == "norm":
+        pairs = x32.reshape(B, T, N, H // 2, 2)
+        a, b = pairs[..., 0], pairs[..., 1]                             # [B, T, N, H/2]
+        out = jnp.stack([a * c - b * s, a * s + b * c], axis=-1).reshape(B, T, N, H)
+    elif rope_type == "neox":
+        a, b = x32[..., : H // 2], x32[..., H // 2 :]
+        out = jnp.concatenate([a * c - b * s, a * s + b * c], axis=-1)
+    else:
+        raise ValueError(f"rope_type {rope_type!r}: expected 'norm' or 'neox'")
+    return out.astype(x.dtype)
 
 
 def attention_mask(q_positions, kv_positions, window=None):

@@ -1,0 +1,136 @@
+"""Llama (Touvron et al. 2023) over a plain parameter pytree: SmolLM2 and friends.
+
+Graph (llama.cpp src/models/llama.cpp; HF LlamaForCausalLM; MODEL_FORMATS.md §5)::
+
+    x = token_embd[tokens]                                        no position table: RoPE
+    for each block:
+        h = RMSNorm(x; attn_norm)
+        q, k, v = h @ attn_q.T (+b), h @ attn_k.T (+b), h @ attn_v.T (+b)
+        q, k = RoPE(q), RoPE(k)                                   adjacent pairs ("norm")
+        x = x + GQA-Attention(q, k, v) @ attn_output.T (+b)       causal, scale 1/sqrt(H)
+        h = RMSNorm(x; ffn_norm)
+        x = x + (silu(h @ ffn_gate.T) * (h @ ffn_up.T)) @ ffn_down.T     SwiGLU (+b optional)
+    logits = RMSNorm(x; output_norm) @ output.T                   output = token_embd if tied
+
+Parameter tree (names follow the GGUF tensors; weights are [out, in] rows)::
+
+    token_embd.weight [V, D]
+    blocks[l].attn_norm.weight [D]            blocks[l].ffn_norm.weight [D]
+    blocks[l].attn_q.weight [NH, D]           blocks[l].attn_k.weight, attn_v.weight [KH, D]
+    blocks[l].attn_output.weight [D, NH]      (.bias of each when config.attention_bias)
+    blocks[l].ffn_gate.weight, ffn_up.weight [F, D]   blocks[l].ffn_down.weight [D, F]
+                                              (.bias of each when config.mlp_bias)
+    output_norm.weight [D]                    output.weight [V, D]   (only when not tied)
+
+Query/key layout: the q and k rows are in **GGUF order** — llama.cpp's converter permuted them
+so that each head's rotation pairs are adjacent rows (x[2i], x[2i+1]) — and RoPE rotates
+adjacent pairs (``config.rope_type == "norm"``, ggml GGML_ROPE_TYPE_NORMAL). GGUF files load
+as they are (packed quantized rows need no touching); HF checkpoints, whose pairs are the two
+halves of each head, get the converter's permutation applied at load (gptjax.weights). q.k is
+the same either way, so both sources give identical logits.
+
+Numerics as gpt2.py: residual stream, norms, softmax and accumulations in float32; matmul
+inputs in the compute dtype (the cache's dtype); logits float32.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from gptjax.models.layers import (F32, add_rms_norm, apply_rope, attention, embed, linear,
+                                  rms_norm, rope_cos_sin, rope_frequencies, swiglu, unembed)
+
+__all__ = ["param_shapes", "forward", "unembed", "Llama"]
+
+
+def param_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Every parameter the model reads, as ``{"blocks.3.ffn_up.weight": (F, D), ...}``
+    (dotted paths; an integer component indexes the ``blocks`` list). Biases appear only when
+    ``config.attention_bias`` / ``config.mlp_bias`` say so, ``output.weight`` only when the
+    head is not tied."""
+    V, D, F = config.vocab_size, config.d_model, config.d_ff
+    NH, KH = config.q_dim, config.kv_dim
+    shapes = {"token_embd.weight": (V, D), "output_norm.weight": (D,)}
+    per_layer = {
+        "attn_norm.weight": (D,),
+        "attn_q.weight": (NH, D), "attn_k.weight": (KH, D), "attn_v.weight": (KH, D),
+        "attn_output.weight": (D, NH),
+        "ffn_norm.weight": (D,),
+        "ffn_gate.weight": (F, D), "ffn_up.weight": (F, D), "ffn_down.weight": (D, F),
+    }
+    if config.attention_bias:
+        per_layer.update({"attn_q.bias": (NH,), "attn_k.bias": (KH,), "attn_v.bias": (KH,),
+                          "attn_output.bias": (D,)})
+    if config.mlp_bias:
+        per_layer.update({"ffn_gate.bias": (F,), "ffn_up.bias": (F,), "ffn_down.bias": (D,)})
+    for layer in range(config.n_layers):
+        for name, shape in per_layer.items():
+            shapes[f"blocks.{layer}.{name}"] = shape
+    if not config.tied_embeddings:
+        shapes["output.weight"] = (V, D)
+    return shapes
+
+
+def _lin(p, name, x, out_dtype=None):
+    """``linear`` with the optional bias of parameter ``name``."""
+    return linear(x, p[name]["weight"], p[name].get("bias"), out_dtype=out_dtype)
+
+
+def _block(p, x, cache, layer, positions, cos, sin, config, dtype):
+    """One transformer block. x: float32 [B, T, D] (residual) → (float32 [B, T, D], cache)."""
+    B, T, _ = x.shape
+    N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
+
+    h = rms_norm(x, p["attn_norm"]["weight"], config.norm_eps, out_dtype=dtype)
+    q = _lin(p, "attn_q", h).reshape(B, T, N, H)
+    k = _lin(p, "attn_k", h).reshape(B, T, K, H)
+    v = _lin(p, "attn_v", h).reshape(B, T, K, H)
+    q = apply_rope(q, cos, sin, config.rope_type)                          # [B, T, N, H]
+    k = apply_rope(k, cos, sin, config.rope_type)                          # [B, T, K, H]
+    cache = cache.write(layer, k, v, positions)
+    window = config.sliding_window if config.sliding_window_pattern[layer] else None
+    a = attention(q, cache.k[layer], cache.v[layer], positions, window=window,
+                  scale=H ** -0.5)                                         # [B, T, N, H]
+    a = _lin(p, "attn_output", a.reshape(B, T, N * H), out_dtype=F32)      # [B, T, D]
+
+    x, h = add_rms_norm(x, a, p["ffn_norm"]["weight"], config.norm_eps, out_dtype=dtype)
+    g = _lin(p, "ffn_gate", h, out_dtype=F32)                              # [B, T, F]
+    u = _lin(p, "ffn_up", h, out_dtype=F32)                                # [B, T, F]
+    m = _lin(p, "ffn_down", swiglu(g, u, out_dtype=dtype), out_dtype=F32)  # [B, T, D]
+    return x + m, cache
+
+
+def forward(params, tokens, start, cache, config, *, return_hidden=False):
+    """Run T tokens of every row through the model, reading and extending the KV cache.
+
+    tokens: int32 [B, T]; start: int32 [B], the position of tokens[:, 0] in each row;
+    cache: KVCache with k, v [L, B, K, S, H]; config: ModelConfig (static under jit).
+    Returns (logits float32 [B, T, V], updated cache). With ``return_hidden=True`` the first
+    element is instead the final-normalised hidden state float32 [B, T, D]; apply
+    :func:`unembed` to the rows you need.
+    """
+    B, T = tokens.shape
+    dtype = cache.k.dtype
+    positions = start.astype(jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
+    inv_freq, mscale = rope_frequencies(config)
+    cos, sin = rope_cos_sin(positions, inv_freq, mscale)                   # [B, T, H/2]
+    x = embed(params["token_embd"]["weight"], tokens)                       # [B, T, D] f32
+    for layer, p in enumerate(params["blocks"]):
+        with jax.named_scope(f"block_{layer}"):
+            x, cache = _block(p, x, cache, layer, positions, cos, sin, config, dtype)
+    h = rms_norm(x, params["output_norm"]["weight"], config.norm_eps, out_dtype=F32)
+    if return_hidden:
+        return h, cache
+    return unembed(params, h), cache
+
+
+class Llama(nn.Module):
+    """Flax linen face of :func:`forward` (see gpt2.GPT2 for why the math lives outside)."""
+
+    config: object
+
+    @nn.compact
+    def __call__(self, tokens, start, cache, *, return_hidden=False):
+        return forward(self.variables["params"], tokens, start, cache, self.config,
+                       return_hidden=return_hidden)
