@@ -1,10 +1,11 @@
 """Tiny random Hugging Face models, written as HF directories and as llama.cpp-layout GGUF files.
 
-Shared by the model tests (GPT-2, llama; gpt-oss later). Import from any test
+Shared by the model tests (GPT-2, llama, gpt-oss). Import from any test
 (pytest puts ``tests/`` on ``sys.path``)::
 
     from tiny_models import tiny_gpt2, save_hf_dir, write_gpt2_gguf, gpt2_gguf_tensors, torch_logits
     from tiny_models import tiny_llama, write_llama_gguf, llama_gguf_tensors
+    from tiny_models import tiny_gpt_oss, write_gpt_oss_gguf, save_gpt_oss_mxfp4_dir
 
 The reference is always the transformers implementation run with torch on CPU in float32.
 Every dimension of the default tiny configs is distinct (equal sizes hide transposed axes).
@@ -13,6 +14,7 @@ weights to one), so that every parameter - biases and norm affines included - mo
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,10 @@ __all__ = [
     "GPT2_TINY", "randomize_", "tiny_gpt2", "save_hf_dir", "torch_logits", "state_dict_numpy",
     "dummy_tokenizer_metadata", "gpt2_gguf_metadata", "gpt2_gguf_tensors", "write_gpt2_gguf",
     "rel_err", "LLAMA_TINY", "tiny_llama", "llama_cpp_permute", "llama_gguf_metadata",
-    "llama_gguf_tensors", "write_llama_gguf",
+    "llama_gguf_tensors", "write_llama_gguf", "GPT_OSS_TINY", "GPT_OSS_TINY_ROPE", "FP4_VALUES",
+    "mxfp4_quantize", "mxfp4_value", "mxfp4_openai_bytes", "mxfp4_ggml_bytes", "TinyGptOss",
+    "tiny_gpt_oss", "gpt_oss_gguf_tensors", "gpt_oss_gguf_metadata", "write_gpt_oss_gguf",
+    "save_gpt_oss_mxfp4_dir",
 ]
 
 # V 97, P 64, D 48, N 4 (so H 12), L 3, F 80.
@@ -301,3 +306,257 @@ def write_llama_gguf(model, path, *, tensors: dict[str, Any] | None = None,
     return write_gguf(path, "llama",
                       metadata=llama_gguf_metadata(model.config) if metadata is None else metadata,
                       tensors=llama_gguf_tensors(model) if tensors is None else tensors)
+
+
+# ---- gpt-oss (MODEL_FORMATS.md §1-§3) -----------------------------------------------------------
+
+# V 103, D 96, N 6, K 2 (G 3), H 24 (NH 144, KH 48), E 5, top-2, F 64, L 4, window 8, context 64.
+# D and F are multiples of 32: MXFP4 blocks (and Q8_0 blocks) run along the input dim.
+GPT_OSS_TINY = dict(vocab_size=103, hidden_size=96, intermediate_size=64, num_hidden_layers=4,
+                    num_attention_heads=6, num_key_value_heads=2, head_dim=24,
+                    num_local_experts=5, num_experts_per_tok=2, sliding_window=8,
+                    max_position_embeddings=64, rms_norm_eps=1e-5)
+# YaRN with theta 500, factor 4, original context 16 and beta 1 / 0.0625 puts the ramp at
+# low = 1.80, high = 7.16 over the 12 frequencies: interior and non-integer, so llama.cpp's
+# truncation (1 / 8) would change the result. (gpt-oss's own 32 / 1 would clamp it to [0, 0.6]
+# at this head dim.) All values are exact in float32, so the GGUF keys read back identical.
+GPT_OSS_TINY_ROPE = dict(rope_type="yarn", rope_theta=500.0, factor=4.0,
+                         original_max_position_embeddings=16, beta_fast=1.0, beta_slow=0.0625,
+                         truncate=False)
+
+# E2M1 values of the 16 FP4 codes (OCP MX v1.0; OpenAI FP4_VALUES; MODEL_FORMATS.md §3.1).
+FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                       -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float64)
+
+
+def mxfp4_quantize(w):
+    """Round w [..., I] (I a multiple of 32) to MXFP4: (codes uint8 [..., I/32, 32], scales uint8
+    [..., I/32]). Per block of 32 the E8M0 scale 2^(s - 127) is the smallest power of two that
+    maps the largest magnitude to at most 6; values round to the nearest E2M1 grid point."""
+    w = np.asarray(w, np.float64)
+    blocks = w.reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
+    amax = np.abs(blocks).max(axis=-1)
+    exp = np.where(amax > 0, np.ceil(np.log2(np.maximum(amax, 1e-30) / 6.0)), 0)
+    scales = np.clip(exp + 127, 1, 254).astype(np.uint8)
+    q = blocks / np.ldexp(1.0, scales.astype(np.int64) - 127)[..., None]
+    idx = np.abs(np.abs(q)[..., None] - FP4_VALUES[:8]).argmin(axis=-1)
+    return (idx + 8 * (q < 0)).astype(np.uint8), scales
+
+
+def mxfp4_value(codes, scales):
+    """float32 [..., G*32] of MXFP4 codes [..., G, 32] and E8M0 scales [..., G]:
+    ``FP4[c] * 2^(s - 127)`` (OpenAI ``_get_mxfp4_tensor``; computed exactly in float64)."""
+    v = FP4_VALUES[codes] * np.ldexp(1.0, scales.astype(np.int64) - 127)[..., None]
+    return v.reshape(*codes.shape[:-2], -1).astype(np.float32)
+
+
+def mxfp4_openai_bytes(codes):
+    """OpenAI/HF ``*_blocks`` uint8 [..., G, 16]: byte k = code 2k (low nibble) | code 2k+1 << 4
+    (MODEL_FORMATS.md §3.2)."""
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def mxfp4_ggml_bytes(codes, scales):
+    """ggml ``block_mxfp4`` rows uint8 [..., G*17]: per block [scale][qs 16] with
+    qs[j] = code j (low nibble) | code j+16 << 4 (MODEL_FORMATS.md §3.3)."""
+    qs = (codes[..., :16] | (codes[..., 16:] << 4)).astype(np.uint8)
+    b = np.concatenate([scales[..., None], qs], axis=-1)
+    return np.ascontiguousarray(b.reshape(*b.shape[:-2], -1))
+
+
+class TinyGptOss:
+    """A tiny random ``GptOssForCausalLM`` plus the quantized forms of its weights.
+
+    ``model``: float32, eager attention and experts (the reference). Its expert matrices are
+    exactly MXFP4-representable and, with ``q8``, its embeddings, head and q/k/v weights are
+    exactly Q8_0-representable, so transformers runs on the very values the files hold.
+    ``experts[l] = {"gate_up": (codes, scales), "down": (codes, scales)}`` in OpenAI row order
+    ([E, 2F, D/32, 32] with gate/up rows interleaved; [E, D, F/32, 32]).
+    ``q8[hf_name] = uint8 Q8_0 rows`` of the tensors stored as Q8_0 in the GGUF.
+    """
+
+    def __init__(self, model, experts, q8):
+        self.model, self.experts, self.q8 = model, experts, q8
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+_Q8_TENSORS = re.compile(r"model\.embed_tokens\.weight|lm_head\.weight|"
+                         r"model\.layers\.\d+\.self_attn\.[qkv]_proj\.weight")
+
+
+def tiny_gpt_oss(*, seed: int = 0, expert_std: float = 0.35, q8: bool = True,
+                 **overrides) -> TinyGptOss:
+    """A :class:`TinyGptOss` (dims GPT_OSS_TINY, rope GPT_OSS_TINY_ROPE). Expert weights are
+    drawn N(0, expert_std^2) (large enough that some gate/up pre-activations pass the +-7 clamp)
+    then rounded to MXFP4; the rest as :func:`randomize_`."""
+    import gguf.quants
+    import torch
+    from gguf import GGMLQuantizationType as Q
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    dims = {**GPT_OSS_TINY, **overrides}
+    cfg = GptOssConfig(**dims, rope_parameters=dict(GPT_OSS_TINY_ROPE), attention_dropout=0.0,
+                       bos_token_id=0, eos_token_id=1, attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = GptOssForCausalLM(cfg).to(torch.float32).eval()
+    model.config._experts_implementation = "eager"       # the readable per-expert loop
+    randomize_(model, seed)
+    rng = np.random.default_rng(seed)
+    experts, q8_rows = [], {}
+    with torch.no_grad():
+        for layer in model.model.layers:
+            ex = layer.mlp.experts
+            E, D, F2 = ex.gate_up_proj.shape
+            gate_up = mxfp4_quantize(rng.normal(0, expert_std, (E, F2, D)))   # [E, 2F, D]
+            down = mxfp4_quantize(rng.normal(0, expert_std, (E, D, F2 // 2)))  # [E, D, F]
+            # HF keeps them transposed, [E, in, out], used as x @ W
+            ex.gate_up_proj.copy_(torch.from_numpy(mxfp4_value(*gate_up).transpose(0, 2, 1).copy()))
+            ex.down_proj.copy_(torch.from_numpy(mxfp4_value(*down).transpose(0, 2, 1).copy()))
+            experts.append({"gate_up": gate_up, "down": down})
+        if q8:
+            for name, p in model.named_parameters():
+                if _Q8_TENSORS.fullmatch(name):
+                    rows = gguf.quants.quantize(p.detach().numpy(), Q.Q8_0)
+                    q8_rows[name] = rows
+                    p.copy_(torch.from_numpy(gguf.quants.dequantize(rows, Q.Q8_0).copy()))
+    return TinyGptOss(model, experts, q8_rows)
+
+
+_GPT_OSS_GGUF_LAYER = {   # HF module under model.layers.N. → GGUF role (MODEL_FORMATS.md §2.2)
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "self_attn.sinks": "attn_sinks", "post_attention_layernorm": "post_attention_norm",
+    "mlp.router": "ffn_gate_inp",
+}
+
+
+def gpt_oss_gguf_tensors(tiny: TinyGptOss, *, fused: bool = False) -> dict[str, Any]:
+    """GGUF name → array or (raw bytes, ggml type, shape) as llama.cpp's converter writes a
+    gpt-oss checkpoint (CONV-gptoss): experts de-interleaved into ``ffn_gate_exps`` /
+    ``ffn_up_exps`` (rows 0::2 / 1::2) and ``ffn_down_exps``, MXFP4 [E, out, in] in ggml's block
+    layout, biases F32; ``attn_sinks.weight``; Q8_0 for the tensors of ``tiny.q8``.
+    ``fused``: one ``ffn_gate_up_exps`` tensor, gate rows then up rows (the converter's
+    ``fuse_gate_up_exps`` option)."""
+    from gguf import GGMLQuantizationType as Q
+
+    cfg = tiny.config
+    E, F, D = cfg.num_local_experts, cfg.intermediate_size, cfg.hidden_size
+    out: dict[str, Any] = {}
+
+    def put(gguf_name, hf_name, arr):
+        if hf_name in tiny.q8:
+            out[gguf_name] = (tiny.q8[hf_name], Q.Q8_0, arr.shape)
+        else:
+            out[gguf_name] = np.ascontiguousarray(arr)
+
+    for name, arr in state_dict_numpy(tiny.model).items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+            gname = {"model.embed_tokens.weight": "token_embd.weight",
+                     "lm_head.weight": "output.weight", "model.norm.weight": "output_norm.weight"}
+            put(gname[name], name, arr)
+            continue
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+?)(?:\.(weight|bias))?", name)
+        layer, module, kind = int(m.group(1)), m.group(2), m.group(3) or "weight"
+        blk = f"blk.{layer}."
+        if module == "mlp.experts.gate_up_proj_bias":
+            if fused:
+                out[blk + "ffn_gate_up_exps.bias"] = np.concatenate([arr[:, 0::2], arr[:, 1::2]], 1)
+            else:
+                out[blk + "ffn_gate_exps.bias"] = np.ascontiguousarray(arr[:, 0::2])
+                out[blk + "ffn_up_exps.bias"] = np.ascontiguousarray(arr[:, 1::2])
+        elif module == "mlp.experts.down_proj_bias":
+            out[blk + "ffn_down_exps.bias"] = arr
+        elif module == "mlp.experts.gate_up_proj":
+            codes, scales = tiny.experts[layer]["gate_up"]
+            gate = mxfp4_ggml_bytes(codes[:, 0::2], scales[:, 0::2])           # [E, F, D/32*17]
+            up = mxfp4_ggml_bytes(codes[:, 1::2], scales[:, 1::2])
+            if fused:
+                out[blk + "ffn_gate_up_exps.weight"] = (np.concatenate([gate, up], 1), Q.MXFP4,
+                                                        (E, 2 * F, D))
+            else:
+                out[blk + "ffn_gate_exps.weight"] = (gate, Q.MXFP4, (E, F, D))
+                out[blk + "ffn_up_exps.weight"] = (up, Q.MXFP4, (E, F, D))
+        elif module == "mlp.experts.down_proj":
+            out[blk + "ffn_down_exps.weight"] = (mxfp4_ggml_bytes(*tiny.experts[layer]["down"]),
+                                                 Q.MXFP4, (E, D, F))
+        else:
+            put(f"{blk}{_GPT_OSS_GGUF_LAYER[module]}.{kind}", name, arr)
+    return out
+
+
+def gpt_oss_gguf_metadata(hf_config) -> dict[str, Any]:
+    """The ``gpt-oss.*`` keys llama.cpp's converter writes (MODEL_FORMATS.md §2.1), the YaRN
+    betas (not written for the real model, whose 32 / 1 are llama.cpp's defaults) and a dummy
+    tokenizer."""
+    c = hf_config
+    rope = c.rope_parameters
+    return {
+        "general.name": "tiny-gpt-oss",
+        "general.file_type": 38,                    # MOSTLY_MXFP4_MOE
+        "gpt-oss.block_count": c.num_hidden_layers,
+        "gpt-oss.context_length": c.max_position_embeddings,
+        "gpt-oss.embedding_length": c.hidden_size,
+        "gpt-oss.feed_forward_length": c.intermediate_size,
+        "gpt-oss.attention.head_count": c.num_attention_heads,
+        "gpt-oss.attention.head_count_kv": c.num_key_value_heads,
+        "gpt-oss.rope.freq_base": float(rope["rope_theta"]),
+        "gpt-oss.attention.layer_norm_rms_epsilon": float(c.rms_norm_eps),
+        "gpt-oss.expert_count": c.num_local_experts,
+        "gpt-oss.expert_used_count": c.num_experts_per_tok,
+        "gpt-oss.attention.key_length": c.head_dim,
+        "gpt-oss.attention.value_length": c.head_dim,
+        "gpt-oss.attention.sliding_window": c.sliding_window,
+        "gpt-oss.expert_feed_forward_length": c.intermediate_size,
+        "gpt-oss.rope.scaling.type": "yarn",
+        "gpt-oss.rope.scaling.factor": float(rope["factor"]),
+        "gpt-oss.rope.scaling.original_context_length": rope["original_max_position_embeddings"],
+        "gpt-oss.rope.scaling.yarn_beta_fast": float(rope["beta_fast"]),
+        "gpt-oss.rope.scaling.yarn_beta_slow": float(rope["beta_slow"]),
+        **dummy_tokenizer_metadata(c.vocab_size),
+    }
+
+
+def write_gpt_oss_gguf(tiny: TinyGptOss, path, *, fused: bool = False,
+                       tensors: dict[str, Any] | None = None,
+                       metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``tiny`` as a llama.cpp-layout gpt-oss GGUF (MXFP4 experts; see
+    :func:`gpt_oss_gguf_tensors`). ``tensors`` / ``metadata`` replace the converted ones."""
+    return write_gguf(path, "gpt-oss",
+                      metadata=gpt_oss_gguf_metadata(tiny.config) if metadata is None else metadata,
+                      tensors=gpt_oss_gguf_tensors(tiny, fused=fused) if tensors is None
+                      else tensors)
+
+
+def save_gpt_oss_mxfp4_dir(tiny: TinyGptOss, dirpath, *, drop: tuple[str, ...] = ()) -> Path:
+    """An HF directory in OpenAI's hub layout (MODEL_FORMATS.md §1.7): ``config.json`` with
+    ``quantization_config`` mxfp4 and ``model.safetensors`` whose experts are
+    ``gate_up_proj_blocks`` [E, 2F, D/32, 16] / ``_scales`` [E, 2F, D/32] (rows interleaved
+    gate/up), ``down_proj_blocks`` / ``_scales`` and float biases; everything else as
+    ``save_pretrained`` writes it. ``drop``: tensor names to leave out (for audit tests)."""
+    from safetensors.numpy import save_file
+
+    dirpath = Path(dirpath)
+    dirpath.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, np.ndarray] = {}
+    for name, arr in state_dict_numpy(tiny.model).items():
+        m = re.fullmatch(r"(model\.layers\.(\d+)\.mlp\.experts\.)(gate_up_proj|down_proj)", name)
+        if m:
+            codes, scales = tiny.experts[int(m.group(2))][m.group(3).removesuffix("_proj")]
+            tensors[name + "_blocks"] = mxfp4_openai_bytes(codes)
+            tensors[name + "_scales"] = np.ascontiguousarray(scales)
+        else:
+            tensors[name] = arr
+    for name in drop:
+        del tensors[name]
+    save_file(tensors, str(dirpath / "model.safetensors"))
+    config = tiny.config.to_dict()
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                   "model.embed_tokens", "lm_head"],
+    }
+    (dirpath / "config.json").write_text(json.dumps(config, indent=2))
+    return dirpath

@@ -1,0 +1,189 @@
+"""Mixture of experts for gpt-oss: the top-k router, the clamped SwiGLU and the expert FFNs.
+
+Axis alphabet (docs/INTERFACES.md) plus two local letters: M tokens of the flattened batch
+(M = B*T), U experts used per token (top-k, ``config.n_experts_used``), R = M*U routed rows.
+E experts, D model dim, F expert ffn dim.
+
+Math (MODEL_FORMATS.md §1.5-1.6; OpenAI gpt_oss/torch/model.py ``MLPBlock``; transformers
+``GptOssTopKRouter`` / ``GptOssExperts``; llama.cpp ``build_moe_ffn`` with SOFTMAX_WEIGHT gating
+and SWIGLU_OAI_MOE)::
+
+    logits = x @ router.T + b                           [M, E]   float32
+    ids, top = top_k(logits, U)                         raw logits first, sorted descending
+    w = softmax(top)                                    over the U selected logits only
+    for each selected expert e:
+        g = x @ gate_e.T + bg_e,  u = x @ up_e.T + bu_e            [F]
+        h = min(g, limit) * sigmoid(alpha * min(g, limit)) * (clamp(u, -limit, limit) + 1)
+        y_e = h @ down_e.T + bd_e                                  [D]
+    out = sum_u w_u * y_{ids_u}
+
+Parameters (per block; GGUF names, rows = output features)::
+
+    ffn_gate_inp.weight [E, D], .bias [E]               router
+    ffn_gate_exps.weight [E, F, D], .bias [E, F]        gate half of the first projection
+    ffn_up_exps.weight [E, F, D], .bias [E, F]          linear half
+    ffn_down_exps.weight [E, D, F], .bias [E, D]
+
+The expert matrices are either dense arrays or :class:`gptjax.packed.PackedWeight` stacks that
+keep the file's MXFP4 (or other ggml) blocks, ``uint8[E, O, row_bytes]``. Packed stacks are
+never dequantized whole: both paths below decode only the experts they use.
+
+Two ways to run the experts (plain JAX; Pallas kernels can replace them later):
+
+* **gather** (:func:`experts_gather`, decode): gathers the blocks of the U experts of each token
+  (``PackedWeight.take`` on the packed bytes), dequantizes those, and applies them with batched
+  einsums. Memory ~ R * 3 * F * D weights, so it is used only when R <= :data:`GATHER_MAX_ROWS`.
+* **sorted** (:func:`experts_sorted`, prefill): the R rows are sorted by expert id (stable, so
+  the rows of one expert keep their token order), then a ``fori_loop`` over the E experts
+  dequantizes each *used* expert once (``lax.cond`` skips experts no token chose) and runs its
+  contiguous rows through the FFN in chunks of C rows (an inner loop with a data-dependent trip
+  count ceil(n_e / C)). Peak memory: one expert's weights plus C rows, independent of E and of
+  the prompt length; compute: the R rows plus at most C - 1 padding rows per used expert.
+  Nothing is dropped (no capacity factor): the result is exact for any routing.
+  ``lax.ragged_dot`` was the other candidate; it needs the weights of all E experts dense at
+  once (gpt-oss-120b: 128 experts x 3 x 2880^2 per layer), which this loop avoids.
+
+Numerics: matmuls take the compute dtype (``x.dtype``; packed weights are decoded exactly and
+rounded to it) and accumulate in float32; router, softmax, activation, biases and the weighted
+sum are float32.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from gptjax.models.layers import F32, einsum_f32, linear
+from gptjax.packed import PackedWeight
+
+__all__ = [
+    "GATHER_MAX_ROWS", "route", "swiglu_oai", "experts_gather", "experts_sorted", "moe",
+    "expert_weights",
+]
+
+#: Use the gather path when the routed rows R = M*U are at most this many (decode of a few rows).
+GATHER_MAX_ROWS = 8
+#: Largest row chunk of the sorted path.
+MAX_CHUNK = 256
+
+
+def route(x, weight, bias, n_used):
+    """Top-k router: (weights float32 [M, U], expert ids int32 [M, U]).
+
+    x: [M, D]; weight: [E, D]; bias: [E]. The U largest raw logits are selected (sorted
+    descending, ``lax.top_k``; ties go to the lower expert id) and softmax is taken over those U
+    logits only (OpenAI ``MLPBlock``: ``topk`` then ``softmax(experts.values)``; transformers
+    ``GptOssTopKRouter``).
+    """
+    logits = linear(x, weight, bias, out_dtype=F32)                     # [M, E]
+    top, ids = lax.top_k(logits, n_used)                                # [M, U]
+    return jax.nn.softmax(top, axis=-1), ids.astype(jnp.int32)
+
+
+def swiglu_oai(gate, up, *, alpha, limit):
+    """gpt-oss clamped SwiGLU, float32: ``g * sigmoid(alpha g) * (u + 1)`` with
+    ``g = min(gate, limit)`` (clamped above only) and ``u = clamp(up, -limit, limit)``.
+
+    OpenAI ``swiglu`` (alpha 1.702, limit 7), transformers ``GptOssExperts._apply_gate``, ggml
+    ``ggml_swiglu_oai`` (``x / (1 + exp(-alpha x)) * (y + 1)``). gate, up: [..., F] → float32.
+    """
+    g = jnp.minimum(gate.astype(F32), limit)
+    u = jnp.clip(up.astype(F32), -limit, limit)
+    return g * jax.nn.sigmoid(alpha * g) * (u + 1.0)
+
+
+def expert_weights(w, ids, dtype):
+    """The matrices of experts ``ids`` (int, any shape) of a stack w [E, O, I], dense in ``dtype``:
+    [*ids.shape, O, I]. A packed stack gathers its packed rows first and decodes only those."""
+    if isinstance(w, PackedWeight):
+        return w.take(ids).dequantize(dtype)
+    return jnp.take(w, ids, axis=0).astype(dtype)
+
+
+def experts_gather(x, ids, weights, p, config):
+    """Expert FFNs by gathering each row's experts. x: [M, D]; ids: int [M, U]; weights:
+    float32 [M, U] → float32 [M, D]. See the module docstring."""
+    dtype = x.dtype
+    a, lim = config.swiglu_alpha, config.swiglu_limit
+    wg = expert_weights(p["ffn_gate_exps"]["weight"], ids, dtype)             # [M, U, F, D]
+    wu = expert_weights(p["ffn_up_exps"]["weight"], ids, dtype)               # [M, U, F, D]
+    g = einsum_f32("md,mufd->muf", x, wg) + jnp.take(p["ffn_gate_exps"]["bias"], ids, axis=0)
+    u = einsum_f32("md,mufd->muf", x, wu) + jnp.take(p["ffn_up_exps"]["bias"], ids, axis=0)
+    h = swiglu_oai(g, u, alpha=a, limit=lim).astype(dtype)                    # [M, U, F]
+    wd = expert_weights(p["ffn_down_exps"]["weight"], ids, dtype)             # [M, U, D, F]
+    y = einsum_f32("muf,mudf->mud", h, wd) + jnp.take(p["ffn_down_exps"]["bias"], ids, axis=0)
+    return jnp.einsum("mu,mud->md", weights, y)                               # [M, D] f32
+
+
+def _chunk_rows(n_rows, n_experts):
+    """Rows per chunk of the sorted path: the power of two >= the mean rows per expert,
+    clamped to [8, MAX_CHUNK] and to the padded row count."""
+    mean = -(-n_rows // n_experts)
+    c = 8
+    while c < mean and c < MAX_CHUNK:
+        c *= 2
+    return c
+
+
+def experts_sorted(x, ids, weights, p, config, *, chunk=None):
+    """Expert FFNs with rows grouped by expert (sort + per-expert loop). x: [M, D]; ids: int
+    [M, U]; weights: float32 [M, U] → float32 [M, D]. ``chunk``: rows per inner step (static;
+    default :func:`_chunk_rows`). See the module docstring."""
+    M, D = x.shape
+    U = ids.shape[1]
+    E = config.n_experts
+    R = M * U
+    C = _chunk_rows(R, E) if chunk is None else int(chunk)
+    dtype = x.dtype
+    a, lim = config.swiglu_alpha, config.swiglu_limit
+    pg, pu, pd = p["ffn_gate_exps"], p["ffn_up_exps"], p["ffn_down_exps"]
+
+    flat = ids.reshape(R)                                                     # [R] expert of row
+    order = jnp.argsort(flat, stable=True)                                    # [R] sorted → row
+    counts = jnp.bincount(flat, length=E)                                     # [E]
+    starts = jnp.cumsum(counts) - counts                                      # [E] first sorted row
+    xs = jnp.take(x, order // U, axis=0)                                      # [R, D] sorted rows
+    xs = jnp.concatenate([xs, jnp.zeros((C, D), dtype)], axis=0)              # [R + C, D]
+    out = jnp.zeros((R + C, D), F32)
+
+    def one_expert(e, out):
+        n = counts[e]
+
+        def run(out):
+            wg = expert_weights(pg["weight"], e, dtype)                       # [F, D]
+            wu = expert_weights(pu["weight"], e, dtype)                       # [F, D]
+            wd = expert_weights(pd["weight"], e, dtype)                       # [D, F]
+            bg, bu, bd = pg["bias"][e], pu["bias"][e], pd["bias"][e]
+
+            def step(c, out):
+                s = starts[e] + c * C
+                xc = lax.dynamic_slice_in_dim(xs, s, C, axis=0)               # [C, D]
+                h = swiglu_oai(linear(xc, wg, bg, out_dtype=F32),
+                               linear(xc, wu, bu, out_dtype=F32), alpha=a, limit=lim)
+                y = linear(h.astype(dtype), wd, bd, out_dtype=F32)            # [C, D]
+                # A last chunk running past expert e's rows writes garbage over the rows of
+                # later experts (sorted order), which overwrite them afterwards, or over the C
+                # padding rows, which are dropped: no mask needed.
+                return lax.dynamic_update_slice_in_dim(out, y, s, axis=0)
+
+            return lax.fori_loop(0, (n + C - 1) // C, step, out)
+
+        return lax.cond(n > 0, run, lambda o: o, out)
+
+    out = lax.fori_loop(0, E, one_expert, out)
+    y = jnp.zeros((R, D), F32).at[order].set(out[:R])                         # back to row order
+    return jnp.einsum("mu,mud->md", weights, y.reshape(M, U, D))              # [M, D] f32
+
+
+def moe(x, p, config, *, path=None):
+    """The gpt-oss MoE block: router then experts. x: [M, D] in the compute dtype → float32
+    [M, D]. ``path``: "gather", "sorted" or None (gather when M*U <= GATHER_MAX_ROWS)."""
+    weights, ids = route(x, p["ffn_gate_inp"]["weight"], p["ffn_gate_inp"]["bias"],
+                         config.n_experts_used)
+    if path is None:
+        path = "gather" if x.shape[0] * config.n_experts_used <= GATHER_MAX_ROWS else "sorted"
+    if path == "gather":
+        return experts_gather(x, ids, weights, p, config)
+    if path == "sorted":
+        return experts_sorted(x, ids, weights, p, config)
+    raise ValueError(f"moe path {path!r}: expected 'gather', 'sorted' or None")
