@@ -12,8 +12,11 @@ and reports every mismatch by name in one :class:`WeightsError`.
 
 Sources:
 
-* GGUF (llama.cpp layout, MODEL_FORMATS.md §4): tensors from :func:`gptjax.formats.gguf.read_gguf`,
-  decoded to float32 by :func:`gptjax.quant.dequantize`. Matrices are already ``[out, in]`` rows.
+* GGUF (llama.cpp layout, MODEL_FORMATS.md §4, §5): tensors from
+  :func:`gptjax.formats.gguf.read_gguf`, turned into leaves by
+  :func:`gptjax.packed.pack_from_gguf_tensor`: quantized matrices stay packed (the file's bytes)
+  or are decoded exactly at load (``dequantize_at_load``, the CPU default). Matrices are already
+  ``[out, in]`` rows, so nothing is rearranged.
 * Hugging Face directories: ``model.safetensors`` (or the shards listed in
   ``model.safetensors.index.json``) read with the ``safetensors`` library. GPT-2's ``Conv1D``
   layers store ``[in, out]``, so ``c_attn``, ``c_proj`` and ``c_fc`` weights are transposed
@@ -50,8 +53,8 @@ import jax.numpy as jnp
 from gptjax.errors import FormatError, UnsupportedModelError, WeightsError
 
 __all__ = [
-    "Rule", "TABLES", "default_dtype", "load_params_gguf", "load_params_hf", "param_shapes",
-    "rope_permute_rows",
+    "Rule", "TABLES", "default_dequantize_at_load", "default_dtype", "load_params_gguf",
+    "load_params_hf", "param_shapes", "rope_permute_rows",
 ]
 
 
@@ -338,36 +341,58 @@ def _cast(x, dtype):
     return jnp.asarray(x, dtype=dtype if x.ndim >= 2 else jnp.float32)
 
 
-def _build(uses: dict[str, _Use], config, read, dtype):
-    """Nested params from ``read(file_name) -> float array`` (in the file's own layout)."""
+def _build(uses: dict[str, _Use], config, leaf):
+    """Nested params from ``leaf(use) -> array or PackedWeight`` (already in parameter layout)."""
     params: dict = {"blocks": [dict() for _ in range(config.n_layers)]}
     for param, use in uses.items():
-        x = read(use.source)
-        if use.transpose:
-            x = x.T
-        if use.rope_permute is not None:
-            x = rope_permute_rows(x, config.n_heads if use.rope_permute == "q"
-                                  else config.n_kv_heads)
         node = params
         parts = param.split(".")
         for part in parts[:-1]:
             node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
-        node[parts[-1]] = _cast(x, dtype)
+        node[parts[-1]] = leaf(use)
     return params
 
 
-def load_params_gguf(gguf_file, config, dtype=None):
+def _dense_leaf(x, use: _Use, config, dtype):
+    """A float array from the file's layout to the parameter's: transpose, q/k row
+    permutation, then :func:`_cast`."""
+    if use.transpose:
+        x = x.T
+    if use.rope_permute is not None:
+        x = rope_permute_rows(x, config.n_heads if use.rope_permute == "q" else config.n_kv_heads)
+    return _cast(x, dtype)
+
+
+def default_dequantize_at_load() -> bool:
+    """Whether GGUF quantized matrices are decoded at load when the caller does not say:
+    yes on CPU (a dense float32 matmul beats decoding inside every call there, and a model
+    small enough for a CPU fits dense), no on GPU/TPU (packed bytes are 4-7x smaller, and the
+    matmul decodes them on the fly)."""
+    return jax.default_backend() == "cpu"
+
+
+def load_params_gguf(gguf_file, config, dtype=None, *, dequantize_at_load: bool | None = None):
     """The parameter pytree of ``config.arch`` from a GGUF file (path or GGUFFile).
 
-    Every tensor is decoded to float32 by gptjax.quant.dequantize (any supported ggml type) and
-    cast per :func:`_cast`. Raises WeightsError (all name/shape problems at once) or
-    UnsupportedModelError (a ggml type without a decoder) before reading any tensor data.
+    Each tensor becomes a leaf through :func:`gptjax.packed.pack_from_gguf_tensor`: float
+    tensors (F32/F16/BF16) and vectors (norm weights, biases) are decoded and cast per
+    :func:`_cast`; quantized matrices stay packed (:class:`~gptjax.packed.PackedWeight`, the
+    file's bytes, logical dtype ``dtype``) unless ``dequantize_at_load`` is true, in which case
+    they are decoded exactly to float32 and rounded to ``dtype``. ``dequantize_at_load=None``
+    picks :func:`default_dequantize_at_load` (true on CPU). GGUF tensors are already in parameter
+    layout ([out, in] rows, llama q/k in GGUF order), so packed rows are never rearranged.
+
+    Raises WeightsError (all name/shape problems at once) or UnsupportedModelError (a ggml type
+    without a decoder, a tensor the architecture cannot run) before reading any tensor data.
     """
     from gptjax.formats.gguf import GGUFFile, read_gguf
-    from gptjax.quant import QUANT_BLOCK, dequantize, ggml_type_name
+    from gptjax.packed import pack_from_gguf_tensor
+    from gptjax.quant import QUANT_BLOCK, ggml_type_name
 
     gf = gguf_file if isinstance(gguf_file, GGUFFile) else read_gguf(gguf_file)
     dtype = default_dtype() if dtype is None else dtype
+    if dequantize_at_load is None:
+        dequantize_at_load = default_dequantize_at_load()
     uses = audit({n: t.shape for n, t in gf.tensors.items()}, config, "gguf", gf.path)
     bad = [f"{u.source!r} ({gf.tensors[u.source].type_name})" for u in uses.values()
            if gf.tensors[u.source].ggml_type not in QUANT_BLOCK]
@@ -376,11 +401,15 @@ def load_params_gguf(gguf_file, config, dtype=None):
         raise UnsupportedModelError(f"{gf.path}: tensors of unsupported ggml types: "
                                     f"{', '.join(bad)}; supported: {supported}")
 
-    def read(name):
-        t = gf.tensors[name]
-        return dequantize(t.raw, t.ggml_type, t.shape, name=name)
+    def leaf(use: _Use):
+        # Internal invariant: GGUF rules never rearrange (a packed row holds whole blocks along
+        # the input dim, so a transpose could not be applied to the bytes).
+        assert not use.transpose and use.rope_permute is None, use
+        t = gf.tensors[use.source]
+        return pack_from_gguf_tensor(t, dequantize_at_load=bool(dequantize_at_load),
+                                     dtype=dtype if len(t.shape) >= 2 else jnp.float32)
 
-    return _build(uses, config, read, dtype)
+    return _build(uses, config, leaf)
 
 
 # safetensors dtypes accepted for float parameters; numpy has no bfloat16/float8, so those are
@@ -444,4 +473,4 @@ def load_params_hf(dirpath, config, dtype=None):
                 return g.get_tensor(name)
         return handles[path].get_tensor(name)
 
-    return _build(uses, config, read, dtype)
+    return _build(uses, config, lambda use: _dense_leaf(read(use.source), use, config, dtype))

@@ -326,6 +326,59 @@ def test_bfloat16_compute(untied_model, tmp_path):
     assert rel_err(logits, torch_logits(untied_model, toks)) < BF16_TOL
 
 
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """A tiny llama (dims multiples of 32: D 64, N 4, K 2, H 16, F 96, L 2, tied) whose GGUF
+    stores the token embedding as Q8_0 and every other matrix as Q4_1 (SmolLM2's layout),
+    quantized by gguf.quants; and the torch reference carrying gguf.quants' dequantization of
+    the same blocks. Quantization is row-wise (blocks along the input dim), so quantizing the
+    permuted q/k rows equals permuting the quantized rows."""
+    import gguf.quants
+    from gguf import GGMLQuantizationType as Q
+
+    model = tiny_llama(tied=True, seed=5, hidden_size=64, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                       num_hidden_layers=2)
+    t = {}
+    for name, arr in llama_gguf_tensors(model).items():
+        if arr.ndim == 2:
+            kind = Q.Q8_0 if name == "token_embd.weight" else Q.Q4_1
+            t[name] = (gguf.quants.quantize(arr, kind), kind, arr.shape)
+        else:
+            t[name] = arr
+    path = write_llama_gguf(model, tmp_path_factory.mktemp("quant") / "q.gguf", tensors=t)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                kind = Q.Q8_0 if name == "model.embed_tokens.weight" else Q.Q4_1
+                w = p.detach().numpy()
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w, kind),
+                                                                kind)))
+    model.tie_weights()
+    return model, read_gguf(path)
+
+
+@pytest.mark.parametrize("dequantize_at_load", [False, True])
+def test_quantized_gguf_packed_and_dequantized(quantized, dequantize_at_load):
+    from gptjax.packed import PackedWeight
+
+    model, gf = quantized
+    assert gf.tensors["blk.0.attn_q.weight"].type_name == "Q4_1"
+    config = ModelConfig.from_gguf(gf)
+    params = load_params_gguf(gf, config, jnp.float32, dequantize_at_load=dequantize_at_load)
+    q = params["blocks"][0]["attn_q"]["weight"]
+    assert isinstance(q, PackedWeight) != dequantize_at_load
+    assert isinstance(params["token_embd"]["weight"], PackedWeight) != dequantize_at_load
+    assert not isinstance(params["blocks"][0]["attn_norm"]["weight"], PackedWeight)
+    toks = tokens(2, SEQ, seed=12)
+    ref = torch_logits(model, toks)
+    full, _ = run(params, config, toks)
+    assert rel_err(full, ref) < F32_TOL
+    logits, cache = run(params, config, toks[:, :7])                     # prefill + decode
+    step, _ = run(params, config, toks[:, 7:8], start=[7, 7], cache=cache)
+    assert rel_err(step[:, 0], ref[:, 7]) < F32_TOL
+
+
 # ---- weight mapping and audit -------------------------------------------------------------------
 
 def test_gguf_table_agrees_with_config_tensor_table(loaded):

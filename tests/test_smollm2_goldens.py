@@ -7,7 +7,10 @@ test data README. The model runs here in float32 on CPU with the weights dequant
 Why tolerances and not equality: llama.cpp multiplies Q4_1 / Q8_0 weights with activations that
 it first quantizes to 8 bits (ggml ``vec_dot_q4_1_q8_1``, ``vec_dot_q8_0_q8_0``), so its logits
 differ from an exact float32 evaluation by a few tenths (measured here: up to ~0.5 on logits of
-15-35). Hence: the teacher-forced top-1 token agrees at >= 99% of positions and the top-10 sets
+15-35). Both weight modes are exercised, each on its own part so that nothing is compiled twice:
+the teacher-forced and greedy checks keep the matrices packed (PackedWeight, decoded inside the
+matmul: the GPU default), the perplexity decodes them at load (the CPU default); both decode
+exactly, so either mode could run either check. Hence: the teacher-forced top-1 token agrees at >= 99% of positions and the top-10 sets
 share >= 9 of 10 ids on average; along llama.cpp's greedy continuations the token it picked is
 within 0.3 logits of our best; perplexity within 1% of llama.cpp's.
 """
@@ -67,15 +70,23 @@ def smollm2():
     config = ModelConfig.from_gguf(gf)
     assert (config.arch, config.n_layers, config.d_model, config.vocab_size) == \
         ("llama", 30, 576, 49152)
-    return gf, config, load_params_gguf(gf, config, jnp.float32)
+    assert gf.tensors["blk.0.ffn_up.weight"].type_name == "Q4_1"
+    assert gf.tensors["token_embd.weight"].type_name == "Q8_0" and config.tied_embeddings
+    return gf, config
 
 
 @pytest.fixture(scope="module")
 def teacher_forced(smollm2, goldens):
     """Logits [T, V] of every golden sequence - the 'logits' prompts and the 'greedy' prompts
-    followed by llama.cpp's continuation - from one right-padded batch (one compilation).
-    Right padding never changes the logits of the real positions (causal mask)."""
-    _, config, params = smollm2
+    followed by llama.cpp's continuation - from one right-padded batch (one compilation), with
+    packed Q4_1 / Q8_0 leaves. Right padding never changes the logits of the real positions
+    (causal mask)."""
+    from gptjax.packed import PackedWeight
+
+    gf, config = smollm2
+    params = load_params_gguf(gf, config, jnp.float32, dequantize_at_load=False)
+    assert isinstance(params["blocks"][0]["ffn_up"]["weight"], PackedWeight)
+    assert isinstance(params["token_embd"]["weight"], PackedWeight)
     seqs = ([e["ids"] for e in goldens["logits"]]
             + [e["ids"] + e["greedy_ids"] for e in goldens["greedy"]])
     B, T = len(seqs), max(map(len, seqs))
@@ -122,7 +133,8 @@ def test_greedy_continuations_are_our_argmax_up_to_tolerance(goldens, teacher_fo
 def test_perplexity_matches_llama_cpp(smollm2, goldens):
     from gptjax.tokenizer import Tokenizer
 
-    gf, config, params = smollm2
+    gf, config = smollm2
+    params = load_params_gguf(gf, config, jnp.float32, dequantize_at_load=True)
     ref = goldens["perplexity"]
     text = (DATA / "ppl_text.txt").read_text(encoding="utf-8")
     assert len(text) == ref["text_chars"]

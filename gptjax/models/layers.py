@@ -8,9 +8,11 @@ Numerics: whatever the weight dtype, norms, softmax and matmul accumulation run 
 they feed another matmul. The residual stream of the models is kept in float32, as ggml does
 (its activations are f32 whatever the weight type).
 
-Every function here is pure jnp and jit-friendly; the model files call only these, so a Pallas
-kernel or a packed quantized weight type can later replace the body of :func:`linear` or
-:func:`attention` without the model code changing.
+Every function here is pure jnp and jit-friendly; the model files call only these. Weights may
+be plain arrays or packed quantized leaves (:class:`gptjax.packed.PackedWeight`): :func:`linear`
+and :func:`embed` delegate to ``gptjax.quant.linear`` / ``gptjax.quant.embed``, which dequantize
+inside the jitted computation, so model code never branches on quantization (and a Pallas kernel
+can later be dispatched there without the models changing).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax import packed
 from gptjax.errors import UnsupportedModelError
 
 F32 = jnp.float32
@@ -47,13 +50,14 @@ def einsum_f32(eq, a, b):
 
 
 def embed(table, ids):
-    """Row lookup ``table[ids]`` returning float32.
+    """Row lookup ``table[ids]`` returning float32 (``gptjax.quant.embed``).
 
-    table: [V, D] (or [P, D] for learned positions); ids: int [B, T] → float32 [B, T, D].
+    table: [V, D] (or [P, D] for learned positions), a plain array or a PackedWeight (only the
+    looked-up rows are decoded); ids: int [B, T] → float32 [B, T, D].
     Out-of-range ids are clipped rather than filled with NaN (jnp's default for gathers), so a
     bad id can never poison the KV cache; callers validate ids before they reach the device.
     """
-    return jnp.take(table, ids, axis=0, mode="clip").astype(F32)
+    return packed.embed(table, ids)
 
 
 def layer_norm(x, weight, bias, eps, *, out_dtype=None):
@@ -126,20 +130,17 @@ def swiglu(gate, up, *, out_dtype=None):
 
 
 def linear(x, w, b=None, *, out_dtype=None):
-    """Dense layer y = x @ w.T + b, accumulated in float32.
+    """Dense layer y = x @ w.T + b, accumulated in float32 (``gptjax.quant.linear``).
 
-    x: [..., I]; w: [O, I] (torch Linear / GGUF row layout: one row per output feature);
+    x: [..., I]; w: [O, I] (torch Linear / GGUF row layout: one row per output feature), a plain
+    array or a PackedWeight (decoded exactly and rounded to x.dtype inside the computation);
     b: [O] or None → [..., O] in ``out_dtype`` (default: x.dtype). The bias is added to the
     float32 accumulator before the cast.
 
     This is the single entry point for every matmul against a weight, so that packed quantized
-    weights (gptjax.quant) and Pallas kernels can be dispatched here without touching models.
+    weights and Pallas kernels are dispatched in one place without touching models.
     """
-    out_dtype = x.dtype if out_dtype is None else out_dtype
-    y = einsum_f32("...i,oi->...o", x, w)
-    if b is not None:
-        y = y + b.astype(F32)
-    return y.astype(out_dtype)
+    return packed.linear(x, w, b, out_dtype=out_dtype)
 
 
 def unembed(params, hidden):
