@@ -10,7 +10,9 @@ differ from an exact float32 evaluation by a few tenths (measured here: up to ~0
 15-35). Both weight modes are exercised, each on its own part so that nothing is compiled twice:
 the teacher-forced and greedy checks keep the matrices packed (PackedWeight, decoded inside the
 matmul: the GPU default), the perplexity decodes them at load (the CPU default); both decode
-exactly, so either mode could run either check. Hence: the teacher-forced top-1 token agrees at >= 99% of positions and the top-10 sets
+exactly, so either mode could run either check.
+
+The checks: the teacher-forced top-1 token agrees at >= 99% of positions and the top-10 sets
 share >= 9 of 10 ids on average; along llama.cpp's greedy continuations the token it picked is
 within 0.3 logits of our best; perplexity within 1% of llama.cpp's.
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import time
 from pathlib import Path
 
