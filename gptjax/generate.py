@@ -55,6 +55,7 @@ Sampling is reproducible: row ``b``'s ``i``-th token uses the key
 """
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from collections import deque
@@ -315,6 +316,7 @@ class Generator:
         init_cache_fn: Callable | None = None,
         cache_dtype=jnp.float32,
         unembed_fn: Callable | None = None,
+        decode_unroll: int | None = None,
     ):
         if init_cache_fn is None:
             from gptjax.cache import init_cache as init_cache_fn
@@ -325,6 +327,13 @@ class Generator:
         self.init_cache_fn = init_cache_fn
         self.cache_dtype = cache_dtype
         self.unembed_fn = unembed_fn
+        # Decode steps per iteration of a fixed-length chunk's loop (lax.fori_loop ``unroll``):
+        # fewer loop iterations, fewer per-iteration overheads, a longer compile.
+        if decode_unroll is None:
+            decode_unroll = int(os.environ.get("GPTJAX_DECODE_UNROLL", "1"))
+        if isinstance(decode_unroll, bool) or not isinstance(decode_unroll, int) or decode_unroll < 1:
+            raise GenerationError(f"decode_unroll must be an integer >= 1, got {decode_unroll!r}")
+        self.decode_unroll = decode_unroll
         self.vocab_size = int(config.vocab_size)
         self.context_length = int(config.context_length)
         if eos_ids is None and tokenizer is not None:
@@ -458,7 +467,8 @@ class Generator:
 
             steps, st, cache = jax.lax.while_loop(cond, body, (jnp.int32(0), st, cache))
         else:
-            st, cache = jax.lax.fori_loop(0, chunk, lambda _, c: step(*c), (st, cache))
+            st, cache = jax.lax.fori_loop(0, chunk, lambda _, c: step(*c), (st, cache),
+                                          unroll=min(self.decode_unroll, chunk))
             steps = jnp.int32(chunk)
         return st, cache, self._summary(st, steps)
 

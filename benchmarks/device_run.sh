@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One device call: install carried wheels, then run the benchmark steps named as arguments.
+# Usage (on the device): bash benchmarks/device_run.sh gpt2-variants smollm2 ...
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD:$PWD/benchmarks PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+for step in "$@"; do
+  echo "=== $step"
+  case "$step" in
+    gpt2)  python3 benchmarks/gpt2_speed.py --runs 15 --out "$OUT/results.md" ;;
+    gpt2-variants)
+      for u in 1 4 32; do
+        echo "--- GPTJAX_DECODE_UNROLL=$u"
+        GPTJAX_DECODE_UNROLL=$u python3 benchmarks/gpt2_speed.py --runs 10 --prefill 64 | grep -E "tg128|pp512"
+      done
+      echo "--- command buffers incl. WHILE/CONDITIONAL"
+      XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
+        python3 benchmarks/gpt2_speed.py --runs 10 --prefill 64 | grep -E "tg128|pp512" ;;
+    smollm2) python3 benchmarks/decode_speed.py --synthetic smollm2 --batches 1,32 --out "$OUT/results.md" ;;
+    gpt-oss) python3 benchmarks/decode_speed.py --synthetic gpt-oss-20b --batches 1,64 --modes packed --runs 5 --out "$OUT/results.md" ;;
+    gpu-tests) python3 -m pytest -q -m gpu tests 2>&1 | tail -30 ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
