@@ -31,6 +31,26 @@ tensors, packed or not, load untouched, and the HF loader applies the same permu
 ``q_proj`` / ``k_proj`` weights and biases (:func:`rope_permute_rows`); both sources give the
 same tree. A GGUF ``rope_freqs.weight`` (llama3 frequency factors) raises UnsupportedModelError.
 
+gpt-oss (MODEL_FORMATS.md §1.7, §2.2-§2.3): the parameters follow the GGUF layout, with separate
+gate and up expert stacks ``[E, F, D]`` and ``down`` ``[E, D, F]`` (rows = output features).
+Three file layouts map onto it, through rules that *split* one file tensor into two parameters
+along axis 1 (the output rows of an expert stack) and through MXFP4 pairs:
+
+* GGUF ``ffn_{gate,up,down}_exps`` (MXFP4 in ggml-org files), or a fused ``ffn_gate_up_exps``
+  holding the gate rows then the up rows (``split="halves"``);
+* OpenAI's hub layout: ``gate_up_proj_blocks`` [E, 2F, D/32, 16] + ``_scales`` [E, 2F, D/32]
+  with gate and up rows *interleaved* (row 2j gate_j, 2j+1 up_j; ``split="interleaved"``) and
+  ``down_proj_blocks`` / ``_scales``. Each ``X_blocks`` / ``X_scales`` pair is read as one MXFP4
+  tensor ``X_blocks`` of logical shape [..., 32 G] and repacked to ggml's 17-byte blocks
+  (:func:`gptjax.quant.mxfp4_openai_to_ggml`, an exact re-nibbling), so GGUF and HF experts end
+  up as the same bytes and one kernel format serves both;
+* dequantized HF checkpoints: ``gate_up_proj`` [E, D, 2F] and ``down_proj`` [E, F, D] used as
+  ``x @ W`` (transposed with respect to a Linear weight), interleaved like the MXFP4 ones.
+
+Expert stacks (the only 3-D tensors) stay packed by default on every backend, whatever the
+default for 2-D matrices: gpt-oss-20b's experts are 12 GiB in float32 against 1.5 GiB packed, and
+the MoE code (models/moe.py) decodes only the experts a token is routed to.
+
 Tied heads: when ``config.tied_embeddings`` is true the model has no ``output.weight`` parameter
 and uses the token embedding; an ``lm_head.weight`` / ``output.weight`` still present in the file
 is ignored, as transformers does when it ties the weights.
@@ -67,12 +87,24 @@ class Rule:
     order; apply llama.cpp's converter permutation (:func:`rope_permute_rows`) with
     ``config.n_heads`` ("q") or ``config.n_kv_heads`` ("k") heads to get the GGUF order.
     ``param=None`` marks a tensor that is deliberately ignored.
+    ``split``: ``param`` is a tuple of parameters that share the file tensor along axis 1 (the
+    output rows of an expert stack [E, O, I], or of its biases [E, O]): "halves" (the first
+    parameter's rows, then the second's; llama.cpp's fused gate_up) or "interleaved" (row 2j to
+    the first, 2j+1 to the second; OpenAI's gate_up). Applied after ``transpose``.
     """
 
     source: str
-    param: str | None
+    param: str | tuple[str, ...] | None
     transpose: bool = False
     rope_permute: str | None = None
+    split: str | None = None
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """The filled parameters (empty for an ignored tensor)."""
+        if self.param is None:
+            return ()
+        return self.param if isinstance(self.param, tuple) else (self.param,)
 
 
 @dataclass(frozen=True)
@@ -177,12 +209,62 @@ _LLAMA_HF = Table(
     ),
 )
 
+# ---- gpt-oss (MODEL_FORMATS.md §1.7, §2.2) ---------------------------------------------------
+
+_GPT_OSS_LAYER = (   # (GGUF role, HF name under model.layers.{i}.)
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("attn_q.weight", "self_attn.q_proj.weight"),
+    ("attn_q.bias", "self_attn.q_proj.bias"),
+    ("attn_k.weight", "self_attn.k_proj.weight"),
+    ("attn_k.bias", "self_attn.k_proj.bias"),
+    ("attn_v.weight", "self_attn.v_proj.weight"),
+    ("attn_v.bias", "self_attn.v_proj.bias"),
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("attn_output.bias", "self_attn.o_proj.bias"),
+    ("attn_sinks.weight", "self_attn.sinks"),
+    ("post_attention_norm.weight", "post_attention_layernorm.weight"),
+    ("ffn_gate_inp.weight", "mlp.router.weight"),
+    ("ffn_gate_inp.bias", "mlp.router.bias"),
+)
+_GATE_UP_W = ("blocks.{i}.ffn_gate_exps.weight", "blocks.{i}.ffn_up_exps.weight")
+_GATE_UP_B = ("blocks.{i}.ffn_gate_exps.bias", "blocks.{i}.ffn_up_exps.bias")
+
+_GPT_OSS_GGUF = Table(rules=(
+    Rule("token_embd.weight", "token_embd.weight"),
+    Rule("output_norm.weight", "output_norm.weight"),
+    Rule("output.weight", "output.weight"),
+    *(Rule(f"blk.{{i}}.{g}", f"blocks.{{i}}.{g}") for g, _ in _GPT_OSS_LAYER),
+    *(Rule(f"blk.{{i}}.ffn_{e}_exps.{k}", f"blocks.{{i}}.ffn_{e}_exps.{k}")
+      for e in ("gate", "up", "down") for k in ("weight", "bias")),
+    # llama.cpp converter option fuse_gate_up_exps: gate rows then up rows (LC-graph splits
+    # the fused tensor as views [0:F] and [F:2F])
+    Rule("blk.{i}.ffn_gate_up_exps.weight", _GATE_UP_W, split="halves"),
+    Rule("blk.{i}.ffn_gate_up_exps.bias", _GATE_UP_B, split="halves"),
+))
+
+_GPT_OSS_HF = Table(prefixes=("model.", ""), rules=(
+    Rule("embed_tokens.weight", "token_embd.weight"),
+    Rule("norm.weight", "output_norm.weight"),
+    Rule("lm_head.weight", "output.weight"),
+    *(Rule(f"layers.{{i}}.{h}", f"blocks.{{i}}.{g}") for g, h in _GPT_OSS_LAYER),
+    # MXFP4 (OpenAI hub layout): each _blocks tensor stands for its _blocks/_scales pair
+    Rule("layers.{i}.mlp.experts.gate_up_proj_blocks", _GATE_UP_W, split="interleaved"),
+    Rule("layers.{i}.mlp.experts.down_proj_blocks", "blocks.{i}.ffn_down_exps.weight"),
+    # dequantized checkpoints: transformers GptOssExperts parameters, [E, in, out] (x @ W)
+    Rule("layers.{i}.mlp.experts.gate_up_proj", _GATE_UP_W, transpose=True, split="interleaved"),
+    Rule("layers.{i}.mlp.experts.down_proj", "blocks.{i}.ffn_down_exps.weight", transpose=True),
+    Rule("layers.{i}.mlp.experts.gate_up_proj_bias", _GATE_UP_B, split="interleaved"),
+    Rule("layers.{i}.mlp.experts.down_proj_bias", "blocks.{i}.ffn_down_exps.bias"),
+))
+
 # (arch, source) → table; source is "gguf" or "hf".
 TABLES: dict[tuple[str, str], Table] = {
     ("gpt2", "gguf"): _GPT2_GGUF,
     ("gpt2", "hf"): _GPT2_HF,
     ("llama", "gguf"): _LLAMA_GGUF,
     ("llama", "hf"): _LLAMA_HF,
+    ("gpt-oss", "gguf"): _GPT_OSS_GGUF,
+    ("gpt-oss", "hf"): _GPT_OSS_HF,
 }
 
 
@@ -207,6 +289,9 @@ def param_shapes(config) -> dict[str, tuple[int, ...]]:
     if config.arch == "llama":
         from gptjax.models import llama
         return llama.param_shapes(config)
+    if config.arch == "gpt-oss":
+        from gptjax.models import gpt_oss
+        return gpt_oss.param_shapes(config)
     raise UnsupportedModelError(f"no weight table for architecture {config.arch!r}; "
                                 f"supported: {sorted({a for a, _ in TABLES})}")
 
@@ -224,6 +309,9 @@ class _Use:
     source: str                 # file tensor name
     transpose: bool
     rope_permute: str | None = None
+    split: str | None = None    # "halves" / "interleaved": this parameter is part `part` of
+    part: int = 0               # `n_parts` sharing the file tensor along axis 1
+    n_parts: int = 1
 
 
 def _compile(table: Table):
@@ -255,7 +343,7 @@ def _expected_name(param: str, table: Table) -> str:
     if m:
         layer = int(m.group(1))
     for rule in table.rules:
-        if rule.param is not None and rule.param.format(i=layer) == param:
+        if param in (p.format(i=layer) for p in rule.params):
             name = table.prefixes[0] + rule.source.format(i=layer)
             if len(table.prefixes) > 1:
                 alts = " or ".join(repr(p + rule.source.format(i=layer))
@@ -294,35 +382,45 @@ def audit(tensor_shapes: dict[str, tuple[int, ...]], config, source: str, where:
                             f"model")
             continue
         rule, layer = hit
-        if rule.param is None:
+        if not rule.params:
             continue                                    # deliberately ignored
         if layer is not None and layer >= config.n_layers:
             problems.append(f"tensor {name!r} is for layer {layer} but the model has "
                             f"{config.n_layers} layers")
             continue
-        param = rule.param.format(i=layer)
-        if param not in expected:
-            if param == "output.weight" and config.tied_embeddings:
+        params = [p.format(i=layer) for p in rule.params]
+        unused = [p for p in params if p not in expected]
+        if unused:
+            if unused == ["output.weight"] and config.tied_embeddings:
                 continue                                # tied head: the token embedding is used
-            problems.append(f"unexpected tensor {name!r}: parameter {param} is not used by this "
-                            f"{config.arch} configuration")
+            problems.append(f"unexpected tensor {name!r}: parameter {unused[0]} is not used by "
+                            f"this {config.arch} configuration")
             continue
-        if param in claimed:
-            problems.append(f"parameter {param} is filled twice: by {claimed[param]!r} and by "
-                            f"{name!r}")
+        twice = [p for p in params if p in claimed]
+        for p in twice:
+            problems.append(f"parameter {p} is filled twice: by {claimed[p]!r} and by {name!r}")
+        if twice:
             continue
-        claimed[param] = name
-        want = expected[param][::-1] if rule.transpose else expected[param]
+        claimed.update((p, name) for p in params)
+        what = "parameter " + " and ".join(params)
+        want = expected[params[0]]
+        if rule.split:
+            if len({expected[p] for p in params}) != 1:
+                raise AssertionError(f"split rule {rule} over parameters of different shapes")
+            want = (want[0], want[1] * len(params), *want[2:])  # rows of all parts, axis 1
+        if rule.transpose:
+            want = (*want[:-2], want[-1], want[-2])
         if shape != want:
             note = " (stored transposed, [in, out])" if rule.transpose else ""
             problems.append(f"tensor {name!r} has shape {shape}, expected {want}{note} for "
-                            f"parameter {param}")
+                            f"{what}")
             continue
         if dtypes is not None and dtypes[name] not in allowed_dtypes:
             problems.append(f"tensor {name!r} has dtype {dtypes[name]}, expected one of "
-                            f"{sorted(allowed_dtypes)} for parameter {param}")
+                            f"{sorted(allowed_dtypes)} for {what}")
             continue
-        uses[param] = _Use(name, rule.transpose, rule.rope_permute)
+        for k, p in enumerate(params):
+            uses[p] = _Use(name, rule.transpose, rule.rope_permute, rule.split, k, len(params))
     for param, shape in expected.items():
         if param not in claimed:
             problems.append(f"missing tensor {_expected_name(param, table)} for parameter "
@@ -354,13 +452,57 @@ def _build(uses: dict[str, _Use], config, leaf):
 
 
 def _dense_leaf(x, use: _Use, config, dtype):
-    """A float array from the file's layout to the parameter's: transpose, q/k row
-    permutation, then :func:`_cast`."""
+    """A float array from the file's layout to the parameter's: transpose (of the last two
+    axes), q/k row permutation, split part, then :func:`_cast`."""
     if use.transpose:
-        x = x.T
+        x = x.swapaxes(-1, -2)
     if use.rope_permute is not None:
         x = rope_permute_rows(x, config.n_heads if use.rope_permute == "q" else config.n_kv_heads)
-    return _cast(x, dtype)
+    return _cast(_split_rows(x, use), dtype)
+
+
+def _split_rows(x, use: _Use):
+    """Part ``use.part`` of the ``use.n_parts`` parameters sharing x along axis 1:
+    consecutive blocks of rows ("halves") or every n_parts-th row ("interleaved")."""
+    if use.split is None:
+        return x
+    n = x.shape[1] // use.n_parts
+    if use.split == "halves":
+        return x[:, use.part * n:(use.part + 1) * n]
+    return x[:, use.part::use.n_parts]
+
+
+@dataclass(frozen=True)
+class _Bytes:
+    """A quantized tensor as bytes, shaped like :class:`gptjax.formats.gguf.GGUFTensor` for
+    :func:`gptjax.packed.pack_from_gguf_tensor`: ``raw`` uint8 [*shape[:-1], row_bytes]."""
+
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]
+    raw: object
+
+
+def _part_bytes(t, use: _Use) -> _Bytes:
+    """The rows of one split part of a quantized stack [E, O, I], still as bytes (a ggml row
+    holds whole blocks along I, so rows can be selected without decoding)."""
+    rows = _split_rows(t.raw.reshape(*t.shape[:-1], -1), use)
+    return _Bytes(f"{t.name} (part {use.part + 1} of {use.n_parts})", t.ggml_type,
+                  (t.shape[0], rows.shape[1], *t.shape[2:]), rows)
+
+
+def _last_read(fn):
+    """``fn(name)`` remembering its last result: the parts of a split tensor are built one after
+    the other (the audit lists them consecutively), so the file tensor is read once."""
+    last: dict = {}
+
+    def read(name):
+        if name not in last:
+            last.clear()
+            last[name] = fn(name)
+        return last[name]
+
+    return read
 
 
 def default_dequantize_at_load() -> bool:
@@ -379,20 +521,20 @@ def load_params_gguf(gguf_file, config, dtype=None, *, dequantize_at_load: bool 
     :func:`_cast`; quantized matrices stay packed (:class:`~gptjax.packed.PackedWeight`, the
     file's bytes, logical dtype ``dtype``) unless ``dequantize_at_load`` is true, in which case
     they are decoded exactly to float32 and rounded to ``dtype``. ``dequantize_at_load=None``
-    picks :func:`default_dequantize_at_load` (true on CPU). GGUF tensors are already in parameter
-    layout ([out, in] rows, llama q/k in GGUF order), so packed rows are never rearranged.
+    picks :func:`default_dequantize_at_load` (true on CPU) for matrices but keeps expert stacks
+    (3-D, gpt-oss) packed on every backend; pass True to decode those too. GGUF tensors are
+    already in parameter layout ([out, in] rows, llama q/k in GGUF order), so packed rows are
+    never rearranged (a fused gate_up stack is split by selecting whole rows).
 
     Raises WeightsError (all name/shape problems at once) or UnsupportedModelError (a ggml type
     without a decoder, a tensor the architecture cannot run) before reading any tensor data.
     """
     from gptjax.formats.gguf import GGUFFile, read_gguf
     from gptjax.packed import pack_from_gguf_tensor
-    from gptjax.quant import QUANT_BLOCK, ggml_type_name
+    from gptjax.quant import QUANT_BLOCK, dequantize, ggml_type_name
 
     gf = gguf_file if isinstance(gguf_file, GGUFFile) else read_gguf(gguf_file)
     dtype = default_dtype() if dtype is None else dtype
-    if dequantize_at_load is None:
-        dequantize_at_load = default_dequantize_at_load()
     uses = audit({n: t.shape for n, t in gf.tensors.items()}, config, "gguf", gf.path)
     bad = [f"{u.source!r} ({gf.tensors[u.source].type_name})" for u in uses.values()
            if gf.tensors[u.source].ggml_type not in QUANT_BLOCK]
@@ -401,12 +543,22 @@ def load_params_gguf(gguf_file, config, dtype=None, *, dequantize_at_load: bool 
         raise UnsupportedModelError(f"{gf.path}: tensors of unsupported ggml types: "
                                     f"{', '.join(bad)}; supported: {supported}")
 
+    default_dq = default_dequantize_at_load()
+    decoded = _last_read(lambda name: dequantize(gf.tensors[name].raw, gf.tensors[name].ggml_type,
+                                                 gf.tensors[name].shape, name=name))
+
     def leaf(use: _Use):
-        # Internal invariant: GGUF rules never rearrange (a packed row holds whole blocks along
-        # the input dim, so a transpose could not be applied to the bytes).
+        # Internal invariant: GGUF rules never transpose or permute (a packed row holds whole
+        # blocks along the input dim, so a transpose could not be applied to the bytes); split
+        # rules select rows of an expert stack (bytes) or elements of its bias (decoded).
         assert not use.transpose and use.rope_permute is None, use
         t = gf.tensors[use.source]
-        return pack_from_gguf_tensor(t, dequantize_at_load=bool(dequantize_at_load),
+        if use.split is not None and len(t.shape) < 3:
+            return _cast(_split_rows(decoded(use.source), use), dtype)
+        dq = (dequantize_at_load if dequantize_at_load is not None
+              else default_dq and len(t.shape) < 3)       # expert stacks stay packed
+        return pack_from_gguf_tensor(t if use.split is None else _part_bytes(t, use),
+                                     dequantize_at_load=bool(dq),
                                      dtype=dtype if len(t.shape) >= 2 else jnp.float32)
 
     return _build(uses, config, leaf)
@@ -416,6 +568,33 @@ def load_params_gguf(gguf_file, config, dtype=None, *, dequantize_at_load: bool 
 # read through the library's flax (jax) backend instead.
 _NUMPY_DTYPES = {"F64", "F32", "F16"}
 _JAX_DTYPES = {"BF16"}
+# Pseudo dtype of an OpenAI-layout ``X_blocks`` / ``X_scales`` pair read as one tensor.
+_MXFP4 = "MXFP4"
+
+
+def _pair_mxfp4(shapes: dict, dtypes: dict, problems: list) -> dict[str, str]:
+    """Fold every ``X_blocks`` (uint8 [..., G, 16]) + ``X_scales`` (uint8 [..., G]) pair of an
+    HF MXFP4 checkpoint (MODEL_FORMATS.md §3.2) into one entry ``X_blocks`` of dtype "MXFP4" and
+    logical shape [..., 32 G], in place. Returns {blocks name: scales name}; malformed or
+    incomplete pairs are reported in ``problems`` and left out."""
+    pairs = {}
+    for name in [n for n in shapes if n.endswith("_blocks")]:
+        sc = name[: -len("_blocks")] + "_scales"
+        b, s = shapes[name], shapes.get(sc)
+        if s is None:
+            problems.append(f"MXFP4 tensor {name!r} {b} has no scales tensor {sc!r}")
+            del shapes[name]
+            continue
+        if (dtypes[name], dtypes[sc]) != ("U8", "U8") or len(b) < 2 or b[-1] != 16 or b[:-1] != s:
+            problems.append(f"MXFP4 tensors {name!r} ({dtypes[name]} {b}) and {sc!r} "
+                            f"({dtypes[sc]} {s}): expected uint8 blocks [..., G, 16] and uint8 "
+                            f"scales [..., G]")
+            del shapes[name], shapes[sc]
+            continue
+        shapes[name], dtypes[name] = (*b[:-2], b[-2] * 32), _MXFP4
+        del shapes[sc]
+        pairs[name] = sc
+    return pairs
 
 
 def _safetensors_files(dirpath: Path) -> list[Path]:
@@ -433,13 +612,20 @@ def _safetensors_files(dirpath: Path) -> list[Path]:
                       f"(only safetensors checkpoints are supported)")
 
 
-def load_params_hf(dirpath, config, dtype=None):
+def load_params_hf(dirpath, config, dtype=None, *, dequantize_at_load: bool | None = None):
     """The parameter pytree of ``config.arch`` from a Hugging Face directory's safetensors.
 
-    ``config`` comes from the directory's config.json (ModelConfig.from_hf). Raises FormatError
-    for unreadable files, WeightsError for name/shape/dtype problems (all at once).
+    ``config`` comes from the directory's config.json (ModelConfig.from_hf). Float tensors are
+    cast per :func:`_cast`. MXFP4 ``_blocks`` / ``_scales`` pairs (gpt-oss experts) are repacked
+    to ggml blocks and stay packed (:class:`~gptjax.packed.PackedWeight`, logical dtype
+    ``dtype``) unless ``dequantize_at_load`` is true. Raises FormatError for unreadable files,
+    WeightsError for name/shape/dtype problems (all at once).
     """
+    from gguf import GGMLQuantizationType as gguf_types
     from safetensors import SafetensorError, safe_open
+
+    from gptjax.packed import PackedWeight
+    from gptjax.quant import dequantize, mxfp4_openai_to_ggml
 
     dirpath = Path(os.fspath(dirpath))
     dtype = default_dtype() if dtype is None else dtype
@@ -463,14 +649,31 @@ def load_params_hf(dirpath, config, dtype=None):
         except (OSError, SafetensorError) as e:
             raise FormatError(f"{path}: cannot read safetensors file: {e}") from e
         handles[path] = f
+    pairs = _pair_mxfp4(shapes, dtypes, problems)
     uses = audit(shapes, config, "hf", str(dirpath), problems=problems, dtypes=dtypes,
-                 allowed_dtypes=_NUMPY_DTYPES | _JAX_DTYPES)
+                 allowed_dtypes=_NUMPY_DTYPES | _JAX_DTYPES | {_MXFP4})
 
+    @_last_read
     def read(name):
         path = located[name]
+        if name in pairs:        # ggml block_mxfp4 rows [..., G*17] (exact re-nibbling)
+            return mxfp4_openai_to_ggml(handles[path].get_tensor(name),
+                                        handles[located[pairs[name]]].get_tensor(pairs[name]))
         if dtypes[name] in _JAX_DTYPES:
             with safe_open(str(path), framework="flax") as g:
                 return g.get_tensor(name)
         return handles[path].get_tensor(name)
 
-    return _build(uses, config, lambda use: _dense_leaf(read(use.source), use, config, dtype))
+    def leaf(use: _Use):
+        x = read(use.source)
+        if use.source not in pairs:
+            return _dense_leaf(x, use, config, dtype)
+        assert not use.transpose and use.rope_permute is None, use
+        rows = _split_rows(x, use)                                   # uint8 [E, O, row_bytes]
+        shape = (*rows.shape[:-1], shapes[use.source][-1])
+        if dequantize_at_load:
+            return _cast(dequantize(rows, gguf_types.MXFP4, shape, name=use.source), dtype)
+        return PackedWeight.from_bytes(rows, gguf_types.MXFP4, shape, dtype=dtype,
+                                       name=use.source)
+
+    return _build(uses, config, leaf)

@@ -57,7 +57,7 @@ def tiny_config():
     return ModelConfig.from_hf(hf_config().to_dict(), source="tiny gpt-oss config.json")
 
 
-# ---- attention sinks -----------------------------------------------------------------------------
+# ---- attention sinks ----------------------------------------------------------------------------
 
 def sink_attention_f64(q, k, v, q_pos, sinks, scale, window):
     """Literal float64 transcription: q [B,T,N,H], k/v [B,K,S,H] (slot j = position j)."""
@@ -99,7 +99,7 @@ def test_attention_sinks_match_float64_formula(window):
     assert max_rel(plain, ref) > 1e-2
 
 
-# ---- sliding window ------------------------------------------------------------------------------
+# ---- sliding window -----------------------------------------------------------------------------
 
 def test_window_mask_literal():
     q_pos = jnp.array([[0, 3, 5]], jnp.int32)
@@ -119,7 +119,7 @@ def test_even_layers_slide(tiny_config):
     assert [tiny_config.layer_is_sliding(i) for i in range(4)] == [True, False, True, False]
 
 
-# ---- YaRN ------------------------------------------------------------------------------------------
+# ---- YaRN ---------------------------------------------------------------------------------------
 
 def hf_yarn(hf_cfg):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -193,7 +193,7 @@ def test_rope_cos_sin_and_neox_rotation_match_transformers(tiny_config):
                    hk.transpose(1, 2).numpy()) < TRIG_TOL
 
 
-# ---- router ----------------------------------------------------------------------------------------
+# ---- router -------------------------------------------------------------------------------------
 
 def test_router_matches_torch_topk_softmax():
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
@@ -218,7 +218,7 @@ def test_router_matches_torch_topk_softmax():
     assert max_rel(weights, scores.numpy()) < OP_TOL
 
 
-# ---- clamped SwiGLU and the experts ------------------------------------------------------------------
+# ---- clamped SwiGLU and the experts -------------------------------------------------------------
 
 def hf_experts(gate_up, gate_up_bias, down, down_bias):
     """transformers GptOssExperts (eager) holding [E, 2F, D] interleaved gate_up rows and

@@ -398,8 +398,10 @@ def tiny_gpt_oss(*, seed: int = 0, expert_std: float = 0.35, q8: bool = True,
     from transformers import GptOssConfig, GptOssForCausalLM
 
     dims = {**GPT_OSS_TINY, **overrides}
+    # no bos/eos ids: greedy generation in transformers then never stops early (nor
+    # suppresses a token as "eos" before min_new_tokens), like a plain argmax loop
     cfg = GptOssConfig(**dims, rope_parameters=dict(GPT_OSS_TINY_ROPE), attention_dropout=0.0,
-                       bos_token_id=0, eos_token_id=1, attn_implementation="eager")
+                       attn_implementation="eager")
     torch.manual_seed(seed)
     model = GptOssForCausalLM(cfg).to(torch.float32).eval()
     model.config._experts_implementation = "eager"       # the readable per-expert loop
