@@ -1,0 +1,296 @@
+"""Flash-decoding: one new query per row attending over the KV cache, split along the sequence.
+
+Math (one row b, query head n = k*G + g of kv head k, G = N/K; query position p = lengths[b] - 1)::
+
+    visible j:  j <= p,  j < S,  and j > p - window (sliding layers only)
+    s_j = scale * q[b, n] . k_cache[b, k, j]                                   (float32)
+    out[b, n] = sum_j exp(s_j) v_cache[b, k, j] / (exp(sink_n) + sum_j exp(s_j))
+
+The sink term (gpt-oss: one learned logit per *query* head, no value vector) only with ``sinks``.
+This is ``gptjax.models.layers.attention`` for T = 1 with the query at position lengths-1.
+
+Split-K ("flash-decoding": Dao, Haziza, Massa, Sizov 2023,
+https://crfm.stanford.edu/2023/10/12/flashdecoding.html):
+the visible range [lo, hi) of each row, lo = max(0, lengths - window), hi = min(lengths, S), is cut
+into ``num_splits`` spans of whole ``block_k`` blocks; program (b, k, s) runs an online softmax
+(Milakov & Gimelshein 2018) over span s for the G query heads of kv head k and writes the partial
+unnormalised output o_s [G, H], its running max m_s [G] and sum l_s [G]. The combine in jnp::
+
+    M = max(max_s m_s, sink);  w_s = exp(m_s - M)
+    out = sum_s w_s o_s / (sum_s w_s l_s + exp(sink - M))
+
+The spans are cut per row from the *visible* range, so every split does about the same work
+whatever the row's length or window (a 128-key window on an 8k cache is not left to one split).
+
+Cache layout: ``k_cache, v_cache: [B, K, S, H]`` — one layer slice of ``gptjax.cache.KVCache``
+(``[L, B, K, S, H]``). Each (b, k) owns S contiguous key rows of H elements, so a block of
+``block_k`` keys is one contiguous ``block_k * H`` run (coalesced loads, no transpose). Passing
+the whole stack with ``layer=l`` (static) reads layer l in place: slicing ``cache.k[l]`` outside
+the kernel would make XLA copy the layer before the custom call.
+
+GQA: the G query heads of one kv head are one [Gp, Hp] tile (Gp = max(16, pow2 >= G), Hp = pow2
+>= H), so each K/V block is read once for all G heads. Triton's ``tl.dot`` needs every dot
+dimension >= 16, hence the padding to 16 rows (the padded rows are zero queries whose output is
+dropped). Non-power-of-two H is handled with masked loads over the head dim.
+
+Kernel backend: Pallas-Triton, selected explicitly with ``pltriton.CompilerParams`` (portable
+across jax 0.10.2 - 0.12; the project's JAX_PALLAS.md notes, §1.5). ``interpret=True`` runs it
+on CPU.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from gptjax.errors import GptjaxError
+
+F32 = jnp.float32
+
+# Score of a masked key inside a block. Finite, so that no inf - inf NaN can appear: a row whose
+# first visited blocks are all masked (prefill rows inside a sliding window) accumulates them
+# with max MASK, and the first visible key rescales that by exp(MASK - m) = 0 exactly.
+MASK_VALUE = float(jnp.finfo(F32).min)
+
+MIN_DOT = 16        # Triton tl.dot: every dimension of a dot must be >= 16
+
+
+def use_kernel() -> bool:
+    """Whether the Pallas path should run: a GPU backend and env ``GPTJAX_KERNELS`` != "ref".
+
+    Wiring is then one line: ``(decode_attention if use_kernel() else decode_attention_ref)(...)``.
+    """
+    return jax.default_backend() == "gpu" and os.environ.get("GPTJAX_KERNELS", "") != "ref"
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def dot_f32(a, b, *, trans_b=False):
+    """2-D a @ b (or a @ b.T) accumulated in float32, usable inside a Triton kernel.
+
+    Precision HIGHEST: the Pallas-Triton lowering turns the default precision into TF32 for
+    float32 operands (jax 0.10.2 - 0.11.2 ``_dot_general_lowering``: DEFAULT is in
+    ``_TF32_PRECISIONS``); HIGHEST gives IEEE float32, and is a no-op for bf16/f16 operands.
+    """
+    dims = (((1,), (1,)), ((), ())) if trans_b else (((1,), (0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST,
+                           preferred_element_type=F32)
+
+
+def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_k, num_splits,
+                   window, head_dim, scale):
+    # len_ref: [] int32; q_ref: [Gp, Hp]; k_ref, v_ref: [S, H]; o_ref: [Gp, Hp] f32;
+    # m_ref, l_ref: [Gp] f32
+    split = pl.program_id(2)
+    S = k_ref.shape[0]
+    Gp, Hp = q_ref.shape
+    length = len_ref[()]
+    hi = jnp.minimum(length, S)                                       # visible keys [lo, hi)
+    lo = jnp.zeros_like(hi) if window is None else jnp.maximum(length - window, 0)
+    n_vis = jnp.maximum(hi - lo, 0)
+    span = pl.cdiv(pl.cdiv(n_vis, num_splits), block_k) * block_k     # whole blocks per split
+    begin = lo + split * span
+    end = jnp.minimum(begin + span, hi)
+    n_blocks = pl.cdiv(jnp.maximum(end - begin, 0), block_k)
+
+    q = q_ref[...]                                                    # [Gp, Hp]
+    h_ok = (jnp.arange(Hp) < head_dim)[None, :]                       # [1, Hp]
+
+    def body(i, carry):
+        acc, m, l = carry
+        start = begin + i * block_k
+        pos = start + jnp.arange(block_k)                             # [bk]
+        valid = pos < end
+        ld_mask = valid[:, None] & h_ok if Hp != head_dim else valid[:, None]
+        idx = (pl.ds(start, block_k), pl.ds(0, Hp))
+        k = pltriton.load(k_ref.at[idx], mask=ld_mask, other=0.0)     # [bk, Hp]
+        v = pltriton.load(v_ref.at[idx], mask=ld_mask, other=0.0)
+        s = dot_f32(q, k, trans_b=True) * scale                       # [Gp, bk]
+        s = jnp.where(valid[None, :], s, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))                    # [Gp]
+        alpha = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + dot_f32(p.astype(v.dtype), v)    # [Gp, Hp]
+        return acc, m_new, l
+
+    init = (jnp.zeros((Gp, Hp), F32), jnp.full((Gp,), -jnp.inf, F32), jnp.zeros((Gp,), F32))
+    acc, m, l = lax.fori_loop(0, n_blocks, body, init)
+    o_ref[...] = acc
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _check(q, k_cache, v_cache, lengths, layer, window, sinks, name):
+    if q.ndim != 3:
+        raise GptjaxError(f"{name}: q must be [B, N, H], got shape {q.shape}")
+    want = 5 if layer is not None else 4
+    if k_cache.ndim != want or v_cache.shape != k_cache.shape:
+        layout = "[L, B, K, S, H] (layer given)" if want == 5 else "[B, K, S, H]"
+        raise GptjaxError(f"{name}: k_cache/v_cache must both be {layout}, got "
+                          f"{k_cache.shape} and {v_cache.shape}")
+    B, N, H = q.shape
+    Bc, K, S, Hc = k_cache.shape[-4:]
+    if Bc != B or Hc != H or N % K:
+        raise GptjaxError(f"{name}: q {q.shape} does not fit cache {k_cache.shape}: need the "
+                          f"same B and H and N divisible by K")
+    if lengths.shape != (B,):
+        raise GptjaxError(f"{name}: lengths must be [B]={B}, got shape {lengths.shape}")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise GptjaxError(f"{name}: window must be None or a static int >= 1, got {window!r}")
+    if sinks is not None and sinks.shape != (N,):
+        raise GptjaxError(f"{name}: sinks must be [N]={N} (one logit per query head), got "
+                          f"{sinks.shape}")
+    if layer is not None and not 0 <= layer < k_cache.shape[0]:
+        raise GptjaxError(f"{name}: layer {layer} out of range for a cache of "
+                          f"{k_cache.shape[0]} layers")
+    return B, N, K, S, H
+
+
+def default_num_splits(B: int, K: int, S: int, block_k: int, target_programs: int = 256) -> int:
+    """Splits so that B * K * splits is about ``target_programs`` (2 waves of an H100's 132 SMs),
+    a power of two, at most one split per ``block_k`` keys of the cache."""
+    want = next_pow2(max(1, -(-target_programs // (B * K))))
+    return max(1, min(want, next_pow2(-(-S // block_k))))
+
+
+@functools.partial(jax.jit, static_argnames=("window", "scale", "block_k", "num_splits",
+                                             "num_warps", "num_stages", "layer", "interpret"))
+def decode_attention(q, k_cache, v_cache, lengths, *, window=None, sinks=None, scale,
+                     block_k=64, num_splits=None, num_warps=4, num_stages=2, layer=None,
+                     interpret=False):
+    """Attention of one new query per row over the KV cache (flash-decoding, Pallas-Triton).
+
+    q: [B, N, H]; k_cache, v_cache: [B, K, S, H] (or the [L, B, K, S, H] stack with static
+    ``layer``), already holding the new token's key/value at position lengths-1;
+    lengths: int32 [B], the number of cache positions of each row (query position lengths-1;
+    values above S are clamped to S); window: None or static int (keys j > p - window only);
+    sinks: None or float [N]; scale: static float (usually 1/sqrt(H)).
+    Tiling: block_k keys per step (power of two >= 16); num_splits spans per row (None:
+    :func:`default_num_splits`); num_warps / num_stages: Triton launch parameters.
+    Returns [B, N, H] in q.dtype. A row with no visible key (lengths 0) returns zeros.
+    """
+    B, N, K, S, H = _check(q, k_cache, v_cache, lengths, layer, window, sinks, "decode_attention")
+    if block_k < MIN_DOT or block_k != next_pow2(block_k):
+        raise GptjaxError(f"decode_attention: {block_k=} must be a power of two >= {MIN_DOT}")
+    P = default_num_splits(B, K, S, block_k) if num_splits is None else int(num_splits)
+    if P < 1:
+        raise GptjaxError(f"decode_attention: {num_splits=} must be >= 1")
+    G = N // K
+    Gp, Hp = max(MIN_DOT, next_pow2(G)), max(MIN_DOT, next_pow2(H))
+    dtype = k_cache.dtype
+    qp = q.astype(dtype).reshape(B, K, G, H)
+    qp = jnp.pad(qp, ((0, 0), (0, 0), (0, Gp - G), (0, Hp - H)))     # [B, K, Gp, Hp]
+
+    if layer is None:
+        kv_spec = pl.BlockSpec((None, None, S, H), lambda b, k, s: (b, k, 0, 0))
+    else:
+        kv_spec = pl.BlockSpec((None, None, None, S, H), lambda b, k, s: (layer, b, k, 0, 0))
+    kernel = functools.partial(_decode_kernel, block_k=block_k, num_splits=P, window=window,
+                               head_dim=H, scale=float(scale))
+    o, m, l = pl.pallas_call(
+        kernel,
+        grid=(B, K, P),
+        in_specs=[
+            pl.BlockSpec((None,), lambda b, k, s: (b,)),
+            pl.BlockSpec((None, None, Gp, Hp), lambda b, k, s: (b, k, 0, 0)),
+            kv_spec,
+            kv_spec,
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, Gp, Hp), lambda b, k, s: (b, k, s, 0, 0)),
+            pl.BlockSpec((None, None, None, Gp), lambda b, k, s: (b, k, s, 0)),
+            pl.BlockSpec((None, None, None, Gp), lambda b, k, s: (b, k, s, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, K, P, Gp, Hp), F32),
+            jax.ShapeDtypeStruct((B, K, P, Gp), F32),
+            jax.ShapeDtypeStruct((B, K, P, Gp), F32),
+        ],
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="decode_attention",
+    )(lengths.astype(jnp.int32), qp, k_cache, v_cache)
+    return combine_splits(o, m, l, sinks, G, H).reshape(B, N, H).astype(q.dtype)
+
+
+def combine_splits(o, m, l, sinks, G, H):
+    """Merge split partials o f32 [B, K, P, Gp, Hp], m, l f32 [B, K, P, Gp] → f32 [B, K, G, H].
+
+    M = max(max_s m_s, sink); out = sum_s e^(m_s - M) o_s / (sum_s e^(m_s - M) l_s + e^(sink - M)).
+    Empty splits have m = -inf and weigh exactly 0; a row with nothing visible and no sink has
+    M = -inf, which is replaced by 0 so that it yields 0 / 0 → 0 rather than NaN.
+    """
+    K, Gp = o.shape[1], o.shape[3]
+    M = jnp.max(m, axis=2)                                            # [B, K, Gp]
+    if sinks is not None:
+        sink = jnp.pad(sinks.astype(F32).reshape(K, G), ((0, 0), (0, Gp - G)))   # [K, Gp]
+        M = jnp.maximum(M, sink[None])
+    M = jnp.where(jnp.isfinite(M), M, 0.0)
+    w = jnp.exp(m - M[:, :, None, :])                                 # [B, K, P, Gp]
+    denom = jnp.sum(w * l, axis=2)                                    # [B, K, Gp]
+    if sinks is not None:
+        denom = denom + jnp.exp(sink[None] - M)
+    num = jnp.sum(w[..., None] * o, axis=2)                           # [B, K, Gp, Hp]
+    out = num / jnp.where(denom == 0, 1.0, denom)[..., None]
+    return out[:, :, :G, :H]
+
+
+def _einsum_f32(eq, a, b):
+    """einsum accumulated in float32 for the references.
+
+    On CPU 16-bit operands are upcast first (exact; XLA:CPU lacks some bf16 x bf16 -> f32 dots,
+    see ``gptjax.models.layers.einsum_f32``). float32 operands get precision HIGHEST, else XLA
+    on a GPU may round them to TF32 and the reference would be the less exact side.
+    """
+    if jax.default_backend() == "cpu":
+        a = a.astype(F32) if a.dtype in (jnp.bfloat16, jnp.float16) else a
+        b = b.astype(F32) if b.dtype in (jnp.bfloat16, jnp.float16) else b
+    precision = lax.Precision.HIGHEST if F32 in (a.dtype, b.dtype) else None
+    return jnp.einsum(eq, a, b, preferred_element_type=F32, precision=precision)
+
+
+@functools.partial(jax.jit, static_argnames=("window", "scale", "block_k", "num_splits",
+                                             "num_warps", "num_stages", "layer", "interpret"))
+def decode_attention_ref(q, k_cache, v_cache, lengths, *, window=None, sinks=None, scale,
+                         block_k=64, num_splits=None, num_warps=4, num_stages=2, layer=None,
+                         interpret=False):
+    """Plain-jnp twin of :func:`decode_attention` (same signature; tiling arguments ignored).
+
+    Scores and softmax in float32; the probabilities are cast to the value dtype for the second
+    matmul, accumulated in float32 (as ``gptjax.models.layers.attention``). Rows with no
+    visible key return zeros.
+    """
+    del block_k, num_splits, num_warps, num_stages, interpret
+    B, N, K, S, H = _check(q, k_cache, v_cache, lengths, layer, window, sinks,
+                           "decode_attention_ref")
+    if layer is not None:
+        k_cache, v_cache = k_cache[layer], v_cache[layer]
+    G = N // K
+    qg = q.astype(k_cache.dtype).reshape(B, K, G, H)
+    s = _einsum_f32("bkgh,bksh->bkgs", qg, k_cache) * scale          # [B, K, G, S]
+    j = jnp.arange(S)[None, :]                                        # [1, S]
+    p = lengths.astype(jnp.int32)[:, None] - 1                        # [B, 1]
+    visible = j <= p
+    if window is not None:
+        visible = visible & (j > p - window)
+    s = jnp.where(visible[:, None, None, :], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)                            # [B, K, G, 1]
+    if sinks is not None:
+        sink = sinks.astype(F32).reshape(1, K, G, 1)
+        m = jnp.maximum(m, sink)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(s - m)
+    denom = jnp.sum(e, axis=-1, keepdims=True)
+    if sinks is not None:
+        denom = denom + jnp.exp(sink - m)
+    probs = e / jnp.where(denom == 0, 1.0, denom)
+    out = _einsum_f32("bkgs,bksh->bkgh", probs.astype(v_cache.dtype), v_cache)
+    return out.reshape(B, N, H).astype(q.dtype)
