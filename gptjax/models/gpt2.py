@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from gptjax.models.layers import F32, add_layer_norm, attention, embed, gelu, layer_norm, linear
+from gptjax.models.layers import F32, add_layer_norm, cache_attention, embed, gelu, layer_norm, linear
 
 
 def param_shapes(config) -> dict[str, tuple[int, ...]]:
@@ -85,7 +85,7 @@ def _block(p, x, cache, layer, positions, config, dtype):
     k = qkv[..., N * H : (N + K) * H].reshape(B, T, K, H)
     v = qkv[..., (N + K) * H :].reshape(B, T, K, H)
     cache = cache.write(layer, k, v, positions)
-    a = attention(q, cache.k[layer], cache.v[layer], positions, scale=H ** -0.5)  # [B, T, N, H]
+    a = cache_attention(q, cache, layer, positions, scale=H ** -0.5)  # [B, T, N, H]
     a = linear(a.reshape(B, T, N * H), p["attn_output"]["weight"], p["attn_output"]["bias"],
                out_dtype=F32)                                              # [B, T, D]
 

@@ -306,3 +306,29 @@ def attention(q, k_cache, v_cache, q_positions, *, window=None, sinks=None, scal
     probs = e / denom
     out = einsum_f32("bkgts,bksh->btkgh", probs.astype(v_cache.dtype), v_cache)  # [B,T,K,G,H]
     return out.reshape(B, T, N, H).astype(q.dtype)
+
+
+def cache_attention(q, cache, layer: int, q_positions, *, window=None, sinks=None, scale):
+    """Attention of T new queries over layer ``layer`` of ``cache`` (gptjax.cache.KVCache), already
+    holding the new keys/values; the one call site the models use.
+
+    Picks the implementation: on a GPU (and unless env ``GPTJAX_KERNELS=ref``) the Pallas kernels,
+    flash-decoding for T = 1 (pallas_kernels.decode_attention) and flash attention for T > 1
+    (pallas_kernels.prefill_attention), which read the layer in place from the [L, B, K, S, H]
+    stack; elsewhere (CPU, or forced) the plain-jnp :func:`attention`, their reference.  Same
+    math, same shapes: q [B, T, N, H] with contiguous positions q_positions [B, T]; returns
+    [B, T, N, H] in q.dtype.  ``window`` must be a Python int or None on the kernel path.
+    """
+    from pallas_kernels import decode_attention as dk
+
+    if dk.use_kernel():
+        if q.shape[1] == 1:
+            out = dk.decode_attention(q[:, 0], cache.k, cache.v, q_positions[:, 0] + 1, layer=layer,
+                                      window=window, sinks=sinks, scale=float(scale))
+            return out[:, None].astype(q.dtype)
+        from pallas_kernels.prefill_attention import prefill_attention
+
+        out = prefill_attention(q, cache.k, cache.v, q_positions[:, 0], layer=layer, window=window,
+                                sinks=sinks, scale=float(scale))
+        return out.astype(q.dtype)
+    return attention(q, cache.k[layer], cache.v[layer], q_positions, window=window, sinks=sinks, scale=scale)

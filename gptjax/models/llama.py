@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from gptjax.models.layers import (F32, add_rms_norm, apply_rope, attention, embed, linear,
+from gptjax.models.layers import (F32, add_rms_norm, apply_rope, cache_attention, embed, linear,
                                   rms_norm, rope_cos_sin, rope_frequencies, swiglu, unembed)
 
 __all__ = ["param_shapes", "forward", "unembed", "Llama"]
@@ -90,8 +90,8 @@ def _block(p, x, cache, layer, positions, cos, sin, config, dtype):
     k = apply_rope(k, cos, sin, config.rope_type)                          # [B, T, K, H]
     cache = cache.write(layer, k, v, positions)
     window = config.sliding_window if config.sliding_window_pattern[layer] else None
-    a = attention(q, cache.k[layer], cache.v[layer], positions, window=window,
-                  scale=H ** -0.5)                                         # [B, T, N, H]
+    a = cache_attention(q, cache, layer, positions, window=window,
+                        scale=H ** -0.5)                                   # [B, T, N, H]
     a = _lin(p, "attn_output", a.reshape(B, T, N * H), out_dtype=F32)      # [B, T, D]
 
     x, h = add_rms_norm(x, a, p["ffn_norm"]["weight"], config.norm_eps, out_dtype=dtype)
