@@ -149,3 +149,11 @@ def test_cli_errors_are_one_line(tmp_path):
     assert len(err) == 1 and str(bad) in err[0] and "Traceback" not in proc.stderr
     proc = _cli("generate", "-m", str(tmp_path / "missing.gguf"), "-p", "hi")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["generate.py", "stream.py", "batch.py"])
+def test_examples_run(tiny, script):
+    ex = Path(__file__).resolve().parents[1] / "examples" / script
+    proc = subprocess.run([sys.executable, str(ex), tiny[1]], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tok/s" in proc.stdout
