@@ -140,7 +140,8 @@ def test_mxfp4_experts_stay_packed(loaded, tiny):
             for part in path.split("."):
                 ga = ga[int(part)] if part.isdigit() else ga[part]
                 oa = oa[int(part)] if part.isdigit() else oa[part]
-            np.testing.assert_array_equal(np.asarray(ga), np.asarray(oa))
+            # (GGUF Q8_0 matrices stay packed off CPU: compare decoded values)
+            np.testing.assert_array_equal(np.asarray(to_dense(ga, jnp.float32)), np.asarray(oa))
 
 
 def test_fused_gate_up_gguf_loads_the_same_tree(loaded):
@@ -175,7 +176,9 @@ def test_dense_path_equals_packed_path(loaded, toks):
 
 def test_bfloat16_compute(files, toks, ref):
     """bf16 matrices, activations and cache (the GPU default) stay close to the float32
-    reference: 8-bit mantissas, ~4e-3 per rounding, through 4 layers (measured 3.4e-2)."""
+    reference: 8-bit mantissas, ~4e-3 per rounding, through 4 layers. Measured 3.4e-2 on CPU,
+    2.8e-2 on an H200 with GPTJAX_KERNELS=ref, but 9.1e-2 there with the Pallas attention
+    kernels (sinks + window), which this bound then flags (f32 agrees to 1.5e-6 on both)."""
     gf = read_gguf(files["gguf"])
     config = ModelConfig.from_gguf(gf)
     params = load_params_gguf(gf, config, jnp.bfloat16)

@@ -13,7 +13,8 @@ Graph (MODEL_FORMATS.md §1, §2.5; OpenAI gpt_oss/torch/model.py; transformers
         x = x + MoE(h)                                             models/moe.py
     logits = RMSNorm(x; output_norm) @ output.T                    untied, no bias
 
-Attention (gptjax.models.layers.attention): scale 1/sqrt(H); one learned sink logit per *query*
+Attention (gptjax.models.layers.cache_attention: Pallas flash kernels on GPU, the plain-jnp
+``attention`` elsewhere): scale 1/sqrt(H); one learned sink logit per *query*
 head joins the softmax denominator, ``p_j = exp(s_j) / (exp(sink_n) + sum_i exp(s_i))``;
 layers with ``config.layer_is_sliding(l)`` (even layers for gpt-oss) see only the last
 ``config.sliding_window`` positions (the query's own included), odd layers are full causal.
@@ -48,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from gptjax.models.layers import (F32, add_rms_norm, apply_rope, attention, embed, linear,
+from gptjax.models.layers import (F32, add_rms_norm, apply_rope, cache_attention, embed, linear,
                                   rms_norm, rope_cos_sin, rope_frequencies, unembed)
 from gptjax.models.moe import moe
 
@@ -102,8 +103,8 @@ def _block(p, x, cache, layer, positions, cos, sin, config, dtype):
         k = apply_rope(k, cos, sin, config.rope_type)                      # [B, T, K, H]
         cache = cache.write(layer, k, v, positions)
         window = config.sliding_window if config.layer_is_sliding(layer) else None
-        a = attention(q, cache.k[layer], cache.v[layer], positions, window=window,
-                      sinks=p["attn_sinks"]["weight"], scale=H ** -0.5)    # [B, T, N, H]
+        a = cache_attention(q, cache, layer, positions, window=window,
+                            sinks=p["attn_sinks"]["weight"], scale=H ** -0.5)  # [B, T, N, H]
         a = _lin(p, "attn_output", a.reshape(B, T, N * H), out_dtype=F32)  # [B, T, D]
 
     with jax.named_scope("moe"):
