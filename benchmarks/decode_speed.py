@@ -58,6 +58,9 @@ def measure(gf, config, mode: str, dtype, batches, runs, new_tokens, rng):
         rates = [gen.generate(prompts(), max_new_tokens=new_tokens).stats.decode_tokens_per_s for _ in range(runs)]
         out[f"decode_b{b}"] = statistics.median(rates)
         out[f"compile_b{b}"] = compile_s
+        print(f"[{mode}] batch {b}: first call (compile + run) {compile_s:.1f} s, decode "
+              f"{out[f'decode_b{b}']:,.1f} tok/s, weights {out['weight_bytes'] / 2**30:.2f} GiB, "
+              f"load {load_s:.1f} s, peak {peak_bytes()}", flush=True)
 
     T = 512
 
@@ -68,7 +71,9 @@ def measure(gf, config, mode: str, dtype, batches, runs, new_tokens, rng):
 
     prefill = jax.jit(prefill_fn)
     toks = [jnp.asarray(rng.integers(0, config.vocab_size, (1, T)), jnp.int32) for _ in range(runs + 1)]
+    t0 = time.perf_counter()
     jax.block_until_ready(prefill(params, toks[0]))
+    print(f"[{mode}] pp512 compile + first run {time.perf_counter() - t0:.1f} s", flush=True)
     times = []
     for t in toks[1:]:
         t0 = time.perf_counter()
@@ -84,7 +89,7 @@ def main():
     ap = argparse.ArgumentParser()
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--file")
-    src.add_argument("--synthetic", choices=["smollm2", "gpt-oss-20b"])
+    src.add_argument("--synthetic", choices=["smollm2", "gpt-oss-20b", "gpt-oss-toy"])
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--new", type=int, default=128)
@@ -101,8 +106,10 @@ def main():
             t0 = time.perf_counter()
             synthetic_gguf.write(args.synthetic, path)
             print(f"wrote {path} in {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
     gf = read_gguf(path)
     config = ModelConfig.from_gguf(gf)
+    print(f"metadata + config: {time.perf_counter() - t0:.2f} s ({len(gf.tensors)} tensors)", flush=True)
     dtype = jnp.dtype(args.dtype) if args.dtype else jnp.dtype(default_dtype())
     batches = [int(b) for b in args.batches.split(",")]
     rng = np.random.default_rng(0)

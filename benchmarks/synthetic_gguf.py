@@ -40,6 +40,11 @@ METADATA = {
         "gpt-oss.vocab_size": 201088,
     },
 }
+# The 20b layout at toy sizes: a CPU smoke test of the benchmark before spending device time.
+METADATA["gpt-oss-toy"] = {**METADATA["gpt-oss-20b"], "gpt-oss.block_count": 2, "gpt-oss.embedding_length": 256,
+                           "gpt-oss.feed_forward_length": 256, "gpt-oss.expert_feed_forward_length": 256,
+                           "gpt-oss.attention.head_count": 8, "gpt-oss.attention.head_count_kv": 2,
+                           "gpt-oss.vocab_size": 1024, "gpt-oss.context_length": 4096}
 
 TIED = {"smollm2"}
 
@@ -50,6 +55,7 @@ _GPT_OSS_Q8 = {"token_embd.weight", "output.weight", "attn_q.weight", "attn_k.we
 TYPES = {
     "smollm2": lambda role: T.Q8_0 if role == "token_embd.weight" else T.F32 if "norm" in role else T.Q4_1,
     # ggml-org's gpt-oss-20b GGUF: MXFP4 experts, Q8_0 attention/embeddings/output, F32 rest.
+    "gpt-oss-toy": lambda role: (T.MXFP4 if role.endswith("_exps.weight") else T.Q8_0 if role in _GPT_OSS_Q8 else T.F32),
     "gpt-oss-20b": lambda role: (T.MXFP4 if role.endswith("_exps.weight") else T.Q8_0 if role in _GPT_OSS_Q8 else T.F32),
 }
 
