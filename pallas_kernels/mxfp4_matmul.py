@@ -1,0 +1,803 @@
+"""MXFP4 matmuls with the dequantization fused in registers (Pallas, Triton backend).
+
+Math.  ``y[m, o] = sum_i x[m, i] * w[o, i] (+ b[o])`` with ``w`` stored as ggml ``block_mxfp4``
+(MODEL_FORMATS.md §3.3; ggml-common.h, gguf-py ``quants.MXFP4``): one 17-byte block per 32 inputs,
+``[u8 e][u8 qs[16]]``; byte j of qs holds element j (low nibble) and element j + 16 (high nibble);
+``w = kvalues[c] * 2^(e - 128)`` with ``kvalues = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, ..., -12]``
+(the E2M1 table doubled).  Accumulation is float32; the result is float32 ``[..., O]``.
+
+Weight layouts accepted (decoded by the same kernel code; ``I = 32 G``):
+
+* ggml bytes as the GGUF file stores them, ``uint8[O, G * 17]`` (``PackedWeight.data``; a
+  ``PackedWeight`` itself is accepted too).  No preparation, but the 17-byte stride leaves 1-byte
+  alignment: the GPU reads them with byte loads (~2x the instructions of the repacked layout in
+  the decode kernel, measured in SASS).
+* :class:`Mxfp4Weights` from :func:`repack_mxfp4`, done once at load time (recommended on GPU):
+  the same 16 code bytes per block, ``qs uint8[O, G, 16]``, and the scale bytes split off,
+  ``scales uint8[O, G]``.  Same 17 bytes per 32 weights; rows of qs are 16-byte aligned (16-byte
+  vector loads).  The nibble order inside a block is unchanged: a pure byte shuffle, exact by
+  construction (tested against ``quant.dequantize``).
+
+Why keep ggml's nibble order (low nibble = element j, high = j + 16) instead of OpenAI's
+interleaved one: the kernels never interleave.  A K step covers ``gt`` whole blocks; the low
+nibbles of the tile are the inputs ``32 g + j``, the high nibbles ``32 g + 16 + j``, so x is read
+as two views (x viewed as ``[M, G, 2, 16]``, halves 0 and 1) and a step is two half-width dots
+(or products).  No in-register shuffle, no gather.
+
+In-register decode (Triton has no gather, so no lookup table; JAX_PALLAS.md §1.2, §7), exact, no
+select: each nibble's bits go into an IEEE half, magnitude ``c & 7`` at bits 9..11 and sign at
+bit 15, which is exactly ``FP4[c] * 2^-14`` for all 16 codes because E2M1's subnormals (0, 0.5)
+land on f16's subnormals (:func:`_fp4_scaled_pair`; both nibbles of a byte from one uint32 with
+two multiplies and two masks).  f16 -> f32 is exact.  The block scale ``2^(e - 128)`` (ggml
+``ggml_e8m0_to_fp32_half``) times the ``2^15`` that turns ``FP4 * 2^-14`` into ``kvalues`` is
+applied as two normal float32 powers of two, ``2^(min(e,240) - 113) * 2^(max(e,240) - 240)``
+(:func:`_e8m0_split`), so every factor is exact and no denormal is ever formed.
+
+Numerics per kernel mode:
+
+* ``"dot"`` (prefill, and decode with more than :data:`GEMV_MAX_ROWS` rows): the weights are
+  decoded exactly -- bit-identical to ``quant.dequantize_mxfp4`` / ``gguf.quants.dequantize`` for
+  every code and every scale byte 2..255 (tested exhaustively, in and out of the kernel), except
+  that code 8 gives -0.0 where ggml's int8 table gives +0 -- rounded to the compute dtype
+  ``x.dtype`` (a no-op for bf16 and f32: every MXFP4 value has <= 2 significant bits) and fed to
+  tensor-core dots with float32 accumulation (bf16 x bf16, or IEEE float32 for float32 x:
+  ``Precision.HIGHEST``, no TF32).  That is the XLA reference path (``gptjax.packed.linear``) up to
+  summation order.  Scale bytes 0 and 1 give ggml's denormals (|w| <= 12 * 2^-127); a
+  flush-to-zero multiply (XLA:CPU, possibly the GPU) returns 0 there.
+* ``"gemv"`` (decode, M <= GEMV_MAX_ROWS): per block and row, ``s = sum_j (FP4[c_j] 2^-14) x_j``
+  over the block's 32 inputs (an in-thread reduction: a block's 16 code bytes sit in one
+  thread), then ``acc += s * 2^(e - 113)``.  Mathematically the same sum (a power of two factors
+  out); only the float32 rounding order differs.  It saves two multiplies per weight, which
+  matters because decode is bound by instruction issue as much as by bandwidth (below).
+
+Kernels and tiling (all ``pl.pallas_call`` with explicit ``pltriton.CompilerParams``, so the
+Triton backend is used on jax 0.10 .. 0.12; power-of-two tiles; ragged edges of M, O and of the
+block count G are masked loads/stores, so any M, O and any I = 32 G work, e.g. 2880 = 90 blocks):
+
+* dense ``"gemv"``: one program per (block of ``block_n`` output rows, K split), all M rows in the
+  program, a float32 accumulator ``[block_n, gt]`` per row, reduced once at the end.
+* dense ``"dot"``: tiles ``[block_m, block_n]``; per K step the decoded tile is cast to the
+  compute dtype and two dots are accumulated (``block_m, block_n >= 16``: Triton's minimum).
+* split-K (``k_splits``, decode only): when the output tiles alone give fewer than
+  :data:`TARGET_PROGRAMS` programs (O = 2880 or 512 at one row: 90 or 16 tiles for 132 SMs), K is
+  split across programs, each writing a float32 partial ``[S, M, O]`` that XLA sums (and adds the
+  bias to) afterwards.
+* MoE (:func:`mxfp4_moe_matmul`): ``"pairs"`` (decode: one GEMV program per (token, slot) pair
+  and block of output rows, reading only that pair's expert) or ``"grouped"`` (prefill: the T*k
+  routed rows sorted by expert (:func:`moe_tiles`), tiles of ``block_m`` rows of one expert, one
+  dot program per (tile, block of output rows); unused tiles of the static bound exit at once).
+
+What the compiled code looks like (Triton 3.6 offline on this TTIR, sm_90a SASS, no spills):
+decode GEMV with repacked weights ~6.3 instructions per weight (vs ~12.4 on ggml bytes); an
+H100 SM issues 128 thread-instructions per clock and must consume ~21 MXFP4 weights per clock to
+stream 2.6 TB/s, so the decode kernel sits near the issue limit (expect ~60-80 % of bandwidth
+at best).  Prefill uses wgmma (``HGMMA.64x64x16``) fed from registers after the decode, with
+cp.async-pipelined loads.
+
+``*_ref`` twins: plain jnp with the same signatures (tiling arguments accepted and ignored),
+decoding with ``gptjax.quant.dequantize_mxfp4`` then one ``dot_general`` (the XLA reference path).
+
+Sources: ggml ``dequantize_row_mxfp4``, ``ggml_e8m0_to_fp32_half`` (ggml-quants.c, ggml-impl.h);
+OCP Microscaling Formats v1.0; Triton/Pallas restrictions from jax ``pallas/triton/lowering.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from gptjax.errors import WeightsError
+from gptjax.quant import dequantize_mxfp4
+
+__all__ = [
+    "Mxfp4Weights",
+    "repack_mxfp4",
+    "unpack_mxfp4",
+    "mxfp4_matmul",
+    "mxfp4_matmul_ref",
+    "mxfp4_moe_matmul",
+    "mxfp4_moe_matmul_ref",
+    "fp4_kvalues",
+    "e8m0_half",
+    "use_kernel",
+    "Plan",
+    "plan_dense",
+    "GEMV_MAX_ROWS",
+    "TARGET_PROGRAMS",
+]
+
+F32 = jnp.float32
+QK = 32                 # elements per MXFP4 block
+BLOCK_BYTES = 17        # bytes per block: 1 scale + 16 code bytes
+MXFP4_TYPE = 39         # gguf.GGMLQuantizationType.MXFP4
+
+#: Streaming multiprocessors of the target card (H100 SXM: 132).  Only used to size grids.
+SM_COUNT = 132
+#: Split K until the grid has at least this many programs (two waves of the SMs).
+TARGET_PROGRAMS = 2 * SM_COUNT
+#: Dense matmuls with at most this many rows use the elementwise GEMV kernel, more use dots.
+GEMV_MAX_ROWS = 4
+
+
+def use_kernel() -> bool:
+    """Whether callers should take the Pallas kernels: a GPU backend, and the environment
+    variable ``GPTJAX_KERNELS`` is not ``"ref"`` (set it to force the XLA reference path)."""
+    return jax.default_backend() == "gpu" and os.environ.get("GPTJAX_KERNELS", "") != "ref"
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts
+# ---------------------------------------------------------------------------------------------
+
+class Mxfp4Weights(NamedTuple):
+    """MXFP4 weights in the kernel layout (a pytree: jit traces both arrays).
+
+    ``qs``: uint8 ``[..., O, G, 16]``, the 16 code bytes of each ggml block, unchanged (byte j:
+    element ``32 g + j`` in the low nibble, ``32 g + 16 + j`` in the high nibble).
+    ``scales``: uint8 ``[..., O, G]``, the E8M0 byte of each block (``2^(e - 128)`` with the
+    doubled table, ggml convention).  Logical weight shape ``[..., O, 32 G]``.
+    """
+
+    qs: Any
+    scales: Any
+
+
+def _xp(a):
+    return jnp if isinstance(a, jax.Array) else np
+
+
+def repack_mxfp4(w_data) -> Mxfp4Weights:
+    """ggml MXFP4 bytes ``uint8[..., O, G * 17]`` -> :class:`Mxfp4Weights` (``qs [..., O, G, 16]``,
+    ``scales [..., O, G]``).  A byte shuffle (exact); numpy in, numpy out; jax in, jax out."""
+    xp = _xp(w_data)
+    w = w_data if xp is jnp else np.asarray(w_data)
+    if w.dtype != np.uint8 or w.ndim < 2 or w.shape[-1] % BLOCK_BYTES:
+        raise WeightsError(f"repack_mxfp4: expected ggml MXFP4 bytes uint8[..., O, G*17], got "
+                           f"{w.dtype}{list(w.shape)}")
+    g = w.shape[-1] // BLOCK_BYTES
+    b = w.reshape(*w.shape[:-1], g, BLOCK_BYTES)
+    qs, sc = b[..., 1:], b[..., 0]
+    if xp is np:
+        qs, sc = np.ascontiguousarray(qs), np.ascontiguousarray(sc)
+    return Mxfp4Weights(qs, sc)
+
+
+def unpack_mxfp4(w: Mxfp4Weights):
+    """Inverse of :func:`repack_mxfp4`: ggml bytes ``uint8[..., O, G * 17]``."""
+    xp = _xp(w.qs)
+    b = xp.concatenate([w.scales[..., None], w.qs], axis=-1)               # [..., O, G, 17]
+    return b.reshape(*b.shape[:-2], b.shape[-2] * BLOCK_BYTES)
+
+
+@dataclasses.dataclass(frozen=True)
+class _W:
+    """A parsed weight argument: layout, the arrays handed to the kernel, and sizes."""
+    layout: str              # "ggml" (one array [..., O, G, 17]) or "split" (qs, scales)
+    arrays: tuple
+    lead: tuple              # leading (expert) dims
+    O: int
+    G: int
+
+    @property
+    def I(self) -> int:
+        return self.G * QK
+
+    def static(self) -> _W:
+        """The same description without the arrays (what the kernel closure may hold)."""
+        return dataclasses.replace(self, arrays=(None,) * len(self.arrays))
+
+
+def _parse_weights(w, n_lead: int, fn: str) -> _W:
+    """Accept ggml bytes (array or PackedWeight) or Mxfp4Weights with ``n_lead`` leading dims."""
+    if isinstance(w, Mxfp4Weights):
+        qs, sc = jnp.asarray(w.qs), jnp.asarray(w.scales)
+        ok = (qs.dtype == jnp.uint8 and sc.dtype == jnp.uint8 and qs.ndim == n_lead + 3
+              and qs.shape[-1] == 16 and qs.shape[:-1] == sc.shape)
+        if not ok:
+            raise WeightsError(f"{fn}: Mxfp4Weights must be qs uint8[{'E, ' * n_lead}O, G, 16] and "
+                               f"scales uint8[{'E, ' * n_lead}O, G]; got qs {qs.dtype}"
+                               f"{list(qs.shape)}, scales {sc.dtype}{list(sc.shape)}")
+        return _W("split", (qs, sc), tuple(qs.shape[:n_lead]), qs.shape[-3], qs.shape[-2])
+    t = getattr(w, "ggml_type", None)
+    if t is not None and int(t) != MXFP4_TYPE:
+        raise WeightsError(f"{fn}: packed weight of ggml type {int(t)}, expected MXFP4 (39)")
+    data = jnp.asarray(getattr(w, "data", w))
+    if data.dtype != jnp.uint8 or data.ndim != n_lead + 2 or data.shape[-1] % BLOCK_BYTES:
+        raise WeightsError(f"{fn}: expected ggml MXFP4 bytes uint8[{'E, ' * n_lead}O, G*17], got "
+                           f"{data.dtype}{list(data.shape)}")
+    g = data.shape[-1] // BLOCK_BYTES
+    blocks = data.reshape(*data.shape[:-1], g, BLOCK_BYTES)
+    return _W("ggml", (blocks,), tuple(data.shape[:n_lead]), data.shape[-2], g)
+
+
+def _dense_weights(w: _W) -> jax.Array:
+    """Exact float32 ``[..., O, I]`` of a parsed weight (reference path)."""
+    if w.layout == "ggml":
+        blocks = w.arrays[0]
+    else:
+        qs, sc = w.arrays
+        blocks = jnp.concatenate([sc[..., None], qs], axis=-1)
+    return dequantize_mxfp4(blocks).reshape(*blocks.shape[:-2], w.I)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact in-register decode (plain jnp on uint32: lowers to Triton integer ops and one bitcast)
+# ---------------------------------------------------------------------------------------------
+
+def _fp4_scaled_pair(qs):
+    """Code bytes uint8 [...] -> float32 (low nibble, high nibble) values ``FP4[c] * 2^-14``.
+
+    Each nibble's bits are placed into an IEEE half: magnitude ``c & 7`` at bits 9..11 (the
+    E2M1 exponent becomes the low 2 bits of the f16 exponent, its mantissa bit the top f16
+    mantissa bit), sign ``c & 8`` at bit 15.  E2M1's subnormals (exponent 0: values 0 and 0.5)
+    land on f16's subnormals, so the half is exactly ``FP4[c] * 2^-14`` for all 16 codes and the
+    conversion to float32 is exact.  Code 8 gives -0.0 (ggml's int8 table has +0; OpenAI's FP4
+    table -0.0): equal as numbers.
+
+    Both halves of a byte are built at once in one uint32 (low nibble -> bits 0..15, high
+    nibble -> bits 16..31): ``b * (2^9 + 2^21)`` puts copies of the byte at bits 9 and 21 (no
+    overlap, so no carries), masking ``0x0E000E00`` keeps the two magnitudes; ``b * (2^12 +
+    2^24)`` masked with ``0x80008000`` gives the two signs.  No table, no select.
+    """
+    b = qs.astype(jnp.uint32)
+    bits = (((b * np.uint32(0x00200200)) & np.uint32(0x0E000E00))
+            | ((b * np.uint32(0x01001000)) & np.uint32(0x80008000)))
+    lo = lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.float16).astype(F32)
+    hi = lax.bitcast_convert_type((bits >> 16).astype(jnp.uint16), jnp.float16).astype(F32)
+    return lo, hi
+
+
+def fp4_kvalues(codes: jax.Array) -> jax.Array:
+    """E2M1 codes (integers 0..15) -> float32 ggml ``kvalues`` (the doubled E2M1 table 0, 1, 2,
+    3, 4, 6, 8, 12, -0, -1, ..., -12), exactly: ``FP4[c] * 2^-14`` (:func:`_fp4_scaled_pair`)
+    times ``2^15``."""
+    lo, _ = _fp4_scaled_pair(codes.astype(jnp.uint8) & np.uint8(0x0F))
+    return lo * np.float32(2.0 ** 15)
+
+
+def _pow2_bits(n):
+    """float32 ``2^(n - 127)`` for uint32 n in 1..254 (a normal power of two)."""
+    return lax.bitcast_convert_type(n << 23, F32)
+
+
+def e8m0_half(e: jax.Array) -> jax.Array:
+    """E8M0 scale bytes -> float32 ``2^(e - 128)`` exactly as ggml ``ggml_e8m0_to_fp32_half``:
+    bits ``(e - 1) << 23`` for e >= 2, the denormals ``0x00200000 << e`` for e < 2."""
+    e = e.astype(jnp.uint32)
+    bits = jnp.where(e < 2, np.uint32(0x00200000) << jnp.minimum(e, np.uint32(1)),
+                     (e - np.uint32(1)) << 23)
+    return lax.bitcast_convert_type(bits, F32)
+
+
+def _e8m0_split(e):
+    """Scale bytes -> two normal float32 powers of two whose product is ``2^15 * 2^(e - 128) =
+    2^(e - 113)`` (the factor that turns ``FP4 * 2^-14`` into ``kvalues * 2^(e - 128)``):
+    ``2^(min(e, 240) - 113)`` and ``2^(max(e, 240) - 240)``.  Both are normal for every byte
+    (2^-113 .. 2^127 and 1 .. 2^15), so no denormal is ever formed (immune to flush-to-zero)."""
+    e = e.astype(jnp.uint32)
+    lo = _pow2_bits(jnp.minimum(e, np.uint32(240)) + np.uint32(14))
+    hi = _pow2_bits(jnp.maximum(e, np.uint32(240)) - np.uint32(113))
+    return lo, hi
+
+
+def _decode_tile(qs, e):
+    """qs uint8 [..., 16], e uint8 [...] -> float32 (low, high) [..., 16]: the exact weights of
+    elements j and j + 16, ``kvalues[c] * 2^(e - 128)``.
+
+    ``(FP4[c] * 2^-14) * 2^(min(e,240) - 113) * 2^(max(e,240) - 240)``: every factor is exact and
+    each multiply is by a normal power of two, so the result is exact unless it overflows (+-inf,
+    as in ggml) or falls below the float32 normal range (e <= 1 only: ggml's denormal results,
+    which a flush-to-zero multiply turns into 0).
+    """
+    d1, d2 = _e8m0_split(e)
+    d1, d2 = d1[..., None], d2[..., None]
+    lo, hi = _fp4_scaled_pair(qs)
+    return lo * d1 * d2, hi * d1 * d2
+
+
+# ---------------------------------------------------------------------------------------------
+# In-kernel helpers
+# ---------------------------------------------------------------------------------------------
+
+def _iota(n):
+    return lax.broadcasted_iota(jnp.int32, (n,), 0)
+
+
+def _ix(i):
+    """A static int index as an int32 scalar array (interpret mode's discharge rules need a
+    ``.shape`` on every non-slice index; Triton lowers either the same way)."""
+    return jnp.int32(i) if isinstance(i, int) else i
+
+
+def _load_w_tile(w: _W, w_refs, lead, row0, bn, g0, gt):
+    """Code bytes uint8 [bn, gt, 16] and scale bytes uint8 [bn, gt] of output rows
+    ``row0 + [0, bn)`` and blocks ``g0 + [0, gt)``; out-of-range rows/blocks read as code 0."""
+    ok = ((row0 + _iota(bn)) < w.O)[:, None] & ((g0 + _iota(gt)) < w.G)[None, :]   # [bn, gt]
+    r, g = pl.ds(row0, bn), pl.ds(g0, gt)
+    if w.layout == "ggml":
+        (ref,) = w_refs                                                     # [..., O, G, 17]
+        qs = pltriton.load(ref.at[(*lead, r, g, pl.ds(1, 16))], mask=ok[:, :, None], other=0)
+        e = pltriton.load(ref.at[(*lead, r, g, _ix(0))], mask=ok, other=128)
+    else:
+        qs_ref, sc_ref = w_refs                                 # [.., O, G, 16], [.., O, G]
+        qs = pltriton.load(qs_ref.at[(*lead, r, g, pl.ds(0, 16))], mask=ok[:, :, None], other=0)
+        e = pltriton.load(sc_ref.at[(*lead, r, g)], mask=ok, other=128)
+    return qs, e
+
+
+def _load_x_half(x_ref, rows, row_ok, g0, gt, n_groups, half):
+    """x viewed [M, G, 2, 16]: elements ``32 g + 16 half + j`` of rows ``rows`` (a pl.ds, or an
+    int/scalar row) -> [bm, gt, 16] (or [gt, 16] for a single row); masked rows/blocks read 0."""
+    g_ok = (g0 + _iota(gt)) < n_groups
+    if row_ok is None:                                                      # single row
+        return pltriton.load(x_ref.at[_ix(rows), pl.ds(g0, gt), _ix(half), pl.ds(0, 16)],
+                             mask=g_ok[:, None], other=0)
+    ok = row_ok[:, None, None] & g_ok[None, :, None]
+    return pltriton.load(x_ref.at[rows, pl.ds(g0, gt), _ix(half), pl.ds(0, 16)], mask=ok, other=0)
+
+
+def _dot_nt(a, b, interpret):
+    """a [m, k] . b [n, k]^T -> float32 [m, n]: bf16/f16 tensor-core dot with float32
+    accumulation, or an IEEE float32 dot (Precision.HIGHEST: no TF32) for float32 operands."""
+    if interpret and a.dtype != F32:
+        # XLA:CPU cannot run every 16-bit dot; the upcast is exact (products of 16-bit floats
+        # are exact in float32), only the summation order differs from the GPU's.
+        a, b = a.astype(F32), b.astype(F32)
+    prec = lax.Precision.HIGHEST if a.dtype == F32 else lax.Precision.DEFAULT
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=prec,
+                           preferred_element_type=F32)
+
+
+def _mxfp4_step_dot(acc, w: _W, w_refs, lead, x_ref, x_rows, x_ok, row0, bn, g0, gt, cdt,
+                    interpret):
+    qs, e = _load_w_tile(w, w_refs, lead, row0, bn, g0, gt)
+    w_lo, w_hi = _decode_tile(qs, e)                                        # [bn, gt, 16] f32
+    k2 = gt * 16
+    bm = x_ok.shape[0]
+    for half, wt in ((0, w_lo), (1, w_hi)):
+        xt = _load_x_half(x_ref, x_rows, x_ok, g0, gt, w.G, half).reshape(bm, k2)
+        acc = _dot_nt(xt, wt.astype(cdt).reshape(bn, k2), interpret) + acc
+    return acc
+
+
+def _mxfp4_step_gemv(accs, w: _W, w_refs, lead, x_ref, rows, row0, bn, g0, gt):
+    """GEMV step.  accs: one float32 [bn, gt] accumulator per x row in ``rows`` (static ints or
+    scalars).  Per block and row, ``s = sum_j FP4[c_j] 2^-14 x_j`` over the block's 32 inputs
+    (the 16 code bytes of a block are in one thread: an in-register reduction), then the block's
+    exact power-of-two scale ``2^(e - 113)`` is applied to ``s``.  Same value as summing
+    ``w_j x_j`` with the exact weights (a power of two factors out of a sum); only the float32
+    rounding order differs.  It saves two multiplies per weight over dequantize-then-multiply.
+    """
+    qs, e = _load_w_tile(w, w_refs, lead, row0, bn, g0, gt)
+    h_lo, h_hi = _fp4_scaled_pair(qs)                                       # [bn, gt, 16]
+    d1, d2 = _e8m0_split(e)                                                 # [bn, gt]
+    out = []
+    for acc, r in zip(accs, rows):
+        x_lo = _load_x_half(x_ref, r, None, g0, gt, w.G, 0).astype(F32)    # [gt, 16]
+        x_hi = _load_x_half(x_ref, r, None, g0, gt, w.G, 1).astype(F32)
+        part = jnp.sum(h_lo * x_lo[None] + h_hi * x_hi[None], axis=2)      # [bn, gt]
+        out.append(acc + part * d1 * d2)
+    return tuple(out)
+
+
+def _store_rows(out_ref, prefix, y, m_rows, m_ok, n0, bn, n_out):
+    """Store y [bm, bn] (or [bn] for a single row) at rows m_rows, columns n0 + [0, bn)."""
+    n_ok = (n0 + _iota(bn)) < n_out
+    if m_ok is None:
+        pltriton.store(out_ref.at[(*prefix, _ix(m_rows), pl.ds(n0, bn))], y, mask=n_ok)
+    else:
+        pltriton.store(out_ref.at[(*prefix, m_rows, pl.ds(n0, bn))], y,
+                       mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _load_bias(bias_ref, lead, n0, bn, n_out):
+    n_ok = (n0 + _iota(bn)) < n_out
+    return pltriton.load(bias_ref.at[(*lead, pl.ds(n0, bn))], mask=n_ok, other=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans (static tiling)
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static tiling of one kernel call.  ``block_k`` counts input elements (a multiple of 32:
+    whole quant blocks); ``k_splits`` programs share the K range of each output tile."""
+    mode: str            # "gemv" | "dot"
+    block_m: int
+    block_n: int
+    block_k: int
+    k_splits: int
+    num_warps: int
+    num_stages: int
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+def _check_plan(p: Plan, fn: str, elems_per_block: int = QK):
+    for name in ("block_m", "block_n", "block_k"):
+        v = getattr(p, name)
+        if name == "block_m" and p.mode == "gemv":
+            continue                                    # gemv: all rows, any count
+        if not _pow2(v):
+            raise ValueError(f"{fn}: {name}={v} must be a power of two")
+    if p.block_k % elems_per_block:
+        raise ValueError(f"{fn}: block_k={p.block_k} must be a multiple of {elems_per_block}")
+    if p.mode == "dot" and (p.block_m < 16 or p.block_n < 16 or p.block_k < 2 * 16):
+        raise ValueError(f"{fn}: dot tiles need block_m >= 16, block_n >= 16 and block_k >= 32 "
+                         f"(Triton dot minimum 16 per dim), got {p}")
+    if p.mode not in ("gemv", "dot"):
+        raise ValueError(f"{fn}: mode={p.mode!r}: expected 'gemv' or 'dot'")
+    if p.k_splits < 1:
+        raise ValueError(f"{fn}: k_splits={p.k_splits} must be >= 1")
+
+
+def _split_k(tiles: int, n_k_steps: int) -> int:
+    """K splits so that ``tiles * splits`` reaches TARGET_PROGRAMS, each split >= 2 K steps."""
+    if tiles >= TARGET_PROGRAMS or n_k_steps < 4:
+        return 1
+    return max(1, min(-(-TARGET_PROGRAMS // tiles), n_k_steps // 2))
+
+
+def plan_dense(M: int, O: int, I: int, *, mode=None, block_m=None, block_n=None, block_k=None,
+               k_splits=None, num_warps=None, num_stages=None) -> Plan:
+    """Default tiling for an ``[M, I] x [O, I]^T`` MXFP4/Q8_0 matmul (any argument overrides).
+
+    gemv (M <= GEMV_MAX_ROWS): 32 output rows x 256 inputs per step, 4 warps.
+    dot, decode-sized M (< 64): 16 x 32 x 128.  dot, prefill: 64 x 64 x 64 (M < 256) or
+    128 x 64 x 64 with 8 warps.  Split K up to TARGET_PROGRAMS programs.  These are starting
+    points for benchmarks/matmul_kernels.py, which sweeps alternatives on the GPU.
+    """
+    mode = mode or ("gemv" if M <= GEMV_MAX_ROWS else "dot")
+    if mode == "gemv":
+        d = dict(block_m=M, block_n=32, block_k=256, num_warps=4, num_stages=3)
+    elif M < 64:
+        d = dict(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=3)
+    elif M < 256:
+        d = dict(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3)
+    else:
+        d = dict(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3)
+    for k, v in dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
+                     num_stages=num_stages).items():
+        if v is not None:
+            d[k] = int(v)
+    if mode == "gemv":
+        d["block_m"] = M
+    n_steps = -(-I // d["block_k"])
+    tiles = -(-M // d["block_m"]) * -(-O // d["block_n"])
+    if k_splits is not None:
+        s = int(k_splits)
+    else:   # decode only: prefill tiles are big enough, and partials would cost a write of M x O
+        s = _split_k(tiles, n_steps) if (mode == "gemv" or M < 64) else 1
+    s = -(-n_steps // -(-n_steps // max(1, min(s, n_steps))))      # no empty splits
+    return Plan(mode, d["block_m"], d["block_n"], d["block_k"], s, d["num_warps"], d["num_stages"])
+
+
+def _params(p: Plan):
+    return pltriton.CompilerParams(num_warps=p.num_warps, num_stages=p.num_stages)
+
+
+def _finish(y, bias, s: int):
+    """Sum split-K partials [S, ..., O] (XLA, fused) and add the bias if not done in-kernel."""
+    if s > 1:
+        y = y.sum(axis=0)
+        if bias is not None:
+            y = y + bias
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense matmul
+# ---------------------------------------------------------------------------------------------
+
+def _dense_kernel(*refs, w: _W, p: Plan, M: int, has_bias: bool, cdt, interpret: bool):
+    n_w = len(w.arrays)
+    x_ref, w_refs = refs[0], refs[1:1 + n_w]
+    bias_ref = refs[1 + n_w] if has_bias else None
+    out_ref = refs[-1]
+    i_m, i_n, i_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    gt, bn = p.block_k // QK, p.block_n
+    steps = cdiv(cdiv(w.G, gt), p.k_splits)                       # K steps per split
+    n0 = i_n * bn
+    g_first = i_s * (steps * gt)
+    prefix = (i_s,) if p.k_splits > 1 else ()
+    with_bias = has_bias and p.k_splits == 1
+
+    if p.mode == "dot":
+        bm = p.block_m
+        m0 = i_m * bm
+        m_ok = (m0 + _iota(bm)) < M
+
+        def body(t, acc):
+            return _mxfp4_step_dot(acc, w, w_refs, (), x_ref, pl.ds(m0, bm), m_ok, n0, bn,
+                                   g_first + t * gt, gt, cdt, interpret)
+
+        y = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), F32))
+        if with_bias:
+            y = y + _load_bias(bias_ref, (), n0, bn, w.O)[None, :]
+        _store_rows(out_ref, prefix, y, pl.ds(m0, bm), m_ok, n0, bn, w.O)
+    else:
+        rows = tuple(range(M))
+
+        def body(t, accs):
+            return _mxfp4_step_gemv(accs, w, w_refs, (), x_ref, rows, n0, bn,
+                                    g_first + t * gt, gt)
+
+        accs = lax.fori_loop(0, steps, body, tuple(jnp.zeros((bn, gt), F32) for _ in rows))
+        b = _load_bias(bias_ref, (), n0, bn, w.O) if with_bias else None
+        for r, acc in zip(rows, accs):
+            y = jnp.sum(acc, axis=1)
+            _store_rows(out_ref, prefix, y + b if b is not None else y, r, None, n0, bn, w.O)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "mode", "block_m", "block_n", "block_k", "k_splits", "num_warps", "num_stages", "interpret"))
+def mxfp4_matmul(x, w, bias=None, *, mode=None, block_m=None, block_n=None, block_k=None,
+                 k_splits=None, num_warps=None, num_stages=None, interpret=False):
+    """``x [..., I] @ dequant(w)[O, I]^T (+ bias [O])`` -> float32 ``[..., O]``, fused (Pallas).
+
+    x: float32 / bfloat16 / float16 ``[..., I]`` (the compute dtype); w: ggml MXFP4 bytes
+    ``uint8[O, I / 32 * 17]`` (or a ``PackedWeight`` of type MXFP4, or :class:`Mxfp4Weights`);
+    bias: float ``[O]`` or None.  Tiling (``mode`` "gemv"/"dot", ``block_*``, ``k_splits``,
+    ``num_warps``, ``num_stages``) defaults to :func:`plan_dense`; ``interpret=True`` runs the
+    kernel in Pallas interpret mode (CPU).  See the module docstring for layouts and numerics.
+    """
+    wp = _parse_weights(w, 0, "mxfp4_matmul")
+    lead, i = x.shape[:-1], x.shape[-1]
+    if i != wp.I:
+        raise WeightsError(f"mxfp4_matmul: x[..., {i}] does not match the weight [O={wp.O}, "
+                           f"I={wp.I}]")
+    M = math.prod(lead)
+    p = plan_dense(M, wp.O, wp.I, mode=mode, block_m=block_m, block_n=block_n, block_k=block_k,
+                   k_splits=k_splits, num_warps=num_warps, num_stages=num_stages)
+    _check_plan(p, "mxfp4_matmul")
+    # GEMV math is float32 anyway; converting x once here (a few KB) saves a conversion per
+    # weight in the kernel (each thread would convert its own copy of the broadcast x tile).
+    xk = x.astype(F32) if p.mode == "gemv" else x
+    x4 = xk.reshape(M, wp.G, 2, 16)                                         # halves of each block
+    args = [x4, *wp.arrays]
+    if bias is not None:
+        args.append(jnp.asarray(bias, F32).reshape(wp.O))
+    if p.k_splits > 1:
+        out_shape = jax.ShapeDtypeStruct((p.k_splits, M, wp.O), F32)
+    else:
+        out_shape = jax.ShapeDtypeStruct((M, wp.O), F32)
+    grid = (-(-M // p.block_m), -(-wp.O // p.block_n), p.k_splits)
+    kernel = functools.partial(_dense_kernel, w=wp.static(), p=p, M=M, has_bias=bias is not None,
+                               cdt=x.dtype, interpret=interpret)
+    y = pl.pallas_call(kernel, out_shape=out_shape, grid=grid, compiler_params=_params(p),
+                       interpret=interpret, name="mxfp4_matmul")(*args)
+    y = _finish(y, args[-1] if bias is not None else None, p.k_splits)
+    return y.reshape(*lead, wp.O)
+
+
+def _ref_dot(x2, wd):
+    """x2 [M, I] . wd [..., O, I]^T in x's dtype, float32 accumulation (IEEE for f32)."""
+    if jax.default_backend() == "cpu" and x2.dtype != F32:
+        x2, wd = x2.astype(F32), wd.astype(F32)                              # exact, see _dot_nt
+    prec = lax.Precision.HIGHEST if x2.dtype == F32 else lax.Precision.DEFAULT
+    return jnp.einsum("mi,oi->mo", x2, wd, precision=prec, preferred_element_type=F32)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "mode", "block_m", "block_n", "block_k", "k_splits", "num_warps", "num_stages", "interpret"))
+def mxfp4_matmul_ref(x, w, bias=None, *, mode=None, block_m=None, block_n=None, block_k=None,
+                     k_splits=None, num_warps=None, num_stages=None, interpret=False):
+    """Plain-jnp twin of :func:`mxfp4_matmul` (tiling arguments ignored): decode the whole weight
+    exactly (``quant.dequantize_mxfp4``), round to ``x.dtype``, one dot with float32 accumulation.
+    """
+    del mode, block_m, block_n, block_k, k_splits, num_warps, num_stages, interpret
+    wp = _parse_weights(w, 0, "mxfp4_matmul_ref")
+    lead, i = x.shape[:-1], x.shape[-1]
+    if i != wp.I:
+        raise WeightsError(f"mxfp4_matmul_ref: x[..., {i}] does not match the weight "
+                           f"[O={wp.O}, I={wp.I}]")
+    wd = _dense_weights(wp).astype(x.dtype)                                 # [O, I]
+    y = _ref_dot(x.reshape(-1, i), wd)
+    if bias is not None:
+        y = y + jnp.asarray(bias, F32)
+    return y.reshape(*lead, wp.O)
+
+
+# ---------------------------------------------------------------------------------------------
+# MoE: only the routed experts' weights
+# ---------------------------------------------------------------------------------------------
+
+def _pairs_kernel(*refs, w: _W, p: Plan, k: int, has_bias: bool, cdt):
+    """One program per (pair r = (token r // k, slot r % k), block of output rows, K split)."""
+    n_w = len(w.arrays)
+    x_ref, ids_ref, w_refs = refs[0], refs[1], refs[2:2 + n_w]
+    bias_ref = refs[2 + n_w] if has_bias else None
+    out_ref = refs[-1]
+    r, i_n, i_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    e = jnp.clip(ids_ref[r], 0, w.lead[0] - 1)                              # expert of the pair
+    t = lax.div(r, np.int32(k))
+    gt, bn = p.block_k // QK, p.block_n
+    steps = cdiv(cdiv(w.G, gt), p.k_splits)
+    n0 = i_n * bn
+    g_first = i_s * (steps * gt)
+
+    def body(s, accs):
+        return _mxfp4_step_gemv(accs, w, w_refs, (e,), x_ref, (t,), n0, bn, g_first + s * gt,
+                                gt)
+
+    (acc,) = lax.fori_loop(0, steps, body, (jnp.zeros((bn, gt), F32),))
+    y = jnp.sum(acc, axis=1)
+    if has_bias and p.k_splits == 1:
+        y = y + _load_bias(bias_ref, (e,), n0, bn, w.O)
+    _store_rows(out_ref, (i_s,) if p.k_splits > 1 else (), y, r, None, n0, bn, w.O)
+
+
+def _grouped_kernel(*refs, w: _W, p: Plan, has_bias: bool, cdt, interpret: bool):
+    """One program per (tile of block_m expert-sorted rows of one expert, block of output rows)."""
+    n_w = len(w.arrays)
+    x_ref, tiles_ref, w_refs = refs[0], refs[1], refs[2:2 + n_w]
+    bias_ref = refs[2 + n_w] if has_bias else None
+    out_ref = refs[-1]
+    i, i_n = pl.program_id(0), pl.program_id(1)
+    e = jnp.clip(tiles_ref[0, i], 0, w.lead[0] - 1)
+    row0, row_end = tiles_ref[1, i], tiles_ref[2, i]
+    gt, bn, bm = p.block_k // QK, p.block_n, p.block_m
+    n0 = i_n * bn
+
+    @pl.when(row0 < row_end)
+    def _():
+        m_ok = (row0 + _iota(bm)) < row_end
+
+        def body(s, acc):
+            return _mxfp4_step_dot(acc, w, w_refs, (e,), x_ref, pl.ds(row0, bm), m_ok, n0, bn,
+                                   s * gt, gt, cdt, interpret)
+
+        y = lax.fori_loop(0, -(-w.G // gt), body, jnp.zeros((bm, bn), F32))
+        if has_bias:
+            y = y + _load_bias(bias_ref, (e,), n0, bn, w.O)[None, :]
+        _store_rows(out_ref, (), y, pl.ds(row0, bm), m_ok, n0, bn, w.O)
+
+
+def moe_tiles(flat_ids, n_experts: int, block_m: int):
+    """Group routed rows by expert for the grouped kernel.
+
+    flat_ids: int [R] expert of each routed row.  Returns ``order`` int32 [R] (a stable sort of
+    the rows by expert: sorted position -> row) and ``tiles`` int32 [3, n_tiles] = (expert,
+    first sorted row, end sorted row) of tiles of at most ``block_m`` rows of one expert; unused
+    tiles (the count is a static bound) have first == end.  Bound: each used expert adds at most
+    one partial tile, so ``n_tiles = (R + min(E, R) * (block_m - 1)) // block_m``.
+    """
+    R = flat_ids.shape[0]
+    n_tiles = max(1, (R + min(n_experts, R) * (block_m - 1)) // block_m)
+    flat_ids = jnp.clip(flat_ids.astype(jnp.int32), 0, n_experts - 1)
+    order = jnp.argsort(flat_ids, stable=True).astype(jnp.int32)
+    counts = jnp.bincount(flat_ids, length=n_experts).astype(jnp.int32)    # [E]
+    starts = jnp.cumsum(counts) - counts                                    # [E]
+    n_t = (counts + block_m - 1) // block_m                                 # tiles per expert
+    t_end = jnp.cumsum(n_t)
+    t_start = t_end - n_t
+    i = jnp.arange(n_tiles, dtype=jnp.int32)
+    e = jnp.clip(jnp.searchsorted(t_end, i, side="right"), 0, n_experts - 1).astype(jnp.int32)
+    row0 = starts[e] + (i - t_start[e]) * block_m
+    row_end = jnp.minimum(row0 + block_m, starts[e] + counts[e])
+    valid = i < t_end[-1]
+    row0 = jnp.where(valid, row0, 0)
+    row_end = jnp.where(valid, row_end, 0)
+    return order, jnp.stack([e, row0, row_end]).astype(jnp.int32)
+
+
+def plan_moe(T: int, k: int, O: int, I: int, *, mode=None, block_m=None, block_n=None,
+             block_k=None, k_splits=None, num_warps=None, num_stages=None) -> Plan:
+    """Default tiling of :func:`mxfp4_moe_matmul`.  ``mode`` "pairs" (T*k <= 16 routed rows) or
+    "grouped"; pairs: 32 rows x 256 inputs (GEMV math, K split to fill the GPU); grouped: the
+    dense prefill tiles with block_m 16 (<= 256 routed rows: few rows per expert) or 64."""
+    R = T * k
+    mode = mode or ("pairs" if R <= 16 else "grouped")
+    if mode == "pairs":
+        base = plan_dense(1, O, I, mode="gemv", block_n=block_n, block_k=block_k,
+                          k_splits=1, num_warps=num_warps, num_stages=num_stages)
+        n_steps = -(-I // base.block_k)
+        s = _split_k(R * -(-O // base.block_n), n_steps) if k_splits is None else int(k_splits)
+        s = -(-n_steps // -(-n_steps // max(1, min(s, n_steps))))
+        return dataclasses.replace(base, mode="pairs", k_splits=s)
+    if mode != "grouped":
+        raise ValueError(f"mxfp4_moe_matmul: mode={mode!r}: expected 'pairs' or 'grouped'")
+    bm = block_m or (16 if R <= 256 else 64)
+    base = plan_dense(max(R, 64), O, I, mode="dot", block_m=bm, block_n=block_n,
+                      block_k=block_k, k_splits=1, num_warps=num_warps, num_stages=num_stages)
+    return dataclasses.replace(base, mode="grouped")
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "mode", "block_m", "block_n", "block_k", "k_splits", "num_warps", "num_stages", "interpret"))
+def mxfp4_moe_matmul(x, w, expert_ids, bias=None, *, mode=None, block_m=None, block_n=None,
+                     block_k=None, k_splits=None, num_warps=None, num_stages=None,
+                     interpret=False):
+    """Routed expert matmuls: ``y[t, u] = x[t] @ dequant(w[expert_ids[t, u]])^T (+ bias[e])``.
+
+    x: float ``[T, I]``; w: ggml MXFP4 bytes ``uint8[E, O, I / 32 * 17]`` (or a PackedWeight /
+    :class:`Mxfp4Weights` with the expert axis first); expert_ids: int ``[T, k]`` (clipped to
+    [0, E)); bias: float ``[E, O]`` or None -> float32 ``[T, k, O]``.  Only the routed experts'
+    weights are read.  ``mode``: "pairs" (decode; one GEMV per (token, slot)) or "grouped"
+    (prefill; rows sorted by expert, tiles of ``block_m`` rows of one expert, tensor-core dots);
+    default by :func:`plan_moe`.
+    """
+    wp = _parse_weights(w, 1, "mxfp4_moe_matmul")
+    T, i = x.shape
+    if i != wp.I:
+        raise WeightsError(f"mxfp4_moe_matmul: x[T, {i}] does not match the experts "
+                           f"[E={wp.lead[0]}, O={wp.O}, I={wp.I}]")
+    if expert_ids.ndim != 2 or expert_ids.shape[0] != T:
+        raise WeightsError(f"mxfp4_moe_matmul: expert_ids must be int [T={T}, k], got "
+                           f"{list(expert_ids.shape)}")
+    E, k = wp.lead[0], expert_ids.shape[1]
+    R = T * k
+    p = plan_moe(T, k, wp.O, wp.I, mode=mode, block_m=block_m, block_n=block_n, block_k=block_k,
+                 k_splits=k_splits, num_warps=num_warps, num_stages=num_stages)
+    _check_plan(dataclasses.replace(p, mode="gemv" if p.mode == "pairs" else "dot"),
+                "mxfp4_moe_matmul")
+    b = None if bias is None else jnp.asarray(bias, F32).reshape(E, wp.O)
+    flat = expert_ids.reshape(R).astype(jnp.int32)
+    if p.mode == "pairs":
+        args = [x.astype(F32).reshape(T, wp.G, 2, 16), flat, *wp.arrays]    # f32: see mxfp4_matmul
+        args += [b] if b is not None else []
+        shape = (p.k_splits, R, wp.O) if p.k_splits > 1 else (R, wp.O)
+        kernel = functools.partial(_pairs_kernel, w=wp.static(), p=p, k=k, has_bias=b is not None,
+                                   cdt=x.dtype)
+        y = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(shape, F32),
+                           grid=(R, -(-wp.O // p.block_n), p.k_splits),
+                           compiler_params=_params(p), interpret=interpret,
+                           name="mxfp4_moe_pairs")(*args)
+        if p.k_splits > 1:
+            y = y.sum(axis=0)
+            if b is not None:
+                y = y + jnp.take(b, jnp.clip(flat, 0, E - 1), axis=0)
+        return y.reshape(T, k, wp.O)
+    order, tiles = moe_tiles(flat, E, p.block_m)
+    xs = jnp.take(x, order // k, axis=0).reshape(R, wp.G, 2, 16)            # expert-sorted rows
+    args = [xs, tiles, *wp.arrays] + ([b] if b is not None else [])
+    kernel = functools.partial(_grouped_kernel, w=wp.static(), p=p, has_bias=b is not None,
+                               cdt=x.dtype, interpret=interpret)
+    ys = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((R, wp.O), F32),
+                        grid=(tiles.shape[1], -(-wp.O // p.block_n)),
+                        compiler_params=_params(p), interpret=interpret,
+                        name="mxfp4_moe_grouped")(*args)
+    inv = jnp.zeros((R,), jnp.int32).at[order].set(jnp.arange(R, dtype=jnp.int32))
+    return jnp.take(ys, inv, axis=0).reshape(T, k, wp.O)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "mode", "block_m", "block_n", "block_k", "k_splits", "num_warps", "num_stages", "interpret"))
+def mxfp4_moe_matmul_ref(x, w, expert_ids, bias=None, *, mode=None, block_m=None, block_n=None,
+                         block_k=None, k_splits=None, num_warps=None, num_stages=None,
+                         interpret=False):
+    """Plain-jnp twin of :func:`mxfp4_moe_matmul`: gather the routed experts' bytes, decode them
+    exactly, one batched dot per (token, slot).  Tiling arguments are ignored."""
+    del mode, block_m, block_n, block_k, k_splits, num_warps, num_stages, interpret
+    wp = _parse_weights(w, 1, "mxfp4_moe_matmul_ref")
+    T, i = x.shape
+    if i != wp.I:
+        raise WeightsError(f"mxfp4_moe_matmul_ref: x[T, {i}] does not match the experts "
+                           f"[E={wp.lead[0]}, O={wp.O}, I={wp.I}]")
+    ids = jnp.clip(expert_ids.astype(jnp.int32), 0, wp.lead[0] - 1)        # [T, k]
+    sel = _W(wp.layout, tuple(jnp.take(a, ids, axis=0) for a in wp.arrays), ids.shape, wp.O, wp.G)
+    wd = _dense_weights(sel).astype(x.dtype)                                # [T, k, O, I]
+    xc, wc = x, wd
+    if jax.default_backend() == "cpu" and x.dtype != F32:
+        xc, wc = x.astype(F32), wd.astype(F32)
+    prec = lax.Precision.HIGHEST if xc.dtype == F32 else lax.Precision.DEFAULT
+    y = jnp.einsum("ti,tuoi->tuo", xc, wc, precision=prec, preferred_element_type=F32)
+    if bias is not None:
+        y = y + jnp.take(jnp.asarray(bias, F32), ids, axis=0)
+    return y

@@ -1,0 +1,390 @@
+"""Q8_0 matmul with the dequantization fused in registers (Pallas, Triton backend), and the Q8_0
+embedding gather.
+
+Math.  ``y[m, o] = sum_i x[m, i] * w[o, i] (+ b[o])`` with ``w`` stored as ggml ``block_q8_0``
+(MODEL_FORMATS.md §8; ggml-common.h, gguf-py ``quants.Q8_0``): one 34-byte block per 32 inputs,
+``[f16 d][int8 q[32]]``, ``w = q * d``.  float32 accumulation, float32 result ``[M, O]``.  In
+ggml's gpt-oss files Q8_0 holds the attention projections, ``token_embd`` and the output head
+(201088 x 2880: the largest single matrix of a decode step, 615 MB).
+
+Weight layouts (same kernel code for both; ``I = 32 G``):
+
+* ggml bytes as stored in the GGUF file, ``uint8[O, G * 34]`` (``PackedWeight.data``; a
+  ``PackedWeight`` of type Q8_0 is accepted too).  The 34-byte stride leaves 2-byte alignment:
+  the GPU reads the quants with narrow loads.
+* :class:`Q8Weights` from :func:`repack_q8_0` (once, at load time): ``qs uint8[O, G, 32]`` (the
+  int8 quants' bytes, unchanged) and ``scales float16[O, G]``.  Same 34 bytes per 32 weights;
+  quant rows are 32-byte aligned (16-byte vector loads).  A byte shuffle, exact by construction.
+
+In-register decode (exact, cheap): the int8 quant is turned into a float32 without an
+int-to-float instruction: its byte ``b`` (two's complement) gives the bits ``b ^ 0x4B000080`` =
+float ``2^23 + 128 + q``, minus ``2^23 + 128`` (exact: both are integers below 2^24).  The scale is
+the f16 ``d`` converted to float32 (exact).
+
+Numerics per kernel mode (see :func:`pallas_kernels.mxfp4_matmul.plan_dense` for the modes):
+
+* ``"dot"`` (prefill, and decode with more than GEMV_MAX_ROWS rows): ``w = q * d`` exactly in
+  float32 (8-bit times 11-bit significands), rounded once to the compute dtype (``x.dtype``), then
+  tensor-core dots with float32 accumulation: exactly the XLA reference path
+  (``gptjax.packed.linear``), up to summation order.
+* ``"gemv"`` (decode): per block and row ``s = sum_j q_j x_j`` (32 products, exact for bf16 x),
+  then ``acc += s * d``: one multiply per block instead of one per weight.  The weights are never
+  rounded to bf16 here (the reference path rounds ``q * d`` to bf16 first), so with bf16 x the
+  kernel is more accurate than the reference by up to one bf16 rounding of each weight (relative
+  2^-9); with float32 x only the rounding order differs.
+
+Tiling, masking, split-K and the program grid are shared with the MXFP4 kernels
+(:mod:`pallas_kernels.mxfp4_matmul`, whose plumbing this module imports).
+
+``q8_0_embed`` is plain jnp on purpose: a row gather touches n * 34/32 * D bytes, which XLA
+already does at memory speed (gather the packed rows, decode them in one fused elementwise pass); a
+Pallas kernel would save nothing.
+
+``*_ref`` twins: same signatures, decode with ``gptjax.quant.dequantize_q8_0`` (bit-exact vs
+gguf.quants), round to ``x.dtype``, one ``dot_general``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from gptjax.errors import WeightsError
+from gptjax.quant import dequantize_q8_0
+# Shared kernel plumbing (plans, masks, stores, split-K) lives with the MXFP4 kernels.
+from pallas_kernels.mxfp4_matmul import (
+    GEMV_MAX_ROWS,
+    Plan,
+    _check_plan,
+    _dot_nt,
+    _finish,
+    _iota,
+    _ix,
+    _load_bias,
+    _params,
+    _store_rows,
+    cdiv,
+    plan_dense,
+    use_kernel,
+)
+
+__all__ = [
+    "Q8Weights",
+    "repack_q8_0",
+    "unpack_q8_0",
+    "q8_0_matmul",
+    "q8_0_matmul_ref",
+    "q8_0_embed",
+    "q8_0_embed_ref",
+    "q8_values",
+    "use_kernel",
+    "GEMV_MAX_ROWS",
+]
+
+F32 = jnp.float32
+QK = 32
+BLOCK_BYTES = 34
+Q8_0_TYPE = 8           # gguf.GGMLQuantizationType.Q8_0
+_MAGIC = 0x4B000080     # float32 bits of 2^23 + 128, with the byte xor-ed in: 2^23 + 128 + q
+_MAGIC_F = np.float32(2.0 ** 23 + 128)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts
+# ---------------------------------------------------------------------------------------------
+
+class Q8Weights(NamedTuple):
+    """Q8_0 weights in the kernel layout (a pytree).
+
+    ``qs``: uint8 ``[..., O, G, 32]``, the bytes of the int8 quants (two's complement), unchanged.
+    ``scales``: float16 ``[..., O, G]``, the block scales ``d``.  Logical shape ``[..., O, 32 G]``.
+    """
+
+    qs: Any
+    scales: Any
+
+
+def _f16_from_bytes(lo, hi, xp):
+    """Two uint8 arrays (little-endian halves) -> float16 (bit cast, exact)."""
+    u = lo.astype(np.uint16) | (hi.astype(np.uint16) << 8)
+    if xp is np:
+        return u.view(np.float16)
+    return lax.bitcast_convert_type(u, jnp.float16)
+
+
+def repack_q8_0(w_data) -> Q8Weights:
+    """ggml Q8_0 bytes ``uint8[..., O, G * 34]`` -> :class:`Q8Weights` (``qs [..., O, G, 32]``
+    uint8, ``scales [..., O, G]`` float16).  A byte shuffle; numpy in, numpy out; jax in, jax out.
+    """
+    xp = jnp if isinstance(w_data, jax.Array) else np
+    w = w_data if xp is jnp else np.asarray(w_data)
+    if w.dtype != np.uint8 or w.ndim < 2 or w.shape[-1] % BLOCK_BYTES:
+        raise WeightsError(f"repack_q8_0: expected ggml Q8_0 bytes uint8[..., O, G*34], got "
+                           f"{w.dtype}{list(w.shape)}")
+    g = w.shape[-1] // BLOCK_BYTES
+    b = w.reshape(*w.shape[:-1], g, BLOCK_BYTES)
+    qs = b[..., 2:]
+    sc = _f16_from_bytes(b[..., 0], b[..., 1], xp)
+    if xp is np:
+        qs, sc = np.ascontiguousarray(qs), np.ascontiguousarray(sc)
+    return Q8Weights(qs, sc)
+
+
+def unpack_q8_0(w: Q8Weights):
+    """Inverse of :func:`repack_q8_0`: ggml bytes ``uint8[..., O, G * 34]``."""
+    if isinstance(w.qs, jax.Array):
+        u = lax.bitcast_convert_type(jnp.asarray(w.scales, jnp.float16), jnp.uint16)
+        d = jnp.stack([(u & 0xFF).astype(jnp.uint8), (u >> 8).astype(jnp.uint8)], axis=-1)
+        b = jnp.concatenate([d, w.qs], axis=-1)
+    else:
+        u = np.asarray(w.scales, np.float16).view(np.uint16)
+        d = np.stack([(u & 0xFF).astype(np.uint8), (u >> 8).astype(np.uint8)], axis=-1)
+        b = np.concatenate([d, np.asarray(w.qs)], axis=-1)
+    return b.reshape(*b.shape[:-2], b.shape[-2] * BLOCK_BYTES)
+
+
+@dataclasses.dataclass(frozen=True)
+class _W:
+    layout: str          # "ggml" ([..., O, G, 34] bytes) or "split" (qs, scales)
+    arrays: tuple
+    lead: tuple
+    O: int
+    G: int
+
+    @property
+    def I(self) -> int:
+        return self.G * QK
+
+    def static(self) -> _W:
+        return dataclasses.replace(self, arrays=(None,) * len(self.arrays))
+
+
+def _parse_weights(w, n_lead: int, fn: str) -> _W:
+    if isinstance(w, Q8Weights):
+        qs, sc = jnp.asarray(w.qs), jnp.asarray(w.scales)
+        if qs.dtype == jnp.int8:
+            qs = lax.bitcast_convert_type(qs, jnp.uint8)
+        ok = (qs.dtype == jnp.uint8 and sc.dtype == jnp.float16 and qs.ndim == n_lead + 3
+              and qs.shape[-1] == QK and qs.shape[:-1] == sc.shape)
+        if not ok:
+            raise WeightsError(f"{fn}: Q8Weights must be qs uint8[{'E, ' * n_lead}O, G, 32] and "
+                               f"scales float16[{'E, ' * n_lead}O, G]; got qs {qs.dtype}"
+                               f"{list(qs.shape)}, scales {sc.dtype}{list(sc.shape)}")
+        return _W("split", (qs, sc), tuple(qs.shape[:n_lead]), qs.shape[-3], qs.shape[-2])
+    t = getattr(w, "ggml_type", None)
+    if t is not None and int(t) != Q8_0_TYPE:
+        raise WeightsError(f"{fn}: packed weight of ggml type {int(t)}, expected Q8_0 (8)")
+    data = jnp.asarray(getattr(w, "data", w))
+    if data.dtype != jnp.uint8 or data.ndim != n_lead + 2 or data.shape[-1] % BLOCK_BYTES:
+        raise WeightsError(f"{fn}: expected ggml Q8_0 bytes uint8[{'E, ' * n_lead}O, G*34], got "
+                           f"{data.dtype}{list(data.shape)}")
+    g = data.shape[-1] // BLOCK_BYTES
+    return _W("ggml", (data.reshape(*data.shape[:-1], g, BLOCK_BYTES),),
+              tuple(data.shape[:n_lead]), data.shape[-2], g)
+
+
+def _ggml_blocks(w: _W) -> jax.Array:
+    """uint8 [..., O, G, 34] of a parsed weight."""
+    if w.layout == "ggml":
+        return w.arrays[0]
+    qs, sc = w.arrays
+    u = lax.bitcast_convert_type(sc, jnp.uint16)
+    d = jnp.stack([(u & 0xFF).astype(jnp.uint8), (u >> 8).astype(jnp.uint8)], axis=-1)
+    return jnp.concatenate([d, qs], axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact decode (plain jnp; lowers to Triton integer/float ops)
+# ---------------------------------------------------------------------------------------------
+
+def q8_values(qbytes: jax.Array) -> jax.Array:
+    """Bytes of int8 quants (uint8, any shape) -> their float32 values, exactly, without an
+    int-to-float conversion: bits ``b ^ 0x4B000080`` are the float ``2^23 + 128 + q``
+    (``b ^ 0x80 = q + 128`` in 0..255 lands in the mantissa of 2^23), minus ``2^23 + 128``."""
+    bits = qbytes.astype(jnp.uint32) ^ np.uint32(_MAGIC)
+    return lax.bitcast_convert_type(bits, F32) - _MAGIC_F
+
+
+def _load_tile(w: _W, w_refs, lead, row0, bn, g0, gt):
+    """Quant bytes uint8 [bn, gt, 32] and scales float32 [bn, gt]; out-of-range -> 0."""
+    ok = ((row0 + _iota(bn)) < w.O)[:, None] & ((g0 + _iota(gt)) < w.G)[None, :]
+    r, g = pl.ds(row0, bn), pl.ds(g0, gt)
+    if w.layout == "ggml":
+        (ref,) = w_refs                                                     # [..., O, G, 34]
+        qs = pltriton.load(ref.at[(*lead, r, g, pl.ds(2, QK))], mask=ok[:, :, None], other=0)
+        lo = pltriton.load(ref.at[(*lead, r, g, _ix(0))], mask=ok, other=0)
+        hi = pltriton.load(ref.at[(*lead, r, g, _ix(1))], mask=ok, other=0)
+        d = _f16_from_bytes(lo, hi, jnp).astype(F32)
+    else:
+        qs_ref, sc_ref = w_refs
+        qs = pltriton.load(qs_ref.at[(*lead, r, g, pl.ds(0, QK))], mask=ok[:, :, None], other=0)
+        d = pltriton.load(sc_ref.at[(*lead, r, g)], mask=ok, other=0).astype(F32)
+    return qs, d
+
+
+def _load_x(x_ref, rows, row_ok, g0, gt, n_groups):
+    """x viewed [M, G, 32] -> [bm, gt, 32] (or [gt, 32] for a single row); masked -> 0."""
+    g_ok = (g0 + _iota(gt)) < n_groups
+    if row_ok is None:
+        return pltriton.load(x_ref.at[_ix(rows), pl.ds(g0, gt), pl.ds(0, QK)],
+                             mask=g_ok[:, None], other=0)
+    ok = row_ok[:, None, None] & g_ok[None, :, None]
+    return pltriton.load(x_ref.at[rows, pl.ds(g0, gt), pl.ds(0, QK)], mask=ok, other=0)
+
+
+def _step_dot(acc, w: _W, w_refs, x_ref, x_rows, x_ok, row0, bn, g0, gt, cdt, interpret):
+    qs, d = _load_tile(w, w_refs, (), row0, bn, g0, gt)
+    wt = (q8_values(qs) * d[:, :, None]).astype(cdt).reshape(bn, gt * QK)  # exact, one rounding
+    bm = x_ok.shape[0]
+    xt = _load_x(x_ref, x_rows, x_ok, g0, gt, w.G).reshape(bm, gt * QK)
+    return _dot_nt(xt, wt, interpret) + acc
+
+
+def _step_gemv(accs, w: _W, w_refs, x_ref, rows, row0, bn, g0, gt):
+    """accs: float32 [bn, gt] per row; block sums of q * x, then times the block scale."""
+    qs, d = _load_tile(w, w_refs, (), row0, bn, g0, gt)
+    q = q8_values(qs)                                                       # [bn, gt, 32]
+    out = []
+    for acc, r in zip(accs, rows):
+        xr = _load_x(x_ref, r, None, g0, gt, w.G).astype(F32)               # [gt, 32]
+        out.append(acc + jnp.sum(q * xr[None], axis=2) * d)
+    return tuple(out)
+
+
+def _q8_kernel(*refs, w: _W, p: Plan, M: int, has_bias: bool, cdt, interpret: bool):
+    n_w = len(w.arrays)
+    x_ref, w_refs = refs[0], refs[1:1 + n_w]
+    bias_ref = refs[1 + n_w] if has_bias else None
+    out_ref = refs[-1]
+    i_m, i_n, i_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    gt, bn = p.block_k // QK, p.block_n
+    steps = cdiv(cdiv(w.G, gt), p.k_splits)
+    n0 = i_n * bn
+    g_first = i_s * (steps * gt)
+    prefix = (i_s,) if p.k_splits > 1 else ()
+    with_bias = has_bias and p.k_splits == 1
+    if p.mode == "dot":
+        bm = p.block_m
+        m0 = i_m * bm
+        m_ok = (m0 + _iota(bm)) < M
+
+        def body(t, acc):
+            return _step_dot(acc, w, w_refs, x_ref, pl.ds(m0, bm), m_ok, n0, bn,
+                             g_first + t * gt, gt, cdt, interpret)
+
+        y = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), F32))
+        if with_bias:
+            y = y + _load_bias(bias_ref, (), n0, bn, w.O)[None, :]
+        _store_rows(out_ref, prefix, y, pl.ds(m0, bm), m_ok, n0, bn, w.O)
+    else:
+        rows = tuple(range(M))
+
+        def body(t, accs):
+            return _step_gemv(accs, w, w_refs, x_ref, rows, n0, bn, g_first + t * gt, gt)
+
+        accs = lax.fori_loop(0, steps, body, tuple(jnp.zeros((bn, gt), F32) for _ in rows))
+        b = _load_bias(bias_ref, (), n0, bn, w.O) if with_bias else None
+        for r, acc in zip(rows, accs):
+            y = jnp.sum(acc, axis=1)
+            _store_rows(out_ref, prefix, y + b if b is not None else y, r, None, n0, bn, w.O)
+
+
+_STATIC = ("mode", "block_m", "block_n", "block_k", "k_splits", "num_warps", "num_stages",
+           "interpret")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def q8_0_matmul(x, w, bias=None, *, mode=None, block_m=None, block_n=None, block_k=None,
+                k_splits=None, num_warps=None, num_stages=None, interpret=False):
+    """``x [..., I] @ dequant(w)[O, I]^T (+ bias [O])`` -> float32 ``[..., O]``, fused (Pallas).
+
+    x: float32 / bfloat16 / float16 ``[..., I]``; w: ggml Q8_0 bytes ``uint8[O, I / 32 * 34]``
+    (or a ``PackedWeight`` of type Q8_0, or :class:`Q8Weights`); bias: float ``[O]`` or None.
+    Tiling arguments as in :func:`pallas_kernels.mxfp4_matmul.mxfp4_matmul` (defaults:
+    :func:`~pallas_kernels.mxfp4_matmul.plan_dense`); ``interpret=True`` for CPU.
+    """
+    wp = _parse_weights(w, 0, "q8_0_matmul")
+    lead, i = x.shape[:-1], x.shape[-1]
+    if i != wp.I:
+        raise WeightsError(f"q8_0_matmul: x[..., {i}] does not match the weight [O={wp.O}, "
+                           f"I={wp.I}]")
+    M = math.prod(lead)
+    p = plan_dense(M, wp.O, wp.I, mode=mode, block_m=block_m, block_n=block_n, block_k=block_k,
+                   k_splits=k_splits, num_warps=num_warps, num_stages=num_stages)
+    _check_plan(p, "q8_0_matmul")
+    xk = x.astype(F32) if p.mode == "gemv" else x     # f32 once here: see mxfp4_matmul
+    args = [xk.reshape(M, wp.G, QK), *wp.arrays]
+    if bias is not None:
+        args.append(jnp.asarray(bias, F32).reshape(wp.O))
+    shape = (p.k_splits, M, wp.O) if p.k_splits > 1 else (M, wp.O)
+    kernel = functools.partial(_q8_kernel, w=wp.static(), p=p, M=M, has_bias=bias is not None,
+                               cdt=x.dtype, interpret=interpret)
+    y = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(shape, F32),
+                       grid=(cdiv(M, p.block_m), cdiv(wp.O, p.block_n), p.k_splits),
+                       compiler_params=_params(p), interpret=interpret,
+                       name="q8_0_matmul")(*args)
+    y = _finish(y, args[-1] if bias is not None else None, p.k_splits)
+    return y.reshape(*lead, wp.O)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def q8_0_matmul_ref(x, w, bias=None, *, mode=None, block_m=None, block_n=None, block_k=None,
+                    k_splits=None, num_warps=None, num_stages=None, interpret=False):
+    """Plain-jnp twin of :func:`q8_0_matmul` (tiling arguments ignored): exact decode with
+    ``quant.dequantize_q8_0``, rounded to ``x.dtype``, one dot with float32 accumulation (IEEE
+    float32 for float32 x)."""
+    del mode, block_m, block_n, block_k, k_splits, num_warps, num_stages, interpret
+    wp = _parse_weights(w, 0, "q8_0_matmul_ref")
+    lead, i = x.shape[:-1], x.shape[-1]
+    if i != wp.I:
+        raise WeightsError(f"q8_0_matmul_ref: x[..., {i}] does not match the weight "
+                           f"[O={wp.O}, I={wp.I}]")
+    wd = dequantize_q8_0(_ggml_blocks(wp)).reshape(wp.O, wp.I).astype(x.dtype)
+    x2 = x.reshape(-1, i)
+    if jax.default_backend() == "cpu" and x2.dtype != F32:
+        x2, wd = x2.astype(F32), wd.astype(F32)           # exact (16-bit products fit f32)
+    prec = lax.Precision.HIGHEST if x2.dtype == F32 else lax.Precision.DEFAULT
+    y = jnp.einsum("mi,oi->mo", x2, wd, precision=prec, preferred_element_type=F32)
+    if bias is not None:
+        y = y + jnp.asarray(bias, F32)
+    return y.reshape(*lead, wp.O)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding gather
+# ---------------------------------------------------------------------------------------------
+
+@jax.jit
+def q8_0_embed(table, ids):
+    """Rows ``table[ids]`` of a Q8_0 table, decoded exactly -> float32 ``[*ids.shape, D]``.
+
+    table: ggml bytes ``uint8[V, D / 32 * 34]`` (or a PackedWeight of type Q8_0, or
+    :class:`Q8Weights`); ids: int, any shape; out-of-range ids are clipped (as
+    ``gptjax.packed.embed``).  Plain jnp (see the module docstring): gathers the packed rows,
+    then decodes only those, bit-identical to ``gguf.quants.dequantize`` of the same rows.
+    """
+    wp = _parse_weights(table, 0, "q8_0_embed")
+    ids = jnp.clip(jnp.asarray(ids, jnp.int32), 0, wp.O - 1)
+    sel = tuple(jnp.take(a, ids, axis=0) for a in wp.arrays)
+    if wp.layout == "ggml":
+        return dequantize_q8_0(sel[0]).reshape(*ids.shape, wp.I)
+    qs, sc = sel
+    q = q8_values(qs)                                                       # [..., G, 32]
+    return (q * sc.astype(F32)[..., None]).reshape(*ids.shape, wp.I)
+
+
+@jax.jit
+def q8_0_embed_ref(table, ids):
+    """Twin of :func:`q8_0_embed`: decode the whole table, then gather (tests only: it
+    materialises V x D floats)."""
+    wp = _parse_weights(table, 0, "q8_0_embed_ref")
+    dense = dequantize_q8_0(_ggml_blocks(wp)).reshape(wp.O, wp.I)
+    return jnp.take(dense, jnp.asarray(ids, jnp.int32), axis=0, mode="clip")

@@ -1,0 +1,423 @@
+"""MXFP4 / Q8_0 matmul kernels (pallas_kernels/mxfp4_matmul.py, q8_matmul.py) and their twins.
+
+Oracle: ``gguf.quants.dequantize`` (numpy) for the weights, float64 numpy for the products.
+
+Layers of checks:
+* the in-register decoders, exhaustively: every MXFP4 code byte under every scale byte and every
+  Q8_0 quant byte under awkward f16 scales, against gguf.quants (bitwise, except that MXFP4 code
+  8 decodes to -0.0 where ggml's int8 table gives +0: equal as numbers);
+* the same through the kernels: x = identity rows make ``y = w^T`` exactly, so the kernel output
+  is compared bit for bit with the oracle's weights (dot and GEMV modes, both weight layouts);
+* matmuls against float64 with elementwise error bounds (below), on shapes that hit the edges:
+  1, 3, 16 and 69 rows (69: a ragged row tile), output sizes that are not multiples of the tile,
+  I = 64, 96 (a ragged K tile), 2880 (gpt-oss), bias on/off, forced split-K, float32 and bfloat16;
+* each kernel against its ``_ref`` twin; MoE with repeated experts, k = 2 and 4, both modes; the
+  grouping table of the grouped MoE mode as literal arrays; the Q8_0 embedding bit-exactly;
+* the same kernel cases on a GPU (``-m gpu``; skipped without one).
+
+Tolerances (elementwise, named).  Let ``mag = |x| @ |w|^T + |b|`` (float64, exact weights).
+* float32 x: ``|y - ref| <= (I + 2) * 2^-24 * mag`` (Higham's dot-product bound, any summation
+  order, plus the bias add).  Weights are decoded exactly (MXFP4 values have <= 2 significant
+  bits, Q8_0 ``q * d`` <= 19), so a wrong nibble, scale or row is off by O(|w|) and fails.
+* bfloat16 x (exact bf16 inputs; the oracle uses the same rounded x): dot mode rounds each Q8_0
+  weight once to bf16 (as the XLA reference path does), GEMV does not; MXFP4 weights are exact in
+  bf16.  Bound ``(2^-8 + (I + 2) 2^-24) * mag``: one bf16 rounding (2^-9) of every weight with
+  margin, plus float32 accumulation.
+"""
+from __future__ import annotations
+
+import warnings
+
+import gguf
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from gptjax.errors import WeightsError
+from gptjax.packed import PackedWeight
+from pallas_kernels import mxfp4_matmul as mx
+from pallas_kernels import q8_matmul as q8
+
+U32 = 2.0 ** -24
+BF16_WEIGHT_ROUNDING = 2.0 ** -8
+
+HAS_GPU = jax.default_backend() == "gpu"
+MODES = [
+    pytest.param(True, id="interpret"),
+    pytest.param(False, id="gpu", marks=[pytest.mark.gpu,
+                                         pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")]),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def oracle(raw, t) -> np.ndarray:
+    """gguf-py's dequantization of uint8 [..., row_bytes] as float64."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return gguf.quants.dequantize(np.asarray(raw), t).astype(np.float64)
+
+
+def mxfp4_bytes(rng, shape, e_lo=118, e_hi=130):
+    """ggml MXFP4 bytes [*lead, O, G*17]: random codes, scale bytes e_lo..e_hi."""
+    *lead, o, i = shape
+    b = rng.integers(0, 256, size=(*lead, o, i // 32, 17), dtype=np.uint8)
+    b[..., 0] = rng.integers(e_lo, e_hi + 1, size=b.shape[:-1])
+    return b.reshape(*lead, o, i // 32 * 17)
+
+
+def q8_bytes(rng, shape):
+    """ggml Q8_0 bytes [O, G*34]: random quants, f16 scales +-2^-12..2^-5, some zero/subnormal."""
+    o, i = shape
+    b = rng.integers(0, 256, size=(o, i // 32, 34), dtype=np.uint8)
+    n = o * (i // 32)
+    d = rng.uniform(1, 2, n) * 2.0 ** rng.integers(-12, -4, n) * rng.choice([-1, 1], n)
+    d = d.astype(np.float16)
+    d[::7] = 0
+    d[3::11] = np.uint16(1).view(np.float16)                  # smallest f16 subnormal
+    b[..., 0:2] = d.astype("<f2").view(np.uint8).reshape(o, i // 32, 2)
+    return b.reshape(o, i // 32 * 34)
+
+
+def check_bound(y, x64, w64, b64, tol_rel):
+    """Elementwise |y - (x w^T + b)| <= tol_rel * (|x| |w|^T + |b|); returns the worst ratio."""
+    y = np.asarray(y, np.float64)
+    ref = x64 @ w64.T
+    mag = np.abs(x64) @ np.abs(w64).T
+    if b64 is not None:
+        ref, mag = ref + b64, mag + np.abs(b64)
+    assert y.shape == ref.shape, (y.shape, ref.shape)
+    bound = tol_rel * mag + 1e-300
+    ratio = np.abs(y - ref) / bound
+    worst = np.unravel_index(np.argmax(ratio), ratio.shape)
+    assert np.all(ratio <= 1), (
+        f"|err| {np.abs(y - ref)[worst]:.3e} > bound {bound[worst]:.3e} at {worst}")
+    return float(ratio.max())
+
+
+def tol(dtype, i):
+    base = (i + 2) * U32
+    return base if dtype == jnp.float32 else BF16_WEIGHT_ROUNDING + base
+
+
+def as_x(rng, shape, dtype):
+    """Random x in dtype, and the same values as float64."""
+    x = rng.standard_normal(shape).astype(np.float32)
+    if dtype == jnp.bfloat16:
+        x = x.astype(ml_dtypes.bfloat16)
+    return jnp.asarray(x), np.asarray(x).astype(np.float64)
+
+
+def same_numbers_and_bits(a, b):
+    """a == b as numbers everywhere (NaN-free), and bitwise wherever nonzero (signed zeros may
+    differ: MXFP4 code 8)."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert a.shape == b.shape
+    np.testing.assert_array_equal(a, b)
+    nz = b != 0
+    np.testing.assert_array_equal(a.view(np.uint32)[nz], b.view(np.uint32)[nz])
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact decoders (plain jnp, as used inside the kernels)
+# ---------------------------------------------------------------------------------------------
+
+KVALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.float32)
+
+
+def test_fp4_kvalues_table():
+    got = np.asarray(mx.fp4_kvalues(jnp.arange(16, dtype=jnp.uint8)))
+    np.testing.assert_array_equal(got, KVALUES)                 # literal ggml kvalues_mxfp4
+    assert np.signbit(got[8]) and not np.signbit(got[0])       # code 8 is -0.0 (documented)
+
+
+def test_mxfp4_decode_every_code_and_scale():
+    """All 256 code bytes x scale bytes 2..255 vs gguf.quants: bitwise (up to the sign of 0)."""
+    e = np.arange(2, 256, dtype=np.uint8)
+    blocks = np.zeros((e.size, 16, 17), np.uint8)               # [scale, block-in-scale, bytes]
+    blocks[..., 0] = e[:, None]
+    blocks[..., 1:] = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    want = oracle(blocks.reshape(e.size, -1), T.MXFP4).astype(np.float32)   # [254, 512]
+    qs, sc = jnp.asarray(blocks[..., 1:]), jnp.asarray(blocks[..., 0])
+    lo, hi = jax.jit(mx._decode_tile)(qs, sc)                   # [254, 16, 16] each
+    got = np.concatenate([np.asarray(lo), np.asarray(hi)], axis=-1).reshape(e.size, -1)
+    with np.errstate(invalid="ignore"):
+        same_numbers_and_bits(got, want)
+    assert np.isinf(want).any()                                  # e = 254, 255 overflow like ggml
+
+
+def test_mxfp4_decode_denormal_scales_flush_or_exact():
+    """e = 0, 1 give ggml denormals (<= 12 * 2^-127); a flush-to-zero multiply may give 0."""
+    blocks = np.zeros((2, 17), np.uint8)
+    blocks[:, 0] = [0, 1]
+    blocks[:, 1:] = np.arange(16, dtype=np.uint8) * 17            # all codes in both nibbles
+    want = oracle(blocks, T.MXFP4).astype(np.float32)
+    lo, hi = mx._decode_tile(jnp.asarray(blocks[:, 1:]), jnp.asarray(blocks[:, 0]))
+    got = np.concatenate([np.asarray(lo), np.asarray(hi)], axis=-1)
+    assert np.all((got == want) | (got == 0)) and np.abs(want).max() <= 12 * 2.0 ** -127
+
+
+def test_e8m0_half_every_byte():
+    e = np.arange(256, dtype=np.uint8)
+    got = np.asarray(mx.e8m0_half(jnp.asarray(e))).view(np.uint32)
+    want = np.where(e < 2, np.uint32(0x00200000) << e.astype(np.uint32),
+                    (e.astype(np.uint32) - 1) << 23)             # ggml_e8m0_to_fp32_half
+    np.testing.assert_array_equal(got, want)
+
+
+def test_q8_values_every_byte():
+    b = np.arange(256, dtype=np.uint8)
+    got = np.asarray(q8.q8_values(jnp.asarray(b)))
+    np.testing.assert_array_equal(got, b.view(np.int8).astype(np.float32))
+
+
+def test_repack_roundtrip_and_exact():
+    rng = np.random.default_rng(1)
+    raw = mxfp4_bytes(rng, (3, 5, 64), 0, 255)
+    r = mx.repack_mxfp4(raw)
+    assert r.qs.shape == (3, 5, 2, 16) and r.scales.shape == (3, 5, 2)
+    np.testing.assert_array_equal(mx.unpack_mxfp4(r), raw)
+    np.testing.assert_array_equal(np.asarray(mx.unpack_mxfp4(mx.repack_mxfp4(jnp.asarray(raw)))),
+                                  raw)
+    rq = q8_bytes(rng, (7, 96))
+    r8 = q8.repack_q8_0(rq)
+    assert r8.qs.shape == (7, 3, 32) and r8.scales.dtype == np.float16
+    np.testing.assert_array_equal(q8.unpack_q8_0(r8), rq)
+    np.testing.assert_array_equal(np.asarray(q8.unpack_q8_0(q8.repack_q8_0(jnp.asarray(rq)))), rq)
+    # the repacked scales are the ggml f16 fields
+    np.testing.assert_array_equal(r8.scales.astype(np.float64)[..., None] * r8.qs.view(np.int8),
+                                  oracle(rq, T.Q8_0).reshape(7, 3, 32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the kernels: identity x -> exact weights
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("layout", ["ggml", "split"])
+def test_mxfp4_kernel_identity_is_exact(layout, interpret):
+    """x = I: the dot kernel returns w^T exactly (one nonzero product per output): every code
+    byte under every scale byte 2..252, through loads, masks and the in-register decode.  (Scale
+    bytes >= 253 overflow some weights to inf, and 0 * inf = NaN would spread along the row.)"""
+    e = np.resize(np.arange(2, 253, dtype=np.uint8), 252)      # 251 scales, one repeated
+    blocks = np.zeros((126, 2, 17), np.uint8)                   # O = 126 (ragged), I = 64
+    blocks[..., 0] = e.reshape(126, 2)
+    blocks[..., 1:] = np.resize(np.arange(256, dtype=np.uint8), (126, 2, 16))
+    raw = blocks.reshape(126, 34)
+    want = oracle(raw, T.MXFP4).astype(np.float32)              # [126, 64]
+    w = mx.repack_mxfp4(jnp.asarray(raw)) if layout == "split" else jnp.asarray(raw)
+    y = mx.mxfp4_matmul(jnp.eye(64, dtype=jnp.float32), w, interpret=interpret)
+    same_numbers_and_bits(np.asarray(y).T, want)
+    # GEMV mode (block sums, then the block scale): one-hot rows, 4 at a time
+    f = jax.jit(lambda xx: mx.mxfp4_matmul(xx, w, mode="gemv", interpret=interpret))
+    cols = [0, 17, 31, 32, 40, 63]
+    y = np.concatenate([np.asarray(f(jnp.eye(64, dtype=jnp.float32)[c][None])) for c in cols])
+    same_numbers_and_bits(y, want[:, cols].T)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("layout", ["ggml", "split"])
+def test_q8_kernel_identity_is_exact(layout, interpret):
+    """x = I: every quant byte under scales 0, +-subnormal, +-65504, random.  Exact as numbers;
+    bitwise except zeros (a sum of products gives +0 where q * (-d) alone is -0)."""
+    rng = np.random.default_rng(2)
+    raw = q8_bytes(rng, (40, 64)).reshape(40, 2, 34)
+    raw[:, :, 2:] = np.resize(np.arange(256, dtype=np.uint8), (40, 2, 32))
+    special = np.array([0, 1, 0x8001, 0x7BFF, 0xFBFF, 0x0400], np.uint16)   # f16 bit patterns
+    raw[:6, 0, 0:2] = special.astype("<u2").view(np.uint8).reshape(6, 2)
+    raw = raw.reshape(40, 68)
+    want = oracle(raw, T.Q8_0).astype(np.float32)
+    w = q8.repack_q8_0(jnp.asarray(raw)) if layout == "split" else jnp.asarray(raw)
+    y = q8.q8_0_matmul(jnp.eye(64, dtype=jnp.float32), w, interpret=interpret)
+    same_numbers_and_bits(np.asarray(y).T, want)
+    f = jax.jit(lambda xx: q8.q8_0_matmul(xx, w, mode="gemv", interpret=interpret))
+    for c in (0, 33, 63):
+        same_numbers_and_bits(f(jnp.eye(64, dtype=jnp.float32)[c][None])[0], want[:, c])
+
+
+# ---------------------------------------------------------------------------------------------
+# Matmuls vs float64
+# ---------------------------------------------------------------------------------------------
+
+# (M rows, O, I, dtype, layout, bias, extra kwargs)
+DENSE_CASES = [
+    (1, 40, 96, jnp.float32, "ggml", True, {}),                  # GEMV, ragged O and K tiles
+    (3, 72, 64, jnp.bfloat16, "split", False, {}),               # GEMV, 3 rows
+    (16, 40, 96, jnp.float32, "split", True, {}),                # decode-sized dot
+    (69, 72, 96, jnp.bfloat16, "ggml", True, {}),                # prefill dot, ragged rows
+    (2, 48, 256, jnp.float32, "split", True, {"k_splits": 3, "block_k": 64}),   # split-K GEMV
+    (20, 48, 256, jnp.bfloat16, "ggml", False, {"k_splits": 2, "block_k": 32}),  # split-K dot
+    (1, 24, 2880, jnp.bfloat16, "split", True, {}),              # gpt-oss row length
+]
+
+
+def _case_id(c):
+    m, o, i, dt, lay, b, kw = c
+    return f"M{m}-O{o}-I{i}-{jnp.dtype(dt).name}-{lay}-{'bias' if b else 'nobias'}" + \
+        "".join(f"-{k}{v}" for k, v in kw.items())
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("case", DENSE_CASES, ids=_case_id)
+def test_mxfp4_matmul_vs_float64(case, interpret):
+    m, o, i, dtype, layout, with_bias, kw = case
+    rng = np.random.default_rng(m * 1000 + o + i)
+    raw = mxfp4_bytes(rng, (o, i))
+    w64 = oracle(raw, T.MXFP4)
+    x, x64 = as_x(rng, (m, i), dtype)
+    b = rng.standard_normal(o).astype(np.float32) if with_bias else None
+    w = mx.repack_mxfp4(raw) if layout == "split" else jnp.asarray(raw)
+    y = mx.mxfp4_matmul(x, w, None if b is None else jnp.asarray(b), interpret=interpret, **kw)
+    assert y.dtype == jnp.float32 and y.shape == (m, o)
+    b64 = None if b is None else b.astype(np.float64)
+    check_bound(y, x64, w64, b64, tol(dtype, i))
+    y_ref = mx.mxfp4_matmul_ref(x, w, None if b is None else jnp.asarray(b), **kw)
+    check_bound(y_ref, x64, w64, b64, tol(dtype, i))
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("case", DENSE_CASES[:6], ids=_case_id)
+def test_q8_matmul_vs_float64(case, interpret):
+    m, o, i, dtype, layout, with_bias, kw = case
+    rng = np.random.default_rng(m * 1000 + o + i + 7)
+    raw = q8_bytes(rng, (o, i))
+    w64 = oracle(raw, T.Q8_0)
+    x, x64 = as_x(rng, (m, i), dtype)
+    b = rng.standard_normal(o).astype(np.float32) if with_bias else None
+    w = q8.repack_q8_0(raw) if layout == "split" else jnp.asarray(raw)
+    y = q8.q8_0_matmul(x, w, None if b is None else jnp.asarray(b), interpret=interpret, **kw)
+    assert y.dtype == jnp.float32 and y.shape == (m, o)
+    b64 = None if b is None else b.astype(np.float64)
+    check_bound(y, x64, w64, b64, tol(dtype, i))
+    check_bound(q8.q8_0_matmul_ref(x, w, None if b is None else jnp.asarray(b)), x64, w64, b64,
+                tol(dtype, i))
+
+
+def test_kernel_matches_ref_leading_axes_and_packed_weight():
+    """x with leading axes [B, T, I]; w given as a PackedWeight; kernel vs _ref twin."""
+    rng = np.random.default_rng(5)
+    raw = mxfp4_bytes(rng, (40, 64))
+    pw = PackedWeight.from_bytes(raw, T.MXFP4, (40, 64))
+    x = jnp.asarray(rng.standard_normal((2, 3, 64)).astype(np.float32))
+    y = mx.mxfp4_matmul(x, pw, interpret=True)
+    yr = mx.mxfp4_matmul_ref(x, pw)
+    assert y.shape == (2, 3, 40)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(yr), rtol=0, atol=66 * U32 * float(
+        np.abs(np.asarray(x)).max() * np.abs(oracle(raw, T.MXFP4)).sum(1).max()))
+    with pytest.raises(WeightsError, match="expected MXFP4"):
+        mx.mxfp4_matmul(x, PackedWeight.from_bytes(q8_bytes(rng, (40, 64)), T.Q8_0, (40, 64)))
+
+
+# ---------------------------------------------------------------------------------------------
+# MoE
+# ---------------------------------------------------------------------------------------------
+
+def test_moe_tiles_literal():
+    """Rows by expert [2, 0, 2, 2, 1], E = 3, tiles of 2: stable sort [1, 4, 0, 2, 3]; expert 0
+    rows [0, 1), expert 1 [1, 2), expert 2 [2, 4) and [4, 5); bound (5 + 3) // 2 = 4 tiles."""
+    order, tiles = mx.moe_tiles(jnp.array([2, 0, 2, 2, 1]), 3, 2)
+    np.testing.assert_array_equal(np.asarray(order), [1, 4, 0, 2, 3])
+    np.testing.assert_array_equal(np.asarray(tiles), [[0, 1, 2, 2], [0, 1, 2, 4], [1, 2, 4, 5]])
+    # One expert with 3 rows, E = 4: the bound (3 + 3) // 2 = 3 tiles, 2 used ([0, 2), [2, 3));
+    # the unused third tile is empty (first == end == 0, expert clipped to E - 1).
+    order, tiles = mx.moe_tiles(jnp.array([1, 1, 1]), 4, 2)
+    np.testing.assert_array_equal(np.asarray(tiles), [[1, 1, 3], [0, 2, 0], [2, 3, 0]])
+
+
+MOE_CASES = [
+    # (T, k, E, O, I, dtype, layout, bias, mode)
+    (3, 2, 5, 40, 64, jnp.float32, "ggml", True, None),          # pairs (R = 6)
+    (2, 4, 5, 24, 96, jnp.bfloat16, "split", False, None),       # pairs, k = 4
+    (9, 4, 5, 40, 64, jnp.float32, "split", True, None),         # grouped (R = 36)
+    (5, 4, 3, 24, 64, jnp.bfloat16, "ggml", True, "grouped"),    # grouped, few experts
+]
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("case", MOE_CASES, ids=lambda c: f"T{c[0]}-k{c[1]}-E{c[2]}-{c[6]}-{c[8]}")
+def test_mxfp4_moe_vs_float64(case, interpret):
+    t, k, e, o, i, dtype, layout, with_bias, mode = case
+    rng = np.random.default_rng(t * 100 + k)
+    raw = mxfp4_bytes(rng, (e, o, i))
+    w64 = oracle(raw.reshape(e * o, -1), T.MXFP4).reshape(e, o, i)
+    x, x64 = as_x(rng, (t, i), dtype)
+    ids = rng.integers(0, e, size=(t, k)).astype(np.int32)
+    ids[0, :] = ids[0, 0]                                        # a token repeating an expert
+    ids[-1, 0] = ids[0, 0]                                       # an expert shared by tokens
+    b = rng.standard_normal((e, o)).astype(np.float32) if with_bias else None
+    w = mx.repack_mxfp4(raw) if layout == "split" else jnp.asarray(raw)
+    args = (x, w, jnp.asarray(ids), None if b is None else jnp.asarray(b))
+    y = np.asarray(mx.mxfp4_moe_matmul(*args, mode=mode, interpret=interpret))
+    y_ref = np.asarray(mx.mxfp4_moe_matmul_ref(*args))
+    assert y.shape == (t, k, o)
+    for tt in range(t):
+        for u in range(k):
+            ex = ids[tt, u]
+            b64 = None if b is None else b[ex].astype(np.float64)
+            for got in (y[tt, u][None], y_ref[tt, u][None]):
+                check_bound(got, x64[tt][None], w64[ex], b64, tol(dtype, i))
+
+
+def test_moe_shape_errors():
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(mxfp4_bytes(rng, (3, 8, 64)))
+    with pytest.raises(WeightsError, match="does not match"):
+        mx.mxfp4_moe_matmul(jnp.zeros((2, 32)), w, jnp.zeros((2, 1), jnp.int32), interpret=True)
+    with pytest.raises(WeightsError, match="expert_ids"):
+        mx.mxfp4_moe_matmul(jnp.zeros((2, 64)), w, jnp.zeros((3, 1), jnp.int32), interpret=True)
+    with pytest.raises(WeightsError, match=r"uint8\[E, O, G\*17\]"):
+        mx.mxfp4_moe_matmul(jnp.zeros((2, 64)), w[0], jnp.zeros((2, 1), jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding, errors, dispatch switch
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["ggml", "split"])
+def test_q8_embed_bit_exact(layout):
+    rng = np.random.default_rng(3)
+    raw = q8_bytes(rng, (50, 96))
+    want = oracle(raw, T.Q8_0).astype(np.float32)
+    table = q8.repack_q8_0(raw) if layout == "split" else jnp.asarray(raw)
+    ids = np.array([[0, 49, 7], [7, 60, -3]])                   # repeats and out-of-range ids
+    got = np.asarray(q8.q8_0_embed(table, jnp.asarray(ids)))
+    np.testing.assert_array_equal(got.view(np.uint32), want[np.clip(ids, 0, 49)].view(np.uint32))
+    np.testing.assert_array_equal(got, np.asarray(q8.q8_0_embed_ref(table, jnp.asarray(ids))))
+
+
+def test_shape_and_plan_errors():
+    rng = np.random.default_rng(4)
+    w = jnp.asarray(mxfp4_bytes(rng, (8, 64)))
+    with pytest.raises(WeightsError, match=r"x\[..., 32\] does not match the weight \[O=8, I=64\]"):
+        mx.mxfp4_matmul(jnp.zeros((1, 32)), w, interpret=True)
+    with pytest.raises(WeightsError, match="G\\*17"):
+        mx.mxfp4_matmul(jnp.zeros((1, 64)), w[:, :30], interpret=True)
+    with pytest.raises(ValueError, match="block_k=48 must be a power of two"):
+        mx.mxfp4_matmul(jnp.zeros((1, 64)), w, block_k=48, interpret=True)
+    with pytest.raises(ValueError, match="block_m >= 16"):
+        mx.mxfp4_matmul(jnp.zeros((8, 64)), w, mode="dot", block_m=8, interpret=True)
+    with pytest.raises(WeightsError, match="Q8_0"):
+        q8.q8_0_matmul(jnp.zeros((1, 64)), jnp.zeros((8, 60), jnp.uint8), interpret=True)
+
+
+def test_use_kernel_switch(monkeypatch):
+    monkeypatch.setenv("GPTJAX_KERNELS", "ref")
+    assert not mx.use_kernel() and not q8.use_kernel()
+    monkeypatch.delenv("GPTJAX_KERNELS")
+    assert mx.use_kernel() == HAS_GPU
+
+
+def test_plan_fills_the_gpu():
+    """Decode of a 2880 x 2880 matrix: split K until >= TARGET_PROGRAMS programs; the vocab head
+    needs no split; prefill uses dot tiles."""
+    p = mx.plan_dense(1, 2880, 2880)
+    n_prog = -(-2880 // p.block_n) * p.k_splits
+    assert p.mode == "gemv" and p.k_splits > 1 and n_prog >= mx.TARGET_PROGRAMS
+    assert mx.plan_dense(1, 201088, 2880).k_splits == 1
+    p = mx.plan_dense(512, 2880, 2880)
+    assert p.mode == "dot" and p.block_m >= 64 and p.k_splits == 1
