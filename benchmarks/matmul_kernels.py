@@ -179,7 +179,8 @@ def metrics(t, m, o, i, sec):
 
 def plan_str(t, m, o, i, **over):
     p = mx.plan_dense(m, o, i, **over)
-    return f"{p.mode} {p.block_m}x{p.block_n}x{p.block_k} s{p.k_splits} w{p.num_warps}"
+    return (f"{p.mode} {p.block_m}x{p.block_n}x{p.block_k} s{p.k_splits} w{p.num_warps}"
+            + (" prefetch" if p.prefetch else ""))
 
 
 def main(argv=None) -> int:
@@ -321,13 +322,13 @@ def _report(args, card, table, failures) -> int:
 
 
 SWEEP = [
-    dict(mode="gemv", block_n=16, block_k=256),
-    dict(mode="gemv", block_n=32, block_k=256),
-    dict(mode="gemv", block_n=32, block_k=512),
-    dict(mode="gemv", block_n=64, block_k=256),
-    dict(mode="gemv", block_n=32, block_k=256, num_warps=8),
-    dict(mode="gemv", block_n=32, block_k=256, k_splits=1),
-    dict(mode="gemv", block_n=32, block_k=128, k_splits=8),
+    dict(mode="gemv", block_n=32, block_k=256, prefetch=True),
+    dict(mode="gemv", block_n=32, block_k=256, prefetch=False),
+    dict(mode="gemv", block_n=16, block_k=256, prefetch=True),
+    dict(mode="gemv", block_n=64, block_k=256, prefetch=False),
+    dict(mode="gemv", block_n=32, block_k=512, prefetch=False),
+    dict(mode="gemv", block_n=32, block_k=256, num_warps=8, prefetch=True),
+    dict(mode="gemv", block_n=32, block_k=128, k_splits=8, prefetch=True),
     dict(mode="dot", block_m=16, block_n=32, block_k=128),
     dict(mode="dot", block_m=16, block_n=64, block_k=128),
     dict(mode="dot", block_m=16, block_n=32, block_k=256, num_warps=8),
@@ -364,7 +365,9 @@ def sweep(runs, outs) -> str:
 
 def _cfg_name(c):
     short = {"block_m": "m", "block_n": "n", "block_k": "k", "k_splits": "s", "num_warps": "w"}
-    return c["mode"] + " " + ",".join(f"{short[k]}{v}" for k, v in c.items() if k != "mode")
+    parts = [f"{short[k]}{v}" for k, v in c.items() if k in short]
+    parts += ["pf"] if c.get("prefetch") else []
+    return c["mode"] + " " + ",".join(parts)
 
 
 if __name__ == "__main__":

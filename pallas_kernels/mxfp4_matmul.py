@@ -55,7 +55,9 @@ Triton backend is used on jax 0.10 .. 0.12; power-of-two tiles; ragged edges of 
 block count G are masked loads/stores, so any M, O and any I = 32 G work, e.g. 2880 = 90 blocks):
 
 * dense ``"gemv"``: one program per (block of ``block_n`` output rows, K split), all M rows in the
-  program, a float32 accumulator ``[block_n, gt]`` per row, reduced once at the end.
+  program, a float32 accumulator ``[block_n, gt]`` per row, reduced once at the end.  Triton
+  pipelines only loads that feed dots, so for small grids (decode of O = 2880: a few warps per
+  SM) the next step's loads are issued by hand before this step's arithmetic (``prefetch``).
 * dense ``"dot"``: tiles ``[block_m, block_n]``; per K step the decoded tile is cast to the
   compute dtype and two dots are accumulated (``block_m, block_n >= 16``: Triton's minimum).
 * split-K (``k_splits``, decode only): when the output tiles alone give fewer than
@@ -67,12 +69,13 @@ block count G are masked loads/stores, so any M, O and any I = 32 G work, e.g. 2
   routed rows sorted by expert (:func:`moe_tiles`), tiles of ``block_m`` rows of one expert, one
   dot program per (tile, block of output rows); unused tiles of the static bound exit at once).
 
-What the compiled code looks like (Triton 3.6 offline on this TTIR, sm_90a SASS, no spills):
-decode GEMV with repacked weights ~6.3 instructions per weight (vs ~12.4 on ggml bytes); an
+What the compiled code looks like (the Triton IR these kernels lower to, compiled offline with
+Triton 3.6 and ptxas for sm_90a; no spills anywhere): decode GEMV with repacked weights ~6.3
+instructions per weight (~7.2 with the software prefetch), ~12.4 on ggml bytes (byte loads).  An
 H100 SM issues 128 thread-instructions per clock and must consume ~21 MXFP4 weights per clock to
-stream 2.6 TB/s, so the decode kernel sits near the issue limit (expect ~60-80 % of bandwidth
-at best).  Prefill uses wgmma (``HGMMA.64x64x16``) fed from registers after the decode, with
-cp.async-pipelined loads.
+stream 2.6 TB/s, so the MXFP4 decode kernel sits near the issue limit: expect ~60-80 % of the
+bandwidth at best.  Prefill uses wgmma (``HGMMA.64x64x16``) with cp.async-pipelined loads, and
+the decode adds ~25 instructions per thread per 64-deep K step beside it.
 
 ``*_ref`` twins: plain jnp with the same signatures (tiling arguments accepted and ignored),
 decoding with ``gptjax.quant.dequantize_mxfp4`` then one ``dot_general`` (the XLA reference path).
@@ -111,8 +114,11 @@ __all__ = [
     "use_kernel",
     "Plan",
     "plan_dense",
+    "plan_moe",
+    "moe_tiles",
     "GEMV_MAX_ROWS",
     "TARGET_PROGRAMS",
+    "PREFETCH_MAX_PROGRAMS",
 ]
 
 F32 = jnp.float32
@@ -125,7 +131,11 @@ SM_COUNT = 132
 #: Split K until the grid has at least this many programs (two waves of the SMs).
 TARGET_PROGRAMS = 2 * SM_COUNT
 #: Dense matmuls with at most this many rows use the elementwise GEMV kernel, more use dots.
-GEMV_MAX_ROWS = 4
+#: (SASS instruction counts per weight, MXFP4 / Q8_0: GEMV 6.3 / 5.6 at 1 row, 13.3 / 11.5 at 4
+#: rows; the 16-row dot kernel 10.9 / 8.8 for all 16 rows.)
+GEMV_MAX_ROWS = 2
+#: GEMV grids with fewer programs than this prefetch the next K step in software.
+PREFETCH_MAX_PROGRAMS = 4 * SM_COUNT
 
 
 def use_kernel() -> bool:
@@ -318,10 +328,12 @@ def _ix(i):
     return jnp.int32(i) if isinstance(i, int) else i
 
 
-def _load_w_tile(w: _W, w_refs, lead, row0, bn, g0, gt):
+def _load_w_tile(w: _W, w_refs, lead, row0, bn, g0, gt, g_end=None):
     """Code bytes uint8 [bn, gt, 16] and scale bytes uint8 [bn, gt] of output rows
-    ``row0 + [0, bn)`` and blocks ``g0 + [0, gt)``; out-of-range rows/blocks read as code 0."""
-    ok = ((row0 + _iota(bn)) < w.O)[:, None] & ((g0 + _iota(gt)) < w.G)[None, :]   # [bn, gt]
+    ``row0 + [0, bn)`` and blocks ``g0 + [0, gt)``; rows >= O and blocks >= ``g_end`` (default
+    G) are not read (code 0)."""
+    g_end = w.G if g_end is None else g_end
+    ok = ((row0 + _iota(bn)) < w.O)[:, None] & ((g0 + _iota(gt)) < g_end)[None, :]  # [bn, gt]
     r, g = pl.ds(row0, bn), pl.ds(g0, gt)
     if w.layout == "ggml":
         (ref,) = w_refs                                                     # [..., O, G, 17]
@@ -334,10 +346,11 @@ def _load_w_tile(w: _W, w_refs, lead, row0, bn, g0, gt):
     return qs, e
 
 
-def _load_x_half(x_ref, rows, row_ok, g0, gt, n_groups, half):
+def _load_x_half(x_ref, rows, row_ok, g0, gt, g_end, half):
     """x viewed [M, G, 2, 16]: elements ``32 g + 16 half + j`` of rows ``rows`` (a pl.ds, or an
-    int/scalar row) -> [bm, gt, 16] (or [gt, 16] for a single row); masked rows/blocks read 0."""
-    g_ok = (g0 + _iota(gt)) < n_groups
+    int/scalar row) -> [bm, gt, 16] (or [gt, 16] for a single row); rows with ``row_ok`` false
+    and blocks >= ``g_end`` read 0."""
+    g_ok = (g0 + _iota(gt)) < g_end
     if row_ok is None:                                                      # single row
         return pltriton.load(x_ref.at[_ix(rows), pl.ds(g0, gt), _ix(half), pl.ds(0, 16)],
                              mask=g_ok[:, None], other=0)
@@ -369,24 +382,49 @@ def _mxfp4_step_dot(acc, w: _W, w_refs, lead, x_ref, x_rows, x_ok, row0, bn, g0,
     return acc
 
 
-def _mxfp4_step_gemv(accs, w: _W, w_refs, lead, x_ref, rows, row0, bn, g0, gt):
-    """GEMV step.  accs: one float32 [bn, gt] accumulator per x row in ``rows`` (static ints or
-    scalars).  Per block and row, ``s = sum_j FP4[c_j] 2^-14 x_j`` over the block's 32 inputs
-    (the 16 code bytes of a block are in one thread: an in-register reduction), then the block's
-    exact power-of-two scale ``2^(e - 113)`` is applied to ``s``.  Same value as summing
-    ``w_j x_j`` with the exact weights (a power of two factors out of a sum); only the float32
-    rounding order differs.  It saves two multiplies per weight over dequantize-then-multiply.
+def _mxfp4_gemv_load(w: _W, w_refs, lead, x_ref, rows, row0, bn, g0, gt, g_end):
+    """Everything one GEMV step reads: (code bytes, scale bytes, ((x_lo, x_hi) per row))."""
+    qs, e = _load_w_tile(w, w_refs, lead, row0, bn, g0, gt, g_end)
+    xs = tuple((_load_x_half(x_ref, r, None, g0, gt, g_end, 0),
+                _load_x_half(x_ref, r, None, g0, gt, g_end, 1)) for r in rows)
+    return qs, e, xs
+
+
+def _mxfp4_gemv_compute(accs, tile):
+    """GEMV arithmetic of one step.  accs: one float32 [bn, gt] accumulator per x row.  Per
+    block and row, ``s = sum_j FP4[c_j] 2^-14 x_j`` over the block's 32 inputs (the 16 code bytes
+    of a block are in one thread: an in-register reduction), then the block's exact power-of-two
+    scale ``2^(e - 113)`` is applied to ``s``.  The same value as summing ``w_j x_j`` with the
+    exact weights (a power of two factors out of a sum); only the float32 rounding order differs.
+    Two multiplies per weight fewer than dequantize-then-multiply.
     """
-    qs, e = _load_w_tile(w, w_refs, lead, row0, bn, g0, gt)
+    qs, e, xs = tile
     h_lo, h_hi = _fp4_scaled_pair(qs)                                       # [bn, gt, 16]
     d1, d2 = _e8m0_split(e)                                                 # [bn, gt]
     out = []
-    for acc, r in zip(accs, rows):
-        x_lo = _load_x_half(x_ref, r, None, g0, gt, w.G, 0).astype(F32)    # [gt, 16]
-        x_hi = _load_x_half(x_ref, r, None, g0, gt, w.G, 1).astype(F32)
+    for acc, (x_lo, x_hi) in zip(accs, xs):                                 # x: [gt, 16] f32
         part = jnp.sum(h_lo * x_lo[None] + h_hi * x_hi[None], axis=2)      # [bn, gt]
         out.append(acc + part * d1 * d2)
     return tuple(out)
+
+
+def _gemv_loop(load, compute, accs, g_first, gt, steps, g_end, prefetch=True):
+    """``steps`` K steps starting at block ``g_first`` with a software prefetch: the loads of
+    step t + 1 are issued before the arithmetic of step t, so their latency overlaps it (Triton
+    pipelines only loads that feed dots; decode grids are too small to hide latency with more
+    warps).  Loads at or past ``g_end`` are masked off, so the prefetch past the last step reads
+    nothing.  ``prefetch=False``: load and compute in the same step."""
+    if not prefetch:
+        return lax.fori_loop(0, steps, lambda t, a: compute(a, load(g_first + t * gt, g_end)),
+                             accs)
+
+    def body(t, carry):
+        accs, cur = carry
+        nxt = load(g_first + (t + 1) * gt, g_end)
+        return compute(accs, cur), nxt
+
+    accs, _ = lax.fori_loop(0, steps, body, (accs, load(g_first, g_end)))
+    return accs
 
 
 def _store_rows(out_ref, prefix, y, m_rows, m_ok, n0, bn, n_out):
@@ -411,14 +449,17 @@ def _load_bias(bias_ref, lead, n0, bn, n_out):
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Static tiling of one kernel call.  ``block_k`` counts input elements (a multiple of 32:
-    whole quant blocks); ``k_splits`` programs share the K range of each output tile."""
-    mode: str            # "gemv" | "dot"
+    whole quant blocks); ``k_splits`` programs share the K range of each output tile;
+    ``prefetch`` (GEMV modes only) issues the next K step's loads before this step's arithmetic
+    (:func:`_gemv_loop`)."""
+    mode: str            # "gemv" | "dot" (MoE: "pairs" | "grouped")
     block_m: int
     block_n: int
     block_k: int
     k_splits: int
     num_warps: int
     num_stages: int
+    prefetch: bool = False
 
 
 def cdiv(a: int, b: int) -> int:
@@ -455,12 +496,14 @@ def _split_k(tiles: int, n_k_steps: int) -> int:
 
 
 def plan_dense(M: int, O: int, I: int, *, mode=None, block_m=None, block_n=None, block_k=None,
-               k_splits=None, num_warps=None, num_stages=None) -> Plan:
+               k_splits=None, num_warps=None, num_stages=None, prefetch=None) -> Plan:
     """Default tiling for an ``[M, I] x [O, I]^T`` MXFP4/Q8_0 matmul (any argument overrides).
 
-    gemv (M <= GEMV_MAX_ROWS): 32 output rows x 256 inputs per step, 4 warps.
+    gemv (M <= GEMV_MAX_ROWS = 2): 32 output rows x 256 inputs per step, 4 warps, software prefetch
+    when the grid is small (< PREFETCH_MAX_PROGRAMS programs: few warps per SM to hide memory
+    latency; the prefetch costs ~40 registers and ~13 % more instructions, measured in SASS).
     dot, decode-sized M (< 64): 16 x 32 x 128.  dot, prefill: 64 x 64 x 64 (M < 256) or
-    128 x 64 x 64 with 8 warps.  Split K up to TARGET_PROGRAMS programs.  These are starting
+    128 x 64 x 64 with 8 warps.  Split K (decode only) up to TARGET_PROGRAMS programs.  Starting
     points for benchmarks/matmul_kernels.py, which sweeps alternatives on the GPU.
     """
     mode = mode or ("gemv" if M <= GEMV_MAX_ROWS else "dot")
@@ -485,7 +528,15 @@ def plan_dense(M: int, O: int, I: int, *, mode=None, block_m=None, block_n=None,
     else:   # decode only: prefill tiles are big enough, and partials would cost a write of M x O
         s = _split_k(tiles, n_steps) if (mode == "gemv" or M < 64) else 1
     s = -(-n_steps // -(-n_steps // max(1, min(s, n_steps))))      # no empty splits
-    return Plan(mode, d["block_m"], d["block_n"], d["block_k"], s, d["num_warps"], d["num_stages"])
+    if prefetch is None:
+        prefetch = mode == "gemv" and tiles * s < PREFETCH_MAX_PROGRAMS
+    return Plan(mode, d["block_m"], d["block_n"], d["block_k"], s, d["num_warps"], d["num_stages"],
+                bool(prefetch))
+
+
+#: Static keyword arguments of every public kernel function (and its ``_ref`` twin).
+_STATIC = ("mode", "block_m", "block_n", "block_k", "k_splits", "num_warps", "num_stages",
+           "prefetch", "interpret")
 
 
 def _params(p: Plan):
@@ -533,22 +584,20 @@ def _dense_kernel(*refs, w: _W, p: Plan, M: int, has_bias: bool, cdt, interpret:
         _store_rows(out_ref, prefix, y, pl.ds(m0, bm), m_ok, n0, bn, w.O)
     else:
         rows = tuple(range(M))
-
-        def body(t, accs):
-            return _mxfp4_step_gemv(accs, w, w_refs, (), x_ref, rows, n0, bn,
-                                    g_first + t * gt, gt)
-
-        accs = lax.fori_loop(0, steps, body, tuple(jnp.zeros((bn, gt), F32) for _ in rows))
+        g_end = jnp.minimum(g_first + steps * gt, w.G)                    # this split's blocks
+        load = functools.partial(_mxfp4_gemv_load, w, w_refs, (), x_ref, rows, n0, bn, gt=gt)
+        accs = _gemv_loop(lambda g0, ge: load(g0=g0, g_end=ge), _mxfp4_gemv_compute,
+                          tuple(jnp.zeros((bn, gt), F32) for _ in rows), g_first, gt, steps,
+                          g_end, p.prefetch)
         b = _load_bias(bias_ref, (), n0, bn, w.O) if with_bias else None
         for r, acc in zip(rows, accs):
             y = jnp.sum(acc, axis=1)
             _store_rows(out_ref, prefix, y + b if b is not None else y, r, None, n0, bn, w.O)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "mode", "block_m", "block_n", "block_k", "k_splits", "num_warps", "num_stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def mxfp4_matmul(x, w, bias=None, *, mode=None, block_m=None, block_n=None, block_k=None,
-                 k_splits=None, num_warps=None, num_stages=None, interpret=False):
+                 k_splits=None, num_warps=None, num_stages=None, prefetch=None, interpret=False):
     """``x [..., I] @ dequant(w)[O, I]^T (+ bias [O])`` -> float32 ``[..., O]``, fused (Pallas).
 
     x: float32 / bfloat16 / float16 ``[..., I]`` (the compute dtype); w: ggml MXFP4 bytes
@@ -564,7 +613,8 @@ def mxfp4_matmul(x, w, bias=None, *, mode=None, block_m=None, block_n=None, bloc
                            f"I={wp.I}]")
     M = math.prod(lead)
     p = plan_dense(M, wp.O, wp.I, mode=mode, block_m=block_m, block_n=block_n, block_k=block_k,
-                   k_splits=k_splits, num_warps=num_warps, num_stages=num_stages)
+                   k_splits=k_splits, num_warps=num_warps, num_stages=num_stages,
+                   prefetch=prefetch)
     _check_plan(p, "mxfp4_matmul")
     # GEMV math is float32 anyway; converting x once here (a few KB) saves a conversion per
     # weight in the kernel (each thread would convert its own copy of the broadcast x tile).
@@ -594,14 +644,14 @@ def _ref_dot(x2, wd):
     return jnp.einsum("mi,oi->mo", x2, wd, precision=prec, preferred_element_type=F32)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "mode", "block_m", "block_n", "block_k", "k_splits", "num_warps", "num_stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def mxfp4_matmul_ref(x, w, bias=None, *, mode=None, block_m=None, block_n=None, block_k=None,
-                     k_splits=None, num_warps=None, num_stages=None, interpret=False):
+                     k_splits=None, num_warps=None, num_stages=None, prefetch=None,
+                     interpret=False):
     """Plain-jnp twin of :func:`mxfp4_matmul` (tiling arguments ignored): decode the whole weight
     exactly (``quant.dequantize_mxfp4``), round to ``x.dtype``, one dot with float32 accumulation.
     """
-    del mode, block_m, block_n, block_k, k_splits, num_warps, num_stages, interpret
+    del mode, block_m, block_n, block_k, k_splits, num_warps, num_stages, prefetch, interpret
     wp = _parse_weights(w, 0, "mxfp4_matmul_ref")
     lead, i = x.shape[:-1], x.shape[-1]
     if i != wp.I:
@@ -632,11 +682,10 @@ def _pairs_kernel(*refs, w: _W, p: Plan, k: int, has_bias: bool, cdt):
     n0 = i_n * bn
     g_first = i_s * (steps * gt)
 
-    def body(s, accs):
-        return _mxfp4_step_gemv(accs, w, w_refs, (e,), x_ref, (t,), n0, bn, g_first + s * gt,
-                                gt)
-
-    (acc,) = lax.fori_loop(0, steps, body, (jnp.zeros((bn, gt), F32),))
+    g_end = jnp.minimum(g_first + steps * gt, w.G)
+    load = functools.partial(_mxfp4_gemv_load, w, w_refs, (e,), x_ref, (t,), n0, bn, gt=gt)
+    (acc,) = _gemv_loop(lambda g0, ge: load(g0=g0, g_end=ge), _mxfp4_gemv_compute,
+                        (jnp.zeros((bn, gt), F32),), g_first, gt, steps, g_end, p.prefetch)
     y = jnp.sum(acc, axis=1)
     if has_bias and p.k_splits == 1:
         y = y + _load_bias(bias_ref, (e,), n0, bn, w.O)
@@ -698,7 +747,8 @@ def moe_tiles(flat_ids, n_experts: int, block_m: int):
 
 
 def plan_moe(T: int, k: int, O: int, I: int, *, mode=None, block_m=None, block_n=None,
-             block_k=None, k_splits=None, num_warps=None, num_stages=None) -> Plan:
+             block_k=None, k_splits=None, num_warps=None, num_stages=None,
+             prefetch=None) -> Plan:
     """Default tiling of :func:`mxfp4_moe_matmul`.  ``mode`` "pairs" (T*k <= 16 routed rows) or
     "grouped"; pairs: 32 rows x 256 inputs (GEMV math, K split to fill the GPU); grouped: the
     dense prefill tiles with block_m 16 (<= 256 routed rows: few rows per expert) or 64."""
@@ -710,7 +760,9 @@ def plan_moe(T: int, k: int, O: int, I: int, *, mode=None, block_m=None, block_n
         n_steps = -(-I // base.block_k)
         s = _split_k(R * -(-O // base.block_n), n_steps) if k_splits is None else int(k_splits)
         s = -(-n_steps // -(-n_steps // max(1, min(s, n_steps))))
-        return dataclasses.replace(base, mode="pairs", k_splits=s)
+        if prefetch is None:
+            prefetch = R * -(-O // base.block_n) * s < PREFETCH_MAX_PROGRAMS
+        return dataclasses.replace(base, mode="pairs", k_splits=s, prefetch=bool(prefetch))
     if mode != "grouped":
         raise ValueError(f"mxfp4_moe_matmul: mode={mode!r}: expected 'pairs' or 'grouped'")
     bm = block_m or (16 if R <= 256 else 64)
@@ -719,11 +771,10 @@ def plan_moe(T: int, k: int, O: int, I: int, *, mode=None, block_m=None, block_n
     return dataclasses.replace(base, mode="grouped")
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "mode", "block_m", "block_n", "block_k", "k_splits", "num_warps", "num_stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def mxfp4_moe_matmul(x, w, expert_ids, bias=None, *, mode=None, block_m=None, block_n=None,
                      block_k=None, k_splits=None, num_warps=None, num_stages=None,
-                     interpret=False):
+                     prefetch=None, interpret=False):
     """Routed expert matmuls: ``y[t, u] = x[t] @ dequant(w[expert_ids[t, u]])^T (+ bias[e])``.
 
     x: float ``[T, I]``; w: ggml MXFP4 bytes ``uint8[E, O, I / 32 * 17]`` (or a PackedWeight /
@@ -744,7 +795,8 @@ def mxfp4_moe_matmul(x, w, expert_ids, bias=None, *, mode=None, block_m=None, bl
     E, k = wp.lead[0], expert_ids.shape[1]
     R = T * k
     p = plan_moe(T, k, wp.O, wp.I, mode=mode, block_m=block_m, block_n=block_n, block_k=block_k,
-                 k_splits=k_splits, num_warps=num_warps, num_stages=num_stages)
+                 k_splits=k_splits, num_warps=num_warps, num_stages=num_stages,
+                 prefetch=prefetch)
     _check_plan(dataclasses.replace(p, mode="gemv" if p.mode == "pairs" else "dot"),
                 "mxfp4_moe_matmul")
     b = None if bias is None else jnp.asarray(bias, F32).reshape(E, wp.O)
@@ -777,14 +829,13 @@ def mxfp4_moe_matmul(x, w, expert_ids, bias=None, *, mode=None, block_m=None, bl
     return jnp.take(ys, inv, axis=0).reshape(T, k, wp.O)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "mode", "block_m", "block_n", "block_k", "k_splits", "num_warps", "num_stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def mxfp4_moe_matmul_ref(x, w, expert_ids, bias=None, *, mode=None, block_m=None, block_n=None,
                          block_k=None, k_splits=None, num_warps=None, num_stages=None,
-                         interpret=False):
+                         prefetch=None, interpret=False):
     """Plain-jnp twin of :func:`mxfp4_moe_matmul`: gather the routed experts' bytes, decode them
     exactly, one batched dot per (token, slot).  Tiling arguments are ignored."""
-    del mode, block_m, block_n, block_k, k_splits, num_warps, num_stages, interpret
+    del mode, block_m, block_n, block_k, k_splits, num_warps, num_stages, prefetch, interpret
     wp = _parse_weights(w, 1, "mxfp4_moe_matmul_ref")
     T, i = x.shape
     if i != wp.I:

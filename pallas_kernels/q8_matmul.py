@@ -33,8 +33,13 @@ Numerics per kernel mode (see :func:`pallas_kernels.mxfp4_matmul.plan_dense` for
   kernel is more accurate than the reference by up to one bf16 rounding of each weight (relative
   2^-9); with float32 x only the rounding order differs.
 
-Tiling, masking, split-K and the program grid are shared with the MXFP4 kernels
-(:mod:`pallas_kernels.mxfp4_matmul`, whose plumbing this module imports).
+Tiling, masking, split-K, the GEMV software prefetch and the program grid are shared with the
+MXFP4 kernels (:mod:`pallas_kernels.mxfp4_matmul`, whose plumbing this module imports).
+
+Compiled (Triton 3.6 offline, sm_90a SASS): the repacked-layout GEMV takes ~5.6 instructions per
+weight (~6.5 with prefetch).  Q8_0 streams ~10.6 weights per SM-clock at 2.6 TB/s, about half
+the issue rate, so decode should be bandwidth-bound; the ggml-bytes layout needs ~13 (2-byte
+loads).
 
 ``q8_0_embed`` is plain jnp on purpose: a row gather touches n * 34/32 * D bytes, which XLA
 already does at memory speed (gather the packed rows, decode them in one fused elementwise pass); a
@@ -64,8 +69,10 @@ from pallas_kernels.mxfp4_matmul import (
     GEMV_MAX_ROWS,
     Plan,
     _check_plan,
+    _STATIC,
     _dot_nt,
     _finish,
+    _gemv_loop,
     _iota,
     _ix,
     _load_bias,
@@ -213,9 +220,11 @@ def q8_values(qbytes: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(bits, F32) - _MAGIC_F
 
 
-def _load_tile(w: _W, w_refs, lead, row0, bn, g0, gt):
-    """Quant bytes uint8 [bn, gt, 32] and scales float32 [bn, gt]; out-of-range -> 0."""
-    ok = ((row0 + _iota(bn)) < w.O)[:, None] & ((g0 + _iota(gt)) < w.G)[None, :]
+def _load_tile(w: _W, w_refs, lead, row0, bn, g0, gt, g_end=None):
+    """Quant bytes uint8 [bn, gt, 32] and scales float32 [bn, gt]; rows >= O and blocks >=
+    ``g_end`` (default G) are not read (0)."""
+    g_end = w.G if g_end is None else g_end
+    ok = ((row0 + _iota(bn)) < w.O)[:, None] & ((g0 + _iota(gt)) < g_end)[None, :]
     r, g = pl.ds(row0, bn), pl.ds(g0, gt)
     if w.layout == "ggml":
         (ref,) = w_refs                                                     # [..., O, G, 34]
@@ -230,9 +239,10 @@ def _load_tile(w: _W, w_refs, lead, row0, bn, g0, gt):
     return qs, d
 
 
-def _load_x(x_ref, rows, row_ok, g0, gt, n_groups):
-    """x viewed [M, G, 32] -> [bm, gt, 32] (or [gt, 32] for a single row); masked -> 0."""
-    g_ok = (g0 + _iota(gt)) < n_groups
+def _load_x(x_ref, rows, row_ok, g0, gt, g_end):
+    """x viewed [M, G, 32] -> [bm, gt, 32] (or [gt, 32] for a single row); rows with ``row_ok``
+    false and blocks >= ``g_end`` read 0."""
+    g_ok = (g0 + _iota(gt)) < g_end
     if row_ok is None:
         return pltriton.load(x_ref.at[_ix(rows), pl.ds(g0, gt), pl.ds(0, QK)],
                              mask=g_ok[:, None], other=0)
@@ -248,15 +258,17 @@ def _step_dot(acc, w: _W, w_refs, x_ref, x_rows, x_ok, row0, bn, g0, gt, cdt, in
     return _dot_nt(xt, wt, interpret) + acc
 
 
-def _step_gemv(accs, w: _W, w_refs, x_ref, rows, row0, bn, g0, gt):
+def _gemv_load(w: _W, w_refs, x_ref, rows, row0, bn, g0, gt, g_end):
+    """Everything one GEMV step reads: (quant bytes, scales, x tile per row)."""
+    qs, d = _load_tile(w, w_refs, (), row0, bn, g0, gt, g_end)
+    return qs, d, tuple(_load_x(x_ref, r, None, g0, gt, g_end) for r in rows)
+
+
+def _gemv_compute(accs, tile):
     """accs: float32 [bn, gt] per row; block sums of q * x, then times the block scale."""
-    qs, d = _load_tile(w, w_refs, (), row0, bn, g0, gt)
+    qs, d, xs = tile
     q = q8_values(qs)                                                       # [bn, gt, 32]
-    out = []
-    for acc, r in zip(accs, rows):
-        xr = _load_x(x_ref, r, None, g0, gt, w.G).astype(F32)               # [gt, 32]
-        out.append(acc + jnp.sum(q * xr[None], axis=2) * d)
-    return tuple(out)
+    return tuple(acc + jnp.sum(q * xr[None], axis=2) * d for acc, xr in zip(accs, xs))
 
 
 def _q8_kernel(*refs, w: _W, p: Plan, M: int, has_bias: bool, cdt, interpret: bool):
@@ -286,24 +298,22 @@ def _q8_kernel(*refs, w: _W, p: Plan, M: int, has_bias: bool, cdt, interpret: bo
         _store_rows(out_ref, prefix, y, pl.ds(m0, bm), m_ok, n0, bn, w.O)
     else:
         rows = tuple(range(M))
+        g_end = jnp.minimum(g_first + steps * gt, w.G)                    # this split's blocks
 
-        def body(t, accs):
-            return _step_gemv(accs, w, w_refs, x_ref, rows, n0, bn, g_first + t * gt, gt)
+        def load(g0, ge):
+            return _gemv_load(w, w_refs, x_ref, rows, n0, bn, g0, gt, ge)
 
-        accs = lax.fori_loop(0, steps, body, tuple(jnp.zeros((bn, gt), F32) for _ in rows))
+        accs = _gemv_loop(load, _gemv_compute, tuple(jnp.zeros((bn, gt), F32) for _ in rows),
+                          g_first, gt, steps, g_end, p.prefetch)
         b = _load_bias(bias_ref, (), n0, bn, w.O) if with_bias else None
         for r, acc in zip(rows, accs):
             y = jnp.sum(acc, axis=1)
             _store_rows(out_ref, prefix, y + b if b is not None else y, r, None, n0, bn, w.O)
 
 
-_STATIC = ("mode", "block_m", "block_n", "block_k", "k_splits", "num_warps", "num_stages",
-           "interpret")
-
-
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def q8_0_matmul(x, w, bias=None, *, mode=None, block_m=None, block_n=None, block_k=None,
-                k_splits=None, num_warps=None, num_stages=None, interpret=False):
+                k_splits=None, num_warps=None, num_stages=None, prefetch=None, interpret=False):
     """``x [..., I] @ dequant(w)[O, I]^T (+ bias [O])`` -> float32 ``[..., O]``, fused (Pallas).
 
     x: float32 / bfloat16 / float16 ``[..., I]``; w: ggml Q8_0 bytes ``uint8[O, I / 32 * 34]``
@@ -318,7 +328,8 @@ def q8_0_matmul(x, w, bias=None, *, mode=None, block_m=None, block_n=None, block
                            f"I={wp.I}]")
     M = math.prod(lead)
     p = plan_dense(M, wp.O, wp.I, mode=mode, block_m=block_m, block_n=block_n, block_k=block_k,
-                   k_splits=k_splits, num_warps=num_warps, num_stages=num_stages)
+                   k_splits=k_splits, num_warps=num_warps, num_stages=num_stages,
+                   prefetch=prefetch)
     _check_plan(p, "q8_0_matmul")
     xk = x.astype(F32) if p.mode == "gemv" else x     # f32 once here: see mxfp4_matmul
     args = [xk.reshape(M, wp.G, QK), *wp.arrays]
@@ -337,11 +348,12 @@ def q8_0_matmul(x, w, bias=None, *, mode=None, block_m=None, block_n=None, block
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def q8_0_matmul_ref(x, w, bias=None, *, mode=None, block_m=None, block_n=None, block_k=None,
-                    k_splits=None, num_warps=None, num_stages=None, interpret=False):
+                    k_splits=None, num_warps=None, num_stages=None, prefetch=None,
+                    interpret=False):
     """Plain-jnp twin of :func:`q8_0_matmul` (tiling arguments ignored): exact decode with
     ``quant.dequantize_q8_0``, rounded to ``x.dtype``, one dot with float32 accumulation (IEEE
     float32 for float32 x)."""
-    del mode, block_m, block_n, block_k, k_splits, num_warps, num_stages, interpret
+    del mode, block_m, block_n, block_k, k_splits, num_warps, num_stages, prefetch, interpret
     wp = _parse_weights(w, 0, "q8_0_matmul_ref")
     lead, i = x.shape[:-1], x.shape[-1]
     if i != wp.I:

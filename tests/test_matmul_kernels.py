@@ -247,7 +247,8 @@ def test_q8_kernel_identity_is_exact(layout, interpret):
 # (M rows, O, I, dtype, layout, bias, extra kwargs)
 DENSE_CASES = [
     (1, 40, 96, jnp.float32, "ggml", True, {}),                  # GEMV, ragged O and K tiles
-    (3, 72, 64, jnp.bfloat16, "split", False, {}),               # GEMV, 3 rows
+    (3, 72, 64, jnp.bfloat16, "split", False, {"mode": "gemv", "prefetch": False}),  # 3-row GEMV
+    (3, 40, 64, jnp.float32, "ggml", True, {}),                  # 3 rows: decode-sized dot
     (16, 40, 96, jnp.float32, "split", True, {}),                # decode-sized dot
     (69, 72, 96, jnp.bfloat16, "ggml", True, {}),                # prefill dot, ragged rows
     (2, 48, 256, jnp.float32, "split", True, {"k_splits": 3, "block_k": 64}),   # split-K GEMV
@@ -281,7 +282,7 @@ def test_mxfp4_matmul_vs_float64(case, interpret):
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("case", DENSE_CASES[:6], ids=_case_id)
+@pytest.mark.parametrize("case", DENSE_CASES[:7], ids=_case_id)
 def test_q8_matmul_vs_float64(case, interpret):
     m, o, i, dtype, layout, with_bias, kw = case
     rng = np.random.default_rng(m * 1000 + o + i + 7)
