@@ -41,7 +41,7 @@ def peak_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def measure(gf, config, mode: str, dtype, batches, runs, new_tokens, rng):
+def measure(gf, config, mode: str, dtype, batches, runs, new_tokens, rng, prompt_len=16, prefill=True):
     mod = importlib.import_module(ARCHITECTURES[config.arch])
     t0 = time.perf_counter()
     params = load_params_gguf(gf, config, dtype, dequantize_at_load=(mode == "dense"))
@@ -51,7 +51,7 @@ def measure(gf, config, mode: str, dtype, batches, runs, new_tokens, rng):
     unembed = getattr(mod, "unembed")
     gen = Generator(mod.forward, params, config, eos_ids=(), cache_dtype=dtype, unembed_fn=unembed)
     for b in batches:
-        prompts = lambda: [list(rng.integers(0, config.vocab_size, 16)) for _ in range(b)]
+        prompts = lambda: [list(rng.integers(0, config.vocab_size, prompt_len)) for _ in range(b)]
         t0 = time.perf_counter()
         gen.generate(prompts(), max_new_tokens=new_tokens)
         compile_s = time.perf_counter() - t0
@@ -62,6 +62,10 @@ def measure(gf, config, mode: str, dtype, batches, runs, new_tokens, rng):
               f"{out[f'decode_b{b}']:,.1f} tok/s, weights {out['weight_bytes'] / 2**30:.2f} GiB, "
               f"load {load_s:.1f} s, peak {peak_bytes()}", flush=True)
 
+    out["pp512"] = float("nan")
+    out["peak_bytes"] = peak_bytes()
+    if not prefill:
+        return out
     T = 512
 
     def prefill_fn(params, tokens):
@@ -95,6 +99,8 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--modes", default="packed,dense")
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--no-prefill", action="store_true", help="skip the pp512 measurement")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     path = args.file
@@ -113,14 +119,15 @@ def main():
     dtype = jnp.dtype(args.dtype) if args.dtype else jnp.dtype(default_dtype())
     batches = [int(b) for b in args.batches.split(",")]
     rng = np.random.default_rng(0)
-    results = [measure(gf, config, mode, dtype, batches, args.runs, args.new, rng) for mode in args.modes.split(",")]
+    results = [measure(gf, config, mode, dtype, batches, args.runs, args.new, rng, args.prompt_len,
+                       not args.no_prefill) for mode in args.modes.split(",")]
 
     dev = jax.devices()[0]
     card = getattr(dev, "device_kind", str(dev))
     name = args.synthetic or os.path.basename(path)
     lines = [f"\n## {name}: decode and prefill, packed vs dequantized at load (benchmarks/decode_speed.py), "
              f"{time.strftime('%Y-%m-%d')}\n",
-             f"{card}, jax {jax.__version__}, compute dtype {dtype.name}; greedy, 16-token prompts, "
+             f"{card}, jax {jax.__version__}, compute dtype {dtype.name}; greedy, {args.prompt_len}-token prompts, "
              f"{args.new} new tokens, median of {args.runs} calls.\n",
              "| weights | " + " | ".join(f"decode b{b} tok/s" for b in batches)
              + " | pp512 tok/s | weights on device | peak device memory | load s |",

@@ -10,7 +10,8 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 for step in "$@"; do
   echo "=== $step"
   case "$step" in
-    gpt2)  python3 benchmarks/gpt2_speed.py --runs 15 --out "$OUT/results.md" ;;
+    gpt2)  timeout 120 python3 benchmarks/gpt2_speed.py --runs 15 --out "$OUT/results.md" ;;
+    gpt2-ref) GPTJAX_KERNELS=ref timeout 120 python3 benchmarks/gpt2_speed.py --runs 10 | grep -E "tg128|pp512" ;;
     gpt2-variants)
       for u in 1 4 32; do
         echo "--- GPTJAX_DECODE_UNROLL=$u"
@@ -20,7 +21,10 @@ for step in "$@"; do
       XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
         python3 benchmarks/gpt2_speed.py --runs 10 --prefill 64 | grep -E "tg128|pp512" ;;
     smollm2) python3 benchmarks/decode_speed.py --synthetic smollm2 --batches 1,32 --out "$OUT/results.md" ;;
-    gpt-oss) python3 benchmarks/decode_speed.py --synthetic gpt-oss-20b --batches 1,64 --modes packed --runs 5 --out "$OUT/results.md" ;;
+    gpt-oss) timeout 240 python3 benchmarks/decode_speed.py --synthetic gpt-oss-20b --batches 1 --modes packed --runs 5 \
+               --prompt-len 1 --new 64 --no-prefill --out "$OUT/results.md" ;;
+    kernel-tests) timeout 150 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_kernels_e2e.py \
+               tests/test_attention_kernels.py tests/test_matmul_kernels.py 2>&1 | tail -25 ;;
     gpu-tests) python3 -m pytest -q -m gpu tests 2>&1 | tail -30 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

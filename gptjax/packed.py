@@ -240,12 +240,40 @@ def linear(x, w, b=None, *, out_dtype=None):
                                f"shape {w.shape} [out, in]: expected x[..., {w.shape[1]}]")
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise WeightsError(f"linear: x must be a float array, got dtype {x.dtype}")
-        y = _packed_matmul(x, w, _tile_rows(w))                            # [..., O] f32
+        kernel = _matmul_kernel(w)
+        if kernel is not None:                                              # fused Pallas decode
+            y = kernel(x, w.data, None, interpret=_interpret())            # [..., O] f32
+        else:
+            y = _packed_matmul(x, w, _tile_rows(w))                        # [..., O] f32
     else:
         y = jnp.einsum("...i,oi->...o", _cpu_upcast(x), _cpu_upcast(w), preferred_element_type=F32)
     if b is not None:
         y = y + to_dense(b, F32)
     return y.astype(out_dtype)
+
+
+def _interpret() -> bool:
+    from pallas_kernels import kernel_mode
+
+    return kernel_mode() == "interpret"
+
+
+def _matmul_kernel(w: "PackedWeight"):
+    """The Pallas matmul for ``w``'s type when kernels are on (pallas_kernels.kernel_mode), else
+    None (the XLA reference: decode then dot).  MXFP4 and Q8_0 have kernels."""
+    from pallas_kernels import kernel_mode
+
+    if kernel_mode() == "ref":
+        return None
+    if w.ggml_type == int(_T.MXFP4):
+        from pallas_kernels.mxfp4_matmul import mxfp4_matmul
+
+        return mxfp4_matmul
+    if w.ggml_type == int(_T.Q8_0):
+        from pallas_kernels.q8_matmul import q8_0_matmul
+
+        return q8_0_matmul
+    return None
 
 
 @functools.partial(jax.jit, static_argnames=("tile_rows",))

@@ -312,23 +312,28 @@ def cache_attention(q, cache, layer: int, q_positions, *, window=None, sinks=Non
     """Attention of T new queries over layer ``layer`` of ``cache`` (gptjax.cache.KVCache), already
     holding the new keys/values; the one call site the models use.
 
-    Picks the implementation: on a GPU (and unless env ``GPTJAX_KERNELS=ref``) the Pallas kernels,
+    Picks the implementation by ``pallas_kernels.kernel_mode()``: on a GPU (unless env
+    ``GPTJAX_KERNELS=ref``; ``interpret`` runs them on CPU) the Pallas kernels,
     flash-decoding for T = 1 (pallas_kernels.decode_attention) and flash attention for T > 1
     (pallas_kernels.prefill_attention), which read the layer in place from the [L, B, K, S, H]
     stack; elsewhere (CPU, or forced) the plain-jnp :func:`attention`, their reference.  Same
     math, same shapes: q [B, T, N, H] with contiguous positions q_positions [B, T]; returns
     [B, T, N, H] in q.dtype.  ``window`` must be a Python int or None on the kernel path.
     """
-    from pallas_kernels import decode_attention as dk
+    from pallas_kernels import kernel_mode
 
-    if dk.use_kernel():
+    mode = kernel_mode()
+    if mode != "ref":
+        interpret = mode == "interpret"
         if q.shape[1] == 1:
-            out = dk.decode_attention(q[:, 0], cache.k, cache.v, q_positions[:, 0] + 1, layer=layer,
-                                      window=window, sinks=sinks, scale=float(scale))
+            from pallas_kernels.decode_attention import decode_attention
+
+            out = decode_attention(q[:, 0], cache.k, cache.v, q_positions[:, 0] + 1, layer=layer,
+                                   window=window, sinks=sinks, scale=float(scale), interpret=interpret)
             return out[:, None].astype(q.dtype)
         from pallas_kernels.prefill_attention import prefill_attention
 
         out = prefill_attention(q, cache.k, cache.v, q_positions[:, 0], layer=layer, window=window,
-                                sinks=sinks, scale=float(scale))
+                                sinks=sinks, scale=float(scale), interpret=interpret)
         return out.astype(q.dtype)
     return attention(q, cache.k[layer], cache.v[layer], q_positions, window=window, sinks=sinks, scale=scale)

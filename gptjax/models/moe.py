@@ -105,6 +105,8 @@ def experts_gather(x, ids, weights, p, config):
     float32 [M, U] → float32 [M, D]. See the module docstring."""
     dtype = x.dtype
     a, lim = config.swiglu_alpha, config.swiglu_limit
+    if _use_moe_kernel(p):
+        return _experts_gather_kernel(x, ids, weights, p, config)
     wg = expert_weights(p["ffn_gate_exps"]["weight"], ids, dtype)             # [M, U, F, D]
     wu = expert_weights(p["ffn_up_exps"]["weight"], ids, dtype)               # [M, U, F, D]
     g = einsum_f32("md,mufd->muf", x, wg) + jnp.take(p["ffn_gate_exps"]["bias"], ids, axis=0)
@@ -113,6 +115,34 @@ def experts_gather(x, ids, weights, p, config):
     wd = expert_weights(p["ffn_down_exps"]["weight"], ids, dtype)             # [M, U, D, F]
     y = einsum_f32("muf,mudf->mud", h, wd) + jnp.take(p["ffn_down_exps"]["bias"], ids, axis=0)
     return jnp.einsum("mu,mud->md", weights, y)                               # [M, D] f32
+
+
+def _use_moe_kernel(p) -> bool:
+    from pallas_kernels import kernel_mode
+
+    w = p["ffn_gate_exps"]["weight"]
+    return (kernel_mode() != "ref" and isinstance(w, PackedWeight) and w.type_name == "MXFP4"
+            and all(isinstance(p[n]["weight"], PackedWeight) and p[n]["weight"].type_name == "MXFP4"
+                    for n in ("ffn_up_exps", "ffn_down_exps")))
+
+
+def _experts_gather_kernel(x, ids, weights, p, config):
+    """:func:`experts_gather` with the fused Pallas MXFP4 MoE matmul (pallas_kernels.mxfp4_matmul,
+    "pairs" mode for decode): only the routed experts' packed bytes are read, decoded in registers.
+    The down projection treats each (row, slot) pair as its own row with one expert."""
+    from pallas_kernels import kernel_mode
+    from pallas_kernels.mxfp4_matmul import mxfp4_moe_matmul
+
+    interpret = kernel_mode() == "interpret"
+    M, U = ids.shape
+    g = mxfp4_moe_matmul(x, p["ffn_gate_exps"]["weight"].data, ids, p["ffn_gate_exps"]["bias"],
+                         interpret=interpret)                                   # [M, U, F] f32
+    u = mxfp4_moe_matmul(x, p["ffn_up_exps"]["weight"].data, ids, p["ffn_up_exps"]["bias"],
+                         interpret=interpret)                                   # [M, U, F] f32
+    h = swiglu_oai(g, u, alpha=config.swiglu_alpha, limit=config.swiglu_limit).astype(x.dtype)
+    y = mxfp4_moe_matmul(h.reshape(M * U, -1), p["ffn_down_exps"]["weight"].data, ids.reshape(M * U, 1),
+                         p["ffn_down_exps"]["bias"], interpret=interpret)       # [M*U, 1, D] f32
+    return jnp.einsum("mu,mud->md", weights, y.reshape(M, U, -1))              # [M, D] f32
 
 
 def _chunk_rows(n_rows, n_experts):
