@@ -23,7 +23,7 @@ for step in "$@"; do
     smollm2) python3 benchmarks/decode_speed.py --synthetic smollm2 --batches 1,32 --out "$OUT/results.md" ;;
     gpt-oss) timeout 240 python3 benchmarks/decode_speed.py --synthetic gpt-oss-20b --batches 1 --modes packed --runs 5 \
                --prompt-len 1 --new 64 --no-prefill --out "$OUT/results.md" ;;
-    kernel-tests) timeout 150 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_kernels_e2e.py \
+    kernel-tests) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_e2e.py \
                tests/test_attention_kernels.py tests/test_matmul_kernels.py 2>&1 | tail -25 ;;
     gpu-tests) python3 -m pytest -q -m gpu tests 2>&1 | tail -30 ;;
     *) echo "unknown step $step"; exit 2 ;;

@@ -23,10 +23,13 @@ def _run(path, monkeypatch, kernels: str, dtype):
     import gptjax
 
     monkeypatch.setenv("GPTJAX_KERNELS", kernels)
-    m = gptjax.load(path, dtype=dtype)
-    ids = list(range(3, 40))
-    logits = m.logits(ids)
-    gen = m.complete(ids[:7], max_new_tokens=16, eos_ids=()).completions[0].token_ids
+    # float32 on a GPU: XLA's default matmul precision is not float32 (TF32 / bf16 passes), so
+    # the reference path would be the inexact one; ask for full precision on both paths.
+    with jax.default_matmul_precision("highest" if dtype == "float32" else "default"):
+        m = gptjax.load(path, dtype=dtype)
+        ids = list(range(3, 40))
+        logits = m.logits(ids)
+        gen = m.complete(ids[:7], max_new_tokens=16, eos_ids=()).completions[0].token_ids
     return logits, gen
 
 
