@@ -221,7 +221,7 @@ class Model:
 
     def perplexity(self, text_or_ids, *, ctx: int = 512, progress: Callable | None = None) -> float:
         """Perplexity with llama.cpp's convention (gptjax.perplexity): chunks of ``ctx`` tokens,
-        second half of each scored.  ``progress(done, total)`` is called after each chunk."""
+        second half of each scored.  ``progress(done, total, running_ppl)`` is called after each chunk."""
         from gptjax.perplexity import perplexity
 
         if isinstance(text_or_ids, str):

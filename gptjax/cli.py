@@ -202,10 +202,12 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     m = _load(args)
     bar = None
 
-    def progress(done, total):
+    def progress(done, total, ppl=None):
         nonlocal bar
         if bar is None:
             bar = tqdm(total=total, desc="perplexity", unit="chunk", file=sys.stderr)
+        if ppl is not None:
+            bar.set_postfix(ppl=f"{ppl:.4f}", refresh=False)
         bar.update(done - bar.n)
 
     t0 = time.perf_counter()

@@ -156,3 +156,17 @@ def test_examples_run(tiny, script):
     proc = subprocess.run([sys.executable, str(ex), tiny[1]], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "tok/s" in proc.stdout
+
+
+def test_cli_perplexity_equals_api(m, tiny, tmp_path):
+    text = " ".join(f"The number {i} follows {i - 1}." for i in range(1, 40))
+    f = tmp_path / "text.txt"
+    f.write_text(text)
+    expected = m.perplexity(text, ctx=32)
+    proc = _cli("perplexity", "-m", tiny[1], "-f", str(f), "--ctx", "32")
+    assert proc.returncode == 0, proc.stderr
+    line = [l for l in proc.stdout.splitlines() if l.startswith("perplexity:")][0]
+    assert abs(float(line.split()[1]) - expected) <= 1e-4 * expected
+    assert "chunk" in proc.stderr                                # the progress bar
+    proc = _cli("perplexity", "-m", tiny[1], "-f", str(tmp_path / "missing.txt"))
+    assert proc.returncode == 2 and "missing.txt" in proc.stderr and "Traceback" not in proc.stderr
