@@ -116,8 +116,29 @@ def default_model_path() -> str:
     return path
 
 
+def _enable_compile_cache() -> None:
+    """Keep compiled programs on disk between runs (JAX's persistent compilation cache), so that a
+    second ``gptjax generate`` skips most of the first call's compilation.  Directory: env
+    ``GPTJAX_COMPILE_CACHE`` (``off`` disables it), default ``~/.cache/gptjax/jax``."""
+    import os
+
+    import jax
+
+    where = os.environ.get("GPTJAX_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gptjax", "jax"))
+    if where.lower() in ("", "0", "off", "none"):
+        return
+    try:
+        os.makedirs(where, exist_ok=True)
+    except OSError:
+        return                                  # an unwritable home: run without the cache
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def _load(args):
     import gptjax
+
+    _enable_compile_cache()
 
     path = args.model or default_model_path()
     t0 = time.perf_counter()
