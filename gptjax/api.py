@@ -148,9 +148,12 @@ class Model:
     # ----------------------------------------------------------------------------------- chat
 
     def chat_prompt(self, messages: list[dict], *, reasoning: str = "medium", tools=None,
-                    template: str | None = None, add_generation_prompt: bool = True) -> str:
+                    template: str | None = None, add_generation_prompt: bool = True,
+                    now=None) -> str:
         """The prompt text for ``messages`` from the file's chat template (jinja2, rendered as
-        HF's ``apply_chat_template``); gpt-oss uses harmony (``reasoning`` = low|medium|high)."""
+        HF's ``apply_chat_template``); gpt-oss uses harmony (``reasoning`` = low|medium|high).
+        ``now`` (a ``datetime.datetime``) pins what the template's ``strftime_now`` reports, e.g.
+        gpt-oss's "Current date:" line; default: the local clock."""
         from gptjax import chat
 
         tok = self._need_tokenizer()
@@ -159,10 +162,10 @@ class Model:
         eos = tok.id_to_token(tok.eos_id) if tok.eos_id is not None else ""
         if self.config.arch == "gpt-oss":
             return chat.render_harmony(messages, template=tpl, reasoning_effort=reasoning, tools=tools,
-                                       add_generation_prompt=add_generation_prompt,
+                                       add_generation_prompt=add_generation_prompt, now=now,
                                        bos_token=bos, eos_token=eos)
         return chat.render_chat(tpl, messages, add_generation_prompt=add_generation_prompt,
-                                bos_token=bos, eos_token=eos, tools=tools)
+                                bos_token=bos, eos_token=eos, tools=tools, now=now)
 
     def chat(self, messages: list[dict], *, max_new_tokens: int = 512, sampler=None, seed: int | None = None,
              reasoning: str = "medium", tools=None, template: str | None = None, stream: bool = False):
@@ -181,8 +184,14 @@ class Model:
         harmony = self.config.arch == "gpt-oss"
         eos_ids = None
         if harmony:
-            eos_ids = tuple(sorted(chat.harmony_stop_ids(tok.token_to_id)
-                                   | ({tok.eos_id} if tok.eos_id is not None else set())))
+            # The turn ends at <|return|> or <|call|> (harmony), and at the file's other
+            # end-of-generation tokens (<|endoftext|>: llama.cpp's EOG set, HF generation_config's
+            # eos list), but never at <|end|>, which only closes the analysis message.
+            stops = set(chat.harmony_stop_ids(tok.token_to_id)) | set(tok.eog_ids)
+            if tok.eos_id is not None:
+                stops.add(tok.eos_id)
+            stops.discard(tok.token_to_id("<|end|>"))
+            eos_ids = tuple(sorted(stops))
         it = self._generator.stream(ids, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
                                     eos_ids=eos_ids)
         return _ChatStream(it, tok, harmony) if stream else _ChatStream(it, tok, harmony).collect()
@@ -260,8 +269,9 @@ class _ChatStream:
             for ev in self._parser.finish():
                 if ev.channel in (None, "final") and not ev.recipient:
                     yield ev.text
+            # The stop token (<|return|>, <|call|>) is not part of the text, so the last message
+            # counts as open (HarmonyResult.complete False); its content is whole all the same.
             parsed = self._parser.result()
-            # The stop token (<|return|>/<|call|>) is not part of the text: close the message.
             self.reply = ChatReply(parsed.final, parsed.reasoning, tuple(parsed.tool_calls), comp, res.stats)
         else:
             self.reply = ChatReply(comp.text or "", completion=comp, stats=res.stats)

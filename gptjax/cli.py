@@ -1,7 +1,8 @@
 """The `gptjax` command line: a thin shell over the Python API.
 
     gptjax generate [-m FILE] -p PROMPT [-n N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
-    gptjax chat [-m FILE] [--system TEXT] [--reasoning low|medium|high]
+    gptjax chat [-m FILE] [--system TEXT] [--reasoning low|medium|high] [--show-reasoning]
+                                        answers on stdout; prompts, reasoning, stats on stderr
     gptjax perplexity [-m FILE] -f TEXT_FILE [--ctx 512]
     gptjax inspect FILE                 architecture, config, tensor types, memory, tokenizer facts
 
@@ -188,12 +189,13 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "system", "content": args.system})
     print("chat: type a message, an empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
-        try:
-            line = input("> ")
-        except EOFError:
+        # The "> " prompt goes to stderr with the other chatter (input() would write it to stdout
+        # when stdin is not a terminal): stdout carries the answers only.
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():                    # "" at end of input, or an empty line
             break
-        if not line.strip():
-            break
+        line = line.rstrip("\r\n")
         messages.append({"role": "user", "content": line})
         out = m.chat(messages, max_new_tokens=args.n, sampler=_sampler(args), seed=args.seed,
                      reasoning=args.reasoning, stream=True)

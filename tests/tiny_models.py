@@ -6,6 +6,7 @@ Shared by the model tests (GPT-2, llama, gpt-oss). Import from any test
     from tiny_models import tiny_gpt2, save_hf_dir, write_gpt2_gguf, gpt2_gguf_tensors, torch_logits
     from tiny_models import tiny_llama, write_llama_gguf, llama_gguf_tensors
     from tiny_models import tiny_gpt_oss, write_gpt_oss_gguf, save_gpt_oss_mxfp4_dir
+    from tiny_models import byte_bpe_tokenizer_metadata, write_harmony_gpt_oss_gguf, ScriptedLM
 
 The reference is always the transformers implementation run with torch on CPU in float32.
 Every dimension of the default tiny configs is distinct (equal sizes hide transposed axes).
@@ -30,7 +31,9 @@ __all__ = [
     "llama_gguf_tensors", "write_llama_gguf", "GPT_OSS_TINY", "GPT_OSS_TINY_ROPE", "FP4_VALUES",
     "mxfp4_quantize", "mxfp4_value", "mxfp4_openai_bytes", "mxfp4_ggml_bytes", "TinyGptOss",
     "tiny_gpt_oss", "gpt_oss_gguf_tensors", "gpt_oss_gguf_metadata", "write_gpt_oss_gguf",
-    "save_gpt_oss_mxfp4_dir",
+    "save_gpt_oss_mxfp4_dir", "HARMONY_SPECIALS", "CHATML_SPECIALS", "CHAT_WORDS",
+    "gpt2_byte_alphabet", "byte_bpe_vocab", "byte_bpe_tokenizer_metadata", "harmony_vocab_size",
+    "write_harmony_gpt_oss_gguf", "ScriptedLM",
 ]
 
 # V 97, P 64, D 48, N 4 (so H 12), L 3, F 80.
@@ -562,3 +565,163 @@ def save_gpt_oss_mxfp4_dir(tiny: TinyGptOss, dirpath, *, drop: tuple[str, ...] =
     }
     (dirpath / "config.json").write_text(json.dumps(config, indent=2))
     return dirpath
+
+
+# ---- byte-level BPE vocabularies with chat special tokens (chat tests) -------------------------
+
+#: The harmony special tokens of o200k_harmony (MODEL_FORMATS.md §7), CONTROL in the GGUF.
+HARMONY_SPECIALS = ("<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>",
+                    "<|channel|>", "<|start|>", "<|end|>", "<|message|>", "<|call|>")
+#: SmolLM2-style ChatML specials.
+CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+#: Words whose BPE merges the chat vocabularies carry (letters only: dates and other digits stay
+#: one byte token per digit, so a prompt's token count does not depend on the day).
+CHAT_WORDS = ("Paris", " Paris", "analysis", "assistant", "final", "commentary", "functions",
+              " the", " is", "user", "system")
+
+
+def gpt2_byte_alphabet() -> list[str]:
+    """GPT-2's printable spelling of the 256 bytes, in byte order (``encoder.py``
+    ``bytes_to_unicode``): the printable Latin-1 bytes '!'..'~', '¡'..'¬', '®'..'ÿ' stand for
+    themselves, the other 68 bytes, in byte order, for U+0100, U+0101, ..."""
+    printable = set(range(0x21, 0x7F)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    out, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            out.append(chr(b))
+        else:
+            out.append(chr(0x100 + extra))
+            extra += 1
+    return out
+
+
+def byte_bpe_vocab(words=CHAT_WORDS, specials=HARMONY_SPECIALS):
+    """(tokens, merges, token_types) of a small byte-level BPE vocabulary: the 256 byte tokens in
+    byte order (NORMAL), then one token per merge, which build each word of ``words`` left to
+    right ("P a", "Pa r", ...; ranks in that order), then ``specials`` (CONTROL)."""
+    alphabet = gpt2_byte_alphabet()
+    tokens, merges = list(alphabet), []
+    known = set(tokens)
+    for word in words:
+        chars = [alphabet[b] for b in word.encode("utf-8")]
+        left = chars[0]
+        for c in chars[1:]:
+            if left + c not in known:
+                merges.append(f"{left} {c}")
+                tokens.append(left + c)
+                known.add(left + c)
+            left += c
+    types = [1] * len(tokens) + [3] * len(specials)
+    return tokens + list(specials), merges, types
+
+
+def byte_bpe_tokenizer_metadata(words=CHAT_WORDS, specials=HARMONY_SPECIALS, *, pre: str = "gpt-4o",
+                                bos: str | None = None, eos: str | None = None,
+                                pad: str | None = None, chat_template: str | None = None
+                                ) -> dict[str, Any]:
+    """The ``tokenizer.*`` GGUF keys of :func:`byte_bpe_vocab` (``tokenizer.ggml.model`` "gpt2");
+    ``bos`` / ``eos`` / ``pad`` name tokens; ``chat_template`` is written when given."""
+    tokens, merges, types = byte_bpe_vocab(words, specials)
+    md: dict[str, Any] = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges,
+    }
+    for key, name in (("bos_token_id", bos), ("eos_token_id", eos), ("padding_token_id", pad)):
+        if name is not None:
+            md[f"tokenizer.ggml.{key}"] = tokens.index(name)
+    if chat_template is not None:
+        md["tokenizer.chat_template"] = chat_template
+    return md
+
+
+def harmony_vocab_size() -> int:
+    """Size of the harmony test vocabulary (bytes + CHAT_WORDS merges + HARMONY_SPECIALS)."""
+    return len(byte_bpe_vocab(CHAT_WORDS, HARMONY_SPECIALS)[0])
+
+
+def write_harmony_gpt_oss_gguf(tiny: TinyGptOss, path, *, chat_template: str | None = None) -> Path:
+    """``tiny`` (built with ``vocab_size=harmony_vocab_size()``) as a gpt-oss GGUF whose tokenizer
+    is the harmony test vocabulary, set up as the real gpt-oss GGUF is (MODEL_FORMATS.md §2.1):
+    pre "gpt-4o", bos <|startoftext|>, eos <|return|>, padding <|endoftext|>."""
+    if tiny.config.vocab_size != harmony_vocab_size():
+        raise ValueError(f"tiny gpt-oss vocab_size {tiny.config.vocab_size} != harmony vocabulary "
+                         f"{harmony_vocab_size()}: build it with vocab_size=harmony_vocab_size()")
+    md = {k: v for k, v in gpt_oss_gguf_metadata(tiny.config).items()
+          if not k.startswith("tokenizer.")}
+    md.update(byte_bpe_tokenizer_metadata(CHAT_WORDS, HARMONY_SPECIALS, bos="<|startoftext|>",
+                                          eos="<|return|>", pad="<|endoftext|>",
+                                          chat_template=chat_template))
+    return write_gpt_oss_gguf(tiny, path, metadata=md)
+
+
+# ---- a scripted stand-in for an architecture module (chat tests) -------------------------------
+
+class ScriptedLM:
+    """Wraps an architecture module (``forward`` / ``unembed``, docs/INTERFACES.md "Models") so
+    that greedy decoding produces a chosen token sequence.
+
+    ``script`` maps an absolute position p to the token id that must follow the token at p - 1:
+    ``forward`` runs the real forward (real cache, real shapes), then adds ``FORCE`` to the logit
+    of ``script[p + 1]`` for the token at position p (nothing where the script has no entry).
+    With ``run_real=False`` the real logits are zeros and the cache is returned untouched (no
+    model compilation at all).  The scripted ids come from the host through ``jax.pure_callback``,
+    so one compilation serves every script; the callback also records the last prompt it saw
+    (a call with start 0 and more than one token: prefill) in ``last_prefill``.
+
+    ``unembed`` is the identity and ``forward(..., return_hidden=True)`` returns the logits, so a
+    Generator that unembeds only the last position sees the same numbers.
+    Install it with ``module(name)`` + ``gptjax.api.ARCHITECTURES[arch] = name`` (the API's data
+    table of architecture modules) and ``sys.modules[name] = module``.
+    """
+
+    FORCE = 1.0e4
+
+    def __init__(self, real_module: str, *, run_real: bool = True):
+        import importlib
+
+        self.real = importlib.import_module(real_module)
+        self.run_real = run_real
+        self.script: dict[int, int] = {}
+        self.last_prefill: np.ndarray | None = None
+
+    def set_script(self, prompt_len: int, ids, *, clear: bool = True) -> None:
+        """The reply ``ids`` right after a prompt of ``prompt_len`` tokens (positions
+        prompt_len, prompt_len + 1, ...)."""
+        if clear:
+            self.script = {}
+        self.script.update({prompt_len + k: int(t) for k, t in enumerate(ids)})
+
+    def _forced(self, tokens, start):
+        tokens, start = np.asarray(tokens), np.asarray(start)
+        if tokens.shape[1] > 1 and not start.any():
+            self.last_prefill = tokens.copy()
+        nxt = start[:, None] + np.arange(tokens.shape[1])[None, :] + 1       # [B, T]
+        return np.vectorize(lambda p: self.script.get(int(p), -1), otypes=[np.int32])(nxt)
+
+    def forward(self, params, tokens, start, cache, config, *, return_hidden=False):
+        import jax
+        import jax.numpy as jnp
+
+        b, t = tokens.shape
+        if self.run_real:
+            logits, cache = self.real.forward(params, tokens, start, cache, config)   # [B, T, V]
+        else:
+            logits = jnp.zeros((b, t, config.vocab_size), jnp.float32)
+        forced = jax.pure_callback(self._forced, jax.ShapeDtypeStruct((b, t), jnp.int32),
+                                   tokens, start)
+        return logits + self.FORCE * jax.nn.one_hot(forced, config.vocab_size, dtype=jnp.float32), cache
+
+    @staticmethod
+    def unembed(params, hidden):
+        return hidden
+
+    def module(self, name: str):
+        """A module object exposing ``forward`` and ``unembed`` (for sys.modules[name])."""
+        import types
+
+        mod = types.ModuleType(name)
+        mod.forward, mod.unembed = self.forward, self.unembed
+        return mod
