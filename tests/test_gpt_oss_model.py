@@ -293,15 +293,17 @@ def test_full_size_shapes(layers, experts):
     config = ModelConfig.from_hf(GptOssConfig(num_hidden_layers=layers,
                                               num_local_experts=experts).to_dict())
     params = abstract_params(config, jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((layers, 1, 8, 256, 64), jnp.bfloat16)
-    cache = init_cache(config, 1, 1).replace(k=kv, v=kv)
+    cache = jax.eval_shape(lambda: init_cache(config, 1, 256, jnp.bfloat16))
+    kv = jax.ShapeDtypeStruct((layers // 2, 1, 8, 256, 64), jnp.bfloat16)   # full layers
+    ring = jax.ShapeDtypeStruct((layers // 2, 1, 8, 128, 64), jnp.bfloat16)  # sliding: W slots
+    assert (cache.k, cache.k_swa) == (kv, ring)
     fn = functools.partial(gpt_oss.forward, config=config)
     for T in (1, 16):
         args = (params, jax.ShapeDtypeStruct((1, T), jnp.int32),
                 jax.ShapeDtypeStruct((1,), jnp.int32), cache)
         logits, new = jax.eval_shape(fn, *args)
         assert (logits.shape, logits.dtype) == ((1, T, 201088), jnp.float32)
-        assert (new.k.shape, new.k.dtype) == (kv.shape, jnp.bfloat16)
+        assert (new.k, new.v, new.k_swa, new.v_swa) == (kv, kv, ring, ring)
     shapes = _float_shapes(jax.make_jaxpr(fn)(*args).jaxpr)
     assert (2880, 2880) in shapes                                # one decoded expert matrix
     assert not [s for s in shapes if s[-3:] == (experts, 2880, 2880)]

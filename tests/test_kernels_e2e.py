@@ -53,7 +53,8 @@ def test_kernels_match_reference_end_to_end(tmp_path, monkeypatch, arch, dtype):
 
 
 def test_cache_attention_dispatch_matches_reference():
-    """Whatever path cache_attention takes on this backend, it equals layers.attention."""
+    """Whatever path cache_attention takes on this backend, it equals layers.attention (full
+    stack; the ring stack of sliding layers: tests/test_ring_cache.py)."""
     from gptjax.cache import KVCache
     from gptjax.models.layers import attention, cache_attention
 
@@ -65,11 +66,16 @@ def test_cache_attention_dispatch_matches_reference():
     for t, start in ((T, np.array([0, 9])), (1, np.array([4, 20]))):
         q = jnp.asarray(rng.standard_normal((B, t, N, H)), jnp.float32)
         pos = jnp.asarray(start[:, None] + np.arange(t)[None], jnp.int32)
+        # the new keys/values are those the cache already holds at pos: the write changes nothing
+        rows = jnp.arange(B)[:, None]
+        k_new, v_new = k[1][rows, :, pos], v[1][rows, :, pos]              # [B, t, K, H]
         for window in (None, 8):
             sinks = jnp.asarray(rng.standard_normal(N), jnp.float32)
-            got = cache_attention(q, cache, 1, pos, window=window, sinks=sinks, scale=0.25)
+            got, new = cache_attention(q, k_new, v_new, cache, 1, pos, window=window, sinks=sinks,
+                                       scale=0.25)
             ref = attention(q, k[1], v[1], pos, window=window, sinks=sinks, scale=0.25)
             assert rel_err(got, ref) < F32_RTOL
+            np.testing.assert_array_equal(np.asarray(new.k), np.asarray(k))
 
 
 def test_kernel_wiring_in_interpret_mode(tmp_path, monkeypatch):

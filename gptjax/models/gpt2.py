@@ -73,7 +73,7 @@ def param_shapes(config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _block(p, x, cache, layer, positions, config, dtype):
+def _block(p, x, cache, layer, positions, lengths, config, dtype):
     """One transformer block. x: float32 [B, T, D] (residual) → (float32 [B, T, D], cache)."""
     B, T, _ = x.shape
     N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
@@ -84,8 +84,8 @@ def _block(p, x, cache, layer, positions, config, dtype):
     q = qkv[..., : N * H].reshape(B, T, N, H)
     k = qkv[..., N * H : (N + K) * H].reshape(B, T, K, H)
     v = qkv[..., (N + K) * H :].reshape(B, T, K, H)
-    cache = cache.write(layer, k, v, positions)
-    a = cache_attention(q, cache, layer, positions, scale=H ** -0.5)  # [B, T, N, H]
+    a, cache = cache_attention(q, k, v, cache, layer, positions, lengths=lengths,
+                               scale=H ** -0.5)                          # [B, T, N, H]
     a = linear(a.reshape(B, T, N * H), p["attn_output"]["weight"], p["attn_output"]["bias"],
                out_dtype=F32)                                              # [B, T, D]
 
@@ -107,11 +107,13 @@ def unembed(params, hidden):
     return linear(hidden.astype(w.dtype), w, out_dtype=F32)
 
 
-def forward(params, tokens, start, cache, config, *, return_hidden=False):
+def forward(params, tokens, start, cache, config, *, return_hidden=False, lengths=None):
     """Run T tokens of every row through the model, reading and extending the KV cache.
 
     tokens: int32 [B, T]; start: int32 [B], the position of tokens[:, 0] in each row;
-    cache: KVCache with k, v [L, B, K, S, H]; config: ModelConfig (static under jit).
+    cache: KVCache (gptjax.cache; k, v [L, B, K, S, H], sliding layers in rings when the
+    config has a window); config: ModelConfig (static under jit); lengths: None or int32
+    [B], real tokens per row of a right-padded batch (padding is not written to the cache).
     Returns (logits float32 [B, T, V], updated cache). With ``return_hidden=True`` the first
     element is instead the final-normalised hidden state float32 [B, T, D]; apply
     :func:`unembed` to the rows you need (e.g. only the last prompt position at prefill).
@@ -123,7 +125,7 @@ def forward(params, tokens, start, cache, config, *, return_hidden=False):
          + embed(params["position_embd"]["weight"], positions))               # [B, T, D] f32
     for layer, p in enumerate(params["blocks"]):
         with jax.named_scope(f"block_{layer}"):
-            x, cache = _block(p, x, cache, layer, positions, config, dtype)
+            x, cache = _block(p, x, cache, layer, positions, lengths, config, dtype)
     h = layer_norm(x, params["output_norm"]["weight"], params["output_norm"]["bias"],
                    config.norm_eps, out_dtype=F32)                           # [B, T, D]
     if return_hidden:
@@ -143,6 +145,6 @@ class GPT2(nn.Module):
     config: object
 
     @nn.compact
-    def __call__(self, tokens, start, cache, *, return_hidden=False):
+    def __call__(self, tokens, start, cache, *, return_hidden=False, lengths=None):
         return forward(self.variables["params"], tokens, start, cache, self.config,
-                       return_hidden=return_hidden)
+                       return_hidden=return_hidden, lengths=lengths)

@@ -37,8 +37,9 @@ Parameter tree (GGUF names; weights are [out, in] rows; expert stacks may be
     blocks[l].ffn_gate_exps / ffn_up_exps .weight [E, F, D], .bias [E, F]   F = expert_d_ff
     blocks[l].ffn_down_exps.weight [E, D, F], .bias [E, D]
 
-KV cache: every layer keeps ``S`` slots (gptjax.cache.KVCache); sliding layers are masked to
-their window rather than stored in a ring buffer (correctness first; see cache.py).
+KV cache (gptjax.cache.KVCache): full layers keep ``S`` slots, sliding layers a ring buffer of
+``min(sliding_window, S)`` slots (128 for gpt-oss), about half the memory of S slots everywhere
+at long contexts; cache.py explains why decode and chunked prefill stay exact with it.
 
 Numerics as gpt2.py / llama.py: residual stream, norms, softmax, router and accumulations in
 float32; matmul inputs in the compute dtype (the cache's dtype); logits float32.
@@ -89,7 +90,7 @@ def _lin(p, name, x, out_dtype=None):
     return linear(x, p[name]["weight"], p[name]["bias"], out_dtype=out_dtype)
 
 
-def _block(p, x, cache, layer, positions, cos, sin, config, dtype):
+def _block(p, x, cache, layer, positions, lengths, cos, sin, config, dtype):
     """One transformer block. x: float32 [B, T, D] (residual) → (float32 [B, T, D], cache)."""
     B, T, D = x.shape
     N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
@@ -101,10 +102,10 @@ def _block(p, x, cache, layer, positions, cos, sin, config, dtype):
         v = _lin(p, "attn_v", h).reshape(B, T, K, H)
         q = apply_rope(q, cos, sin, config.rope_type)                      # [B, T, N, H]
         k = apply_rope(k, cos, sin, config.rope_type)                      # [B, T, K, H]
-        cache = cache.write(layer, k, v, positions)
         window = config.sliding_window if config.layer_is_sliding(layer) else None
-        a = cache_attention(q, cache, layer, positions, window=window,
-                            sinks=p["attn_sinks"]["weight"], scale=H ** -0.5)  # [B, T, N, H]
+        a, cache = cache_attention(q, k, v, cache, layer, positions, lengths=lengths,
+                                   window=window, sinks=p["attn_sinks"]["weight"],
+                                   scale=H ** -0.5)                        # [B, T, N, H]
         a = _lin(p, "attn_output", a.reshape(B, T, N * H), out_dtype=F32)  # [B, T, D]
 
     with jax.named_scope("moe"):
@@ -114,11 +115,14 @@ def _block(p, x, cache, layer, positions, cos, sin, config, dtype):
     return x + m.reshape(B, T, D), cache
 
 
-def forward(params, tokens, start, cache, config, *, return_hidden=False):
+def forward(params, tokens, start, cache, config, *, return_hidden=False, lengths=None):
     """Run T tokens of every row through the model, reading and extending the KV cache.
 
     tokens: int32 [B, T]; start: int32 [B], the position of tokens[:, 0] in each row;
-    cache: KVCache with k, v [L, B, K, S, H]; config: ModelConfig (static under jit).
+    cache: KVCache (gptjax.cache: full layers [Lf, B, K, S, H], sliding layers a ring of
+    min(W, S) slots); config: ModelConfig (static under jit); lengths: None or int32 [B],
+    real tokens per row of a right-padded batch (padding is not written to the cache, so it
+    cannot evict keys from the rings; None: every token is real).
     Returns (logits float32 [B, T, V], updated cache). With ``return_hidden=True`` the first
     element is instead the final-normalised hidden state float32 [B, T, D]; apply
     :func:`unembed` to the rows you need.
@@ -131,7 +135,7 @@ def forward(params, tokens, start, cache, config, *, return_hidden=False):
     x = embed(params["token_embd"]["weight"], tokens)                       # [B, T, D] f32
     for layer, p in enumerate(params["blocks"]):
         with jax.named_scope(f"block_{layer}"):
-            x, cache = _block(p, x, cache, layer, positions, cos, sin, config, dtype)
+            x, cache = _block(p, x, cache, layer, positions, lengths, cos, sin, config, dtype)
     h = rms_norm(x, params["output_norm"]["weight"], config.norm_eps, out_dtype=F32)
     if return_hidden:
         return h, cache
@@ -144,6 +148,6 @@ class GptOss(nn.Module):
     config: object
 
     @nn.compact
-    def __call__(self, tokens, start, cache, *, return_hidden=False):
+    def __call__(self, tokens, start, cache, *, return_hidden=False, lengths=None):
         return forward(self.variables["params"], tokens, start, cache, self.config,
-                       return_hidden=return_hidden)
+                       return_hidden=return_hidden, lengths=lengths)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import packed
-from gptjax.errors import UnsupportedModelError
+from gptjax.errors import GptjaxError, UnsupportedModelError
 
 F32 = jnp.float32
 
@@ -284,8 +284,9 @@ def attention(q, k_cache, v_cache, q_positions, *, window=None, sinks=None, scal
     as an extra score column and drops that column after the softmax). Softmax in float32;
     the probabilities are cast to the value dtype for the second matmul, accumulated in f32.
 
-    A ring-buffer cache for sliding-window layers would pass the position held by each slot
-    instead of ``arange(S)``; the mask is already written in terms of slot positions.
+    Sliding layers kept in a ring buffer use it too: :func:`cache_attention` hands it the
+    ring's keys laid out in position order (``KVCache.ring_context``) or, at decode, only the
+    slots that are all visible, so that slot index order is position order here.
     """
     B, T, N, H = q.shape
     _, K, S, _ = k_cache.shape
@@ -308,32 +309,76 @@ def attention(q, k_cache, v_cache, q_positions, *, window=None, sinks=None, scal
     return out.reshape(B, T, N, H).astype(q.dtype)
 
 
-def cache_attention(q, cache, layer: int, q_positions, *, window=None, sinks=None, scale):
-    """Attention of T new queries over layer ``layer`` of ``cache`` (gptjax.cache.KVCache), already
-    holding the new keys/values; the one call site the models use.
+def cache_attention(q, k, v, cache, layer: int, q_positions, *, lengths=None, window=None,
+                    sinks=None, scale):
+    """Store the T new tokens' keys/values in ``cache`` (gptjax.cache.KVCache) and attend the T
+    new queries over layer ``layer``; the one call site the models use. Returns
+    (out [B, T, N, H] in q.dtype, updated cache).
 
-    Picks the implementation by ``pallas_kernels.kernel_mode()``: on a GPU (unless env
-    ``GPTJAX_KERNELS=ref``; ``interpret`` runs them on CPU) the Pallas kernels,
-    flash-decoding for T = 1 (pallas_kernels.decode_attention) and flash attention for T > 1
-    (pallas_kernels.prefill_attention), which read the layer in place from the [L, B, K, S, H]
-    stack; elsewhere (CPU, or forced) the plain-jnp :func:`attention`, their reference.  Same
-    math, same shapes: q [B, T, N, H] with contiguous positions q_positions [B, T]; returns
-    [B, T, N, H] in q.dtype.  ``window`` must be a Python int or None on the kernel path.
+    q: [B, T, N, H]; k, v: [B, T, K, H] (the new keys/values); q_positions: int [B, T],
+    contiguous per row (start + arange(T)); lengths: None or int [B], real tokens per row
+    (tokens t >= lengths[b] are padding, not stored: :meth:`KVCache.write`); window: None or
+    the sliding window W (a Python int on the kernel path); sinks: None or float [N].
+
+    Where the layer lives (:meth:`KVCache.locate`) decides the keys:
+
+    * full stack (slot j = position j): write, then causal (windowed when ``window``)
+      attention over the S slots — :func:`attention`;
+    * ring (sliding layers, W' = cache.ring_len slots), T = 1: write, then attention over the
+      first min(p + 1, W') slots, no window (they hold exactly the visible positions; softmax
+      is permutation invariant): :func:`attention` with query "position" min(p, W' - 1);
+    * ring, T > 1: attention over :meth:`KVCache.ring_context` (the ring's keys before the
+      chunk, in position order, then the chunk's), causal with window W by index, then write.
+
+    Implementation by ``pallas_kernels.kernel_mode()``: on a GPU (unless env
+    ``GPTJAX_KERNELS=ref``; ``interpret`` runs them on CPU) the Pallas kernels, flash-decoding
+    for T = 1 (pallas_kernels.decode_attention, per-row ``lengths`` = visible slots) and flash
+    attention for T > 1 (pallas_kernels.prefill_attention), which read a layer of the full or
+    ring stack in place; elsewhere (CPU, or forced) the plain-jnp :func:`attention`, their
+    reference. Same math, same shapes.
     """
     from pallas_kernels import kernel_mode
 
+    T = q.shape[1]
+    in_ring, idx = cache.locate(layer)
     mode = kernel_mode()
+    interpret = mode == "interpret"
+    if in_ring and window is None:
+        raise GptjaxError(f"layer {layer} is stored in the sliding-window ring but no window "
+                          f"was given")
+    if in_ring and T > 1:
+        # Keys of the ring before this chunk overwrites them, then the chunk's own.
+        k_ctx, v_ctx, q_start = cache.ring_context(layer, k, v, q_positions[:, 0])  # [B,K,W'+T,H]
+        cache = cache.write(layer, k, v, q_positions, lengths)
+        if mode != "ref":
+            from pallas_kernels.prefill_attention import prefill_attention
+
+            out = prefill_attention(q, k_ctx, v_ctx, q_start, window=window, sinks=sinks,
+                                    scale=float(scale), interpret=interpret)
+        else:
+            pos = q_start[:, None] + jnp.arange(T, dtype=q_start.dtype)            # [B, T]
+            out = attention(q, k_ctx, v_ctx, pos, window=window, sinks=sinks, scale=scale)
+        return out.astype(q.dtype), cache
+
+    cache = cache.write(layer, k, v, q_positions, lengths)
+    if in_ring:                                   # decode: every written slot is visible
+        ks, vs, W = cache.k_swa, cache.v_swa, cache.ring_len
+        n_visible = jnp.minimum(q_positions[:, 0] + 1, W)                           # [B]
+        window = None
+    else:
+        ks, vs = cache.k, cache.v
+        n_visible = q_positions[:, 0] + 1
     if mode != "ref":
-        interpret = mode == "interpret"
-        if q.shape[1] == 1:
+        if T == 1:
             from pallas_kernels.decode_attention import decode_attention
 
-            out = decode_attention(q[:, 0], cache.k, cache.v, q_positions[:, 0] + 1, layer=layer,
-                                   window=window, sinks=sinks, scale=float(scale), interpret=interpret)
-            return out[:, None].astype(q.dtype)
+            out = decode_attention(q[:, 0], ks, vs, n_visible, layer=idx, window=window,
+                                   sinks=sinks, scale=float(scale), interpret=interpret)
+            return out[:, None].astype(q.dtype), cache
         from pallas_kernels.prefill_attention import prefill_attention
 
-        out = prefill_attention(q, cache.k, cache.v, q_positions[:, 0], layer=layer, window=window,
+        out = prefill_attention(q, ks, vs, q_positions[:, 0], layer=idx, window=window,
                                 sinks=sinks, scale=float(scale), interpret=interpret)
-        return out.astype(q.dtype)
-    return attention(q, cache.k[layer], cache.v[layer], q_positions, window=window, sinks=sinks, scale=scale)
+        return out.astype(q.dtype), cache
+    pos = (n_visible - 1)[:, None] if in_ring else q_positions
+    return attention(q, ks[idx], vs[idx], pos, window=window, sinks=sinks, scale=scale), cache

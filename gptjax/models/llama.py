@@ -77,7 +77,7 @@ def _lin(p, name, x, out_dtype=None):
     return linear(x, p[name]["weight"], p[name].get("bias"), out_dtype=out_dtype)
 
 
-def _block(p, x, cache, layer, positions, cos, sin, config, dtype):
+def _block(p, x, cache, layer, positions, lengths, cos, sin, config, dtype):
     """One transformer block. x: float32 [B, T, D] (residual) → (float32 [B, T, D], cache)."""
     B, T, _ = x.shape
     N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
@@ -88,10 +88,9 @@ def _block(p, x, cache, layer, positions, cos, sin, config, dtype):
     v = _lin(p, "attn_v", h).reshape(B, T, K, H)
     q = apply_rope(q, cos, sin, config.rope_type)                          # [B, T, N, H]
     k = apply_rope(k, cos, sin, config.rope_type)                          # [B, T, K, H]
-    cache = cache.write(layer, k, v, positions)
     window = config.sliding_window if config.sliding_window_pattern[layer] else None
-    a = cache_attention(q, cache, layer, positions, window=window,
-                        scale=H ** -0.5)                                   # [B, T, N, H]
+    a, cache = cache_attention(q, k, v, cache, layer, positions, lengths=lengths, window=window,
+                               scale=H ** -0.5)                            # [B, T, N, H]
     a = _lin(p, "attn_output", a.reshape(B, T, N * H), out_dtype=F32)      # [B, T, D]
 
     x, h = add_rms_norm(x, a, p["ffn_norm"]["weight"], config.norm_eps, out_dtype=dtype)
@@ -101,11 +100,13 @@ def _block(p, x, cache, layer, positions, cos, sin, config, dtype):
     return x + m, cache
 
 
-def forward(params, tokens, start, cache, config, *, return_hidden=False):
+def forward(params, tokens, start, cache, config, *, return_hidden=False, lengths=None):
     """Run T tokens of every row through the model, reading and extending the KV cache.
 
     tokens: int32 [B, T]; start: int32 [B], the position of tokens[:, 0] in each row;
-    cache: KVCache with k, v [L, B, K, S, H]; config: ModelConfig (static under jit).
+    cache: KVCache (gptjax.cache; k, v [L, B, K, S, H], sliding layers in rings when the
+    config has a window); config: ModelConfig (static under jit); lengths: None or int32
+    [B], real tokens per row of a right-padded batch (padding is not written to the cache).
     Returns (logits float32 [B, T, V], updated cache). With ``return_hidden=True`` the first
     element is instead the final-normalised hidden state float32 [B, T, D]; apply
     :func:`unembed` to the rows you need.
@@ -118,7 +119,7 @@ def forward(params, tokens, start, cache, config, *, return_hidden=False):
     x = embed(params["token_embd"]["weight"], tokens)                       # [B, T, D] f32
     for layer, p in enumerate(params["blocks"]):
         with jax.named_scope(f"block_{layer}"):
-            x, cache = _block(p, x, cache, layer, positions, cos, sin, config, dtype)
+            x, cache = _block(p, x, cache, layer, positions, lengths, cos, sin, config, dtype)
     h = rms_norm(x, params["output_norm"]["weight"], config.norm_eps, out_dtype=F32)
     if return_hidden:
         return h, cache
@@ -131,6 +132,6 @@ class Llama(nn.Module):
     config: object
 
     @nn.compact
-    def __call__(self, tokens, start, cache, *, return_hidden=False):
+    def __call__(self, tokens, start, cache, *, return_hidden=False, lengths=None):
         return forward(self.variables["params"], tokens, start, cache, self.config,
-                       return_hidden=return_hidden)
+                       return_hidden=return_hidden, lengths=lengths)
