@@ -52,9 +52,26 @@ Stop conditions, in priority order when several hit at the same token:
 
 Sampling is reproducible: row ``b``'s ``i``-th token uses the key
 ``fold_in(fold_in(key(seed), b), i)``, independent of how the loop is cut into chunks.
+
+Padding and the KV cache: prefill passes each row's prompt length to ``forward(...,
+lengths=...)`` (when the model's forward takes it), so that padding tokens are not written to
+the cache; sliding-window layers keep ring buffers (gptjax.cache), where a padding token could
+otherwise evict a real key the row still needs.
+
+Memory (contexts up to ``config.context_length``, bounded by the device): before anything runs,
+the request's need is compared with the free memory of the first device (``bytes_limit -
+bytes_in_use`` of ``memory_stats()``; the check is skipped where the backend reports nothing,
+e.g. CPU). The need counted is what the request allocates for sure: the KV cache for (batch
+bucket, S) in the cache dtype (``jax.eval_shape`` of the cache constructor, which equals
+``ModelConfig.kv_cache_bytes`` for gptjax's caches), the parameter leaves not yet on the device,
+and the prefill logits (float32 [B, V], or [B, T_pad, V] without ``unembed_fn``). Parameters
+already on the device are inside ``bytes_in_use``. Too little raises GenerationError naming both
+numbers. Activations and XLA scratch come on top, so passing the check is necessary, not
+sufficient.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import secrets
 import time
@@ -130,6 +147,19 @@ def cache_bucket(t_pad: int, max_new_tokens: int, context_length: int) -> int:
 def batch_bucket(b: int) -> int:
     """Padded batch size: the next power of two."""
     return 1 << max(0, b - 1).bit_length()
+
+
+def device_memory_available() -> int | None:
+    """Free bytes of the first JAX device (``bytes_limit - bytes_in_use`` of its
+    ``memory_stats()``), or None when the backend does not report them (CPU)."""
+    stats = jax.devices()[0].memory_stats()
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB ({n:,} bytes)"
 
 
 class LoopState(NamedTuple):
@@ -301,6 +331,8 @@ class Generator:
         prefill calls ``forward(..., return_hidden=True)`` and unembeds only each row's last
         real position, instead of materialising float32 [B, T_pad, V] logits (gpt-oss:
         T_pad 4096 x V 201088 x 4 bytes = 3.3 GB per row).
+    memory_probe: ``() -> int | None``, the device's free bytes (None: unknown, no check);
+        default :func:`device_memory_available` (module docstring, "Memory").
 
     ``trace_counts`` counts how often prefill and decode were traced (each trace compiles).
     """
@@ -317,6 +349,7 @@ class Generator:
         cache_dtype=jnp.float32,
         unembed_fn: Callable | None = None,
         decode_unroll: int | None = None,
+        memory_probe: Callable[[], int | None] = device_memory_available,
     ):
         if init_cache_fn is None:
             from gptjax.cache import init_cache as init_cache_fn
@@ -327,6 +360,16 @@ class Generator:
         self.init_cache_fn = init_cache_fn
         self.cache_dtype = cache_dtype
         self.unembed_fn = unembed_fn
+        self.memory_probe = memory_probe
+        self._cache_bytes: dict[tuple[int, int], int] = {}
+        # Models of docs/INTERFACES.md take ``lengths`` (padding not written to the cache);
+        # a forward without it still works for caches without rings.
+        try:
+            sig = inspect.signature(forward_fn).parameters
+        except (TypeError, ValueError):          # a callable without a readable signature
+            sig = {}
+        self._pass_lengths = "lengths" in sig or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.values())
         # Decode steps per iteration of a fixed-length chunk's loop (lax.fori_loop ``unroll``):
         # fewer loop iterations, fewer per-iteration overheads, a longer compile.
         if decode_unroll is None:
@@ -377,6 +420,33 @@ class Generator:
             out.append(a.astype(np.int32))
         return out
 
+    def _check_memory(self, b: int, t_pad: int, cache_len: int) -> None:
+        """GenerationError when the device's free memory cannot hold what a request of batch
+        bucket ``b``, padded prompt ``t_pad`` and cache length ``cache_len`` allocates for sure
+        (module docstring, "Memory"); nothing when the probe reports None."""
+        avail = self.memory_probe()
+        if avail is None:
+            return
+        key = (b, cache_len)
+        if key not in self._cache_bytes:
+            from gptjax.cache import cache_nbytes
+
+            self._cache_bytes[key] = cache_nbytes(self.init_cache_fn, self.config, b, cache_len,
+                                                  self.cache_dtype)
+        kv = self._cache_bytes[key]
+        host_params = sum(int(np.asarray(a).nbytes) for a in jax.tree.leaves(self.params)
+                          if not isinstance(a, jax.Array))
+        logits = 4 * b * self.vocab_size * (1 if self.unembed_fn is not None else t_pad)
+        need = kv + host_params + logits
+        if need > avail:
+            raise GenerationError(
+                f"not enough device memory: this request needs at least {_gib(need)} "
+                f"(KV cache {_gib(kv)} for {b} row(s) x {cache_len} positions in "
+                f"{jnp.dtype(self.cache_dtype).name}, prefill logits {_gib(logits)}"
+                + (f", parameters still on the host {_gib(host_params)}" if host_params else "")
+                + f") but {jax.devices()[0].device_kind} has {_gib(max(avail, 0))} free; use a "
+                f"shorter prompt or max_new_tokens, fewer prompts at once, or a smaller cache dtype")
+
     # ------------------------------------------------------------------------- traced pieces
 
     def _advance(self, st: LoopState, logits, sp, eos, max_new, plan: SamplerPlan) -> LoopState:
@@ -420,12 +490,14 @@ class Generator:
         cache = self.init_cache_fn(self.config, b, max_len, self.cache_dtype)
         start = jnp.zeros((b,), jnp.int32)
         at_last = (lengths - 1)[:, None, None]                          # each row's last real token
+        kw = {"lengths": lengths} if self._pass_lengths else {}         # padding not cached
         with jax.named_scope("prefill"):
             if self.unembed_fn is None:
-                logits, cache = self.forward_fn(params, tokens, start, cache, self.config)  # [B, T, V]
+                logits, cache = self.forward_fn(params, tokens, start, cache, self.config, **kw)
                 last = jnp.take_along_axis(logits, at_last, axis=1)[:, 0]                  # [B, V]
             else:
-                hidden, cache = self.forward_fn(params, tokens, start, cache, self.config, return_hidden=True)
+                hidden, cache = self.forward_fn(params, tokens, start, cache, self.config,
+                                                return_hidden=True, **kw)
                 last = self.unembed_fn(params, jnp.take_along_axis(hidden, at_last, axis=1))[:, 0]
         counts = init_counts(tokens, lengths, last.shape[-1], plan.penalty_last_n) if plan.penalties else None
         st = LoopState(
@@ -508,6 +580,8 @@ class Generator:
             tokens[i, : len(r)] = r
         lens = np.ones((b,), np.int32)          # batch-padding rows: one token, done from the start
         lens[:n_real] = lengths
+        cache_len = cache_bucket(t_pad, max_new_tokens, self.context_length)
+        self._check_memory(b, t_pad, cache_len)
         eos_arr = np.full((_round_up(max(len(eos), 1), _EOS_PAD),), -1, np.int32)
         eos_arr[: len(eos)] = eos
         return _Request(
@@ -516,7 +590,7 @@ class Generator:
             live=np.arange(b) < n_real,
             n_real=n_real,
             max_new=max_new_tokens,
-            cache_len=cache_bucket(t_pad, max_new_tokens, self.context_length),
+            cache_len=cache_len,
             plan=plan,
             params=sp,
             eos=eos_arr,
