@@ -47,11 +47,10 @@ float32; matmul inputs in the compute dtype (the cache's dtype); logits float32.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 
-from gptjax.models.layers import (F32, add_rms_norm, apply_rope, cache_attention, embed, linear,
-                                  rms_norm, rope_cos_sin, rope_frequencies, unembed)
+from gptjax.models.layers import (F32, add_rms_norm, apply_rope, cache_attention, linear,
+                                  rms_norm, rope_decoder_forward, unembed)
 from gptjax.models.moe import moe
 
 __all__ = ["param_shapes", "forward", "unembed", "GptOss"]
@@ -127,19 +126,8 @@ def forward(params, tokens, start, cache, config, *, return_hidden=False, length
     element is instead the final-normalised hidden state float32 [B, T, D]; apply
     :func:`unembed` to the rows you need.
     """
-    B, T = tokens.shape
-    dtype = cache.k.dtype
-    positions = start.astype(jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
-    inv_freq, mscale = rope_frequencies(config)
-    cos, sin = rope_cos_sin(positions, inv_freq, mscale)                   # [B, T, H/2]
-    x = embed(params["token_embd"]["weight"], tokens)                       # [B, T, D] f32
-    for layer, p in enumerate(params["blocks"]):
-        with jax.named_scope(f"block_{layer}"):
-            x, cache = _block(p, x, cache, layer, positions, lengths, cos, sin, config, dtype)
-    h = rms_norm(x, params["output_norm"]["weight"], config.norm_eps, out_dtype=F32)
-    if return_hidden:
-        return h, cache
-    return unembed(params, h), cache
+    return rope_decoder_forward(params, tokens, start, cache, config, _block,
+                                return_hidden=return_hidden, lengths=lengths)
 
 
 class GptOss(nn.Module):

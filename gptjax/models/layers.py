@@ -382,3 +382,25 @@ def cache_attention(q, k, v, cache, layer: int, q_positions, *, lengths=None, wi
         return out.astype(q.dtype), cache
     pos = (n_visible - 1)[:, None] if in_ring else q_positions
     return attention(q, ks[idx], vs[idx], pos, window=window, sinks=sinks, scale=scale), cache
+
+
+def rope_decoder_forward(params, tokens, start, cache, config, block_fn, *, return_hidden=False,
+                         lengths=None):
+    """The shared skeleton of the RoPE decoders (llama, gpt-oss): embed, RoPE tables, the blocks,
+    final RMSNorm, head.  ``block_fn(p, x, cache, layer, positions, lengths, cos, sin, config,
+    dtype) -> (x, cache)`` is the architecture's layer; everything else is the contract of
+    docs/INTERFACES.md "Models" (tokens int32 [B, T], start int32 [B]; returns float32 logits
+    [B, T, V], or the final-normalised hidden state [B, T, D] with ``return_hidden``)."""
+    B, T = tokens.shape
+    dtype = cache.k.dtype
+    positions = start.astype(jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
+    inv_freq, mscale = rope_frequencies(config)
+    cos, sin = rope_cos_sin(positions, inv_freq, mscale)                   # [B, T, H/2]
+    x = embed(params["token_embd"]["weight"], tokens)                       # [B, T, D] f32
+    for layer, p in enumerate(params["blocks"]):
+        with jax.named_scope(f"block_{layer}"):
+            x, cache = block_fn(p, x, cache, layer, positions, lengths, cos, sin, config, dtype)
+    h = rms_norm(x, params["output_norm"]["weight"], config.norm_eps, out_dtype=F32)
+    if return_hidden:
+        return h, cache
+    return unembed(params, h), cache
