@@ -25,6 +25,12 @@ for step in "$@"; do
                --prompt-len 1 --new 64 --no-prefill --out "$OUT/results.md" ;;
     kernel-tests) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_e2e.py \
                tests/test_attention_kernels.py tests/test_matmul_kernels.py 2>&1 | tail -25 ;;
+    breakdown)
+      timeout 150 python3 benchmarks/decode_breakdown.py --model gpt2-124m --dump /tmp/hlo_gpt2
+      timeout 300 python3 benchmarks/decode_breakdown.py --model gpt-oss-20b --context 4096 --runs 10 ;;
+    kernels-bench)
+      timeout 300 python3 benchmarks/attention_kernels.py --out "$OUT/results.md"
+      timeout 300 python3 benchmarks/matmul_kernels.py --quick --out "$OUT/results.md" ;;
     gpu-tests) python3 -m pytest -q -m gpu tests 2>&1 | tail -30 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
