@@ -989,15 +989,15 @@ def _from_gguf(md: Mapping[str, Any], source: str, tensors: Mapping[str, Any] | 
     keys["vocab_size"] = found[0][0]
     v["vocab_size"] = found[0][1]
 
-    # facts from the tensor table
-    if tensors is not None:
+    # facts from the tensor table (a vocabulary-only file has none: fall back to the metadata rules)
+    if tensors:
         v["tied_embeddings"] = "output.weight" not in tensors
         v["stored_weight_bytes"] = sum(int(t.n_bytes) for t in tensors.values())
     else:
         v["tied_embeddings"] = arch == "gpt2"   # HF GPT-2 never has lm_head; others: assume untied
     if arch == "gpt2" or arch == "gpt-oss":
         v["attention_bias"] = v["mlp_bias"] = True
-    elif tensors is not None:
+    elif tensors:
         v["attention_bias"] = "blk.0.attn_q.bias" in tensors
         v["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
 

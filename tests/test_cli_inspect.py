@@ -55,3 +55,13 @@ def test_inspect_missing_file(capsys, tmp_path):
     assert cli.main(["inspect", str(tmp_path / "nope.gguf")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gptjax: error: ") and "nope.gguf" in err
+
+
+def test_inspect_vocab_only_file_uses_metadata(capsys):
+    """A vocabulary-only GGUF (no tensors) of LLaMA-7B: the config comes from metadata alone, so
+    the head counts as untied and the parameter count is LLaMA-7B's published 6,738,415,616."""
+    assert cli.main(["inspect", str(VOCAB / "ggml-vocab-llama-spm.gguf")]) == 0
+    out = capsys.readouterr().out
+    assert "0 tensors" in out and "tied embeddings: no" in out
+    assert "parameters: 6,738,415,616" in out
+    assert "tokenizer: llama (pre 'default'), 32000 tokens" in out
