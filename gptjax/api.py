@@ -38,13 +38,15 @@ ARCHITECTURES = {
 @dataclasses.dataclass(frozen=True)
 class ChatReply:
     """One assistant turn.  ``text`` is the answer without any chat markup; for gpt-oss (harmony)
-    ``reasoning`` holds the analysis channel and ``tool_calls`` the parsed calls."""
+    ``reasoning`` holds the analysis channel, ``tool_calls`` the parsed calls and ``commentary``
+    the commentary-channel messages meant for the user (preambles before tool calls)."""
 
     text: str
     reasoning: str = ""
     tool_calls: tuple = ()
     completion: Any = None          # gptjax.generate.Completion
     stats: Any = None               # gptjax.generate.GenerationStats
+    commentary: str = ""
 
 
 def _arch_module(arch: str):
@@ -272,7 +274,8 @@ class _ChatStream:
             # The stop token (<|return|>, <|call|>) is not part of the text, so the last message
             # counts as open (HarmonyResult.complete False); its content is whole all the same.
             parsed = self._parser.result()
-            self.reply = ChatReply(parsed.final, parsed.reasoning, tuple(parsed.tool_calls), comp, res.stats)
+            self.reply = ChatReply(parsed.final, parsed.reasoning, tuple(parsed.tool_calls), comp, res.stats,
+                                   commentary=parsed.commentary)
         else:
             self.reply = ChatReply(comp.text or "", completion=comp, stats=res.stats)
 

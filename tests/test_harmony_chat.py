@@ -569,3 +569,15 @@ def test_smollm2_chat_answers_paris():
     assert "<|im_end|>" not in reply.text and "<|im_start|>" not in reply.text
     if reply.completion.stop_reason == "eos":
         assert reply.completion.stop_token in m.tokenizer.eog_ids
+
+
+def test_chat_keeps_commentary_preamble(oss_fast):
+    """A commentary message meant for the user (no recipient) before a tool call comes back as
+    ``reply.commentary``; it is neither the answer nor the reasoning, and no markup leaks."""
+    m, lm = oss_fast
+    script = ("<|channel|>commentary<|message|>Let me check the weather.<|end|>"
+              "<|start|>assistant" + TOOL_CALL.split("<|end|>", 1)[1])
+    reply, _ = scripted_chat(m, lm, QUESTION, script + TAIL, reasoning="low", tools=[WEATHER_TOOL])
+    assert reply.commentary == "Let me check the weather."
+    assert reply.text == "" and reply.reasoning == ""
+    assert [c.name for c in reply.tool_calls] == ["get_weather"]
