@@ -49,6 +49,11 @@ class ChatReply:
     commentary: str = ""
 
 
+def _is_single_prompt(prompts) -> bool:
+    """One prompt (a str or a list of token ids) rather than a batch of them."""
+    return isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
+
+
 def _arch_module(arch: str):
     try:
         return importlib.import_module(ARCHITECTURES[arch])
@@ -120,7 +125,7 @@ class Model:
                  stop: Sequence[str] | str = (), add_bos: bool | None = None, eos_ids=None):
         """Generate for one prompt or a batch; returns the full
         :class:`gptjax.generate.GenerationResult` (ids, text, stop reasons, timings)."""
-        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
+        single = _is_single_prompt(prompts)
         batch = [prompts] if single else list(prompts)
         if not batch:
             raise GenerationError("no prompts given")
@@ -135,7 +140,7 @@ class Model:
         res = self.complete(prompts, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
                             stop=stop, add_bos=add_bos)
         texts = [c.text if c.text is not None else c.token_ids for c in res.completions]
-        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
+        single = _is_single_prompt(prompts)
         return texts[0] if single else texts
 
     def stream(self, prompt, *, max_new_tokens: int = 128, sampler=None, seed: int | None = None,
