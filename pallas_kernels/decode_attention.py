@@ -128,21 +128,21 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_k
     l_ref[...] = l
 
 
-def _check(q, k_cache, v_cache, lengths, layer, window, sinks, name):
-    if q.ndim != 3:
-        raise GptjaxError(f"{name}: q must be [B, N, H], got shape {q.shape}")
+def check_cache_args(name, B, N, H, k_cache, v_cache, rows_name, rows, layer, window, sinks):
+    """The argument checks both attention kernels share (decode and prefill): the cache layout
+    ([B, K, S, H], or [L, B, K, S, H] with a static ``layer``), q's B/N/H against it, the per-row
+    array ``rows`` ([B]: lengths or q_start), window and sinks.  Returns (K, S)."""
     want = 5 if layer is not None else 4
     if k_cache.ndim != want or v_cache.shape != k_cache.shape:
         layout = "[L, B, K, S, H] (layer given)" if want == 5 else "[B, K, S, H]"
         raise GptjaxError(f"{name}: k_cache/v_cache must both be {layout}, got "
                           f"{k_cache.shape} and {v_cache.shape}")
-    B, N, H = q.shape
     Bc, K, S, Hc = k_cache.shape[-4:]
     if Bc != B or Hc != H or N % K:
-        raise GptjaxError(f"{name}: q {q.shape} does not fit cache {k_cache.shape}: need the "
-                          f"same B and H and N divisible by K")
-    if lengths.shape != (B,):
-        raise GptjaxError(f"{name}: lengths must be [B]={B}, got shape {lengths.shape}")
+        raise GptjaxError(f"{name}: q (B={B}, N={N}, H={H}) does not fit cache {k_cache.shape}: "
+                          f"need the same B and H and N divisible by K")
+    if rows.shape != (B,):
+        raise GptjaxError(f"{name}: {rows_name} must be [B]={B}, got shape {rows.shape}")
     if window is not None and (not isinstance(window, int) or window < 1):
         raise GptjaxError(f"{name}: window must be None or a static int >= 1, got {window!r}")
     if sinks is not None and sinks.shape != (N,):
@@ -151,6 +151,14 @@ def _check(q, k_cache, v_cache, lengths, layer, window, sinks, name):
     if layer is not None and not 0 <= layer < k_cache.shape[0]:
         raise GptjaxError(f"{name}: layer {layer} out of range for a cache of "
                           f"{k_cache.shape[0]} layers")
+    return K, S
+
+
+def _check(q, k_cache, v_cache, lengths, layer, window, sinks, name):
+    if q.ndim != 3:
+        raise GptjaxError(f"{name}: q must be [B, N, H], got shape {q.shape}")
+    B, N, H = q.shape
+    K, S = check_cache_args(name, B, N, H, k_cache, v_cache, "lengths", lengths, layer, window, sinks)
     return B, N, K, S, H
 
 

@@ -39,8 +39,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from gptjax.errors import GptjaxError
-from pallas_kernels.decode_attention import (F32, MASK_VALUE, MIN_DOT, _einsum_f32, dot_f32,
-                                             next_pow2, use_kernel)
+from pallas_kernels.decode_attention import (F32, MASK_VALUE, MIN_DOT, _einsum_f32, check_cache_args,
+                                             dot_f32, next_pow2, use_kernel)
 
 __all__ = ["prefill_attention", "prefill_attention_ref", "use_kernel", "default_block_q"]
 
@@ -97,26 +97,8 @@ def _prefill_kernel(qs_ref, q_ref, k_ref, v_ref, *refs, block_q, block_k, Gp, n_
 def _check(q, k, v, q_start, layer, window, sinks, name):
     if q.ndim != 4:
         raise GptjaxError(f"{name}: q must be [B, T, N, H], got shape {q.shape}")
-    want = 5 if layer is not None else 4
-    if k.ndim != want or v.shape != k.shape:
-        raise GptjaxError(f"{name}: k/v must both be "
-                          f"{'[L, B, K, S, H] (layer given)' if want == 5 else '[B, K, S, H]'}, "
-                          f"got {k.shape} and {v.shape}")
     B, T, N, H = q.shape
-    Bc, K, S, Hc = k.shape[-4:]
-    if Bc != B or Hc != H or N % K:
-        raise GptjaxError(f"{name}: q {q.shape} does not fit k/v {k.shape}: need the same B and "
-                          f"H and N divisible by K")
-    if q_start.shape != (B,):
-        raise GptjaxError(f"{name}: q_start must be [B]={B}, got shape {q_start.shape}")
-    if window is not None and (not isinstance(window, int) or window < 1):
-        raise GptjaxError(f"{name}: window must be None or a static int >= 1, got {window!r}")
-    if sinks is not None and sinks.shape != (N,):
-        raise GptjaxError(f"{name}: sinks must be [N]={N} (one logit per query head), got "
-                          f"{sinks.shape}")
-    if layer is not None and not 0 <= layer < k.shape[0]:
-        raise GptjaxError(f"{name}: layer {layer} out of range for a cache of {k.shape[0]} "
-                          f"layers")
+    K, S = check_cache_args(name, B, N, H, k, v, "q_start", q_start, layer, window, sinks)
     return B, T, N, K, S, H
 
 
