@@ -31,6 +31,12 @@ for step in "$@"; do
     kernels-bench)
       timeout 300 python3 benchmarks/attention_kernels.py --out "$OUT/results.md"
       timeout 300 python3 benchmarks/matmul_kernels.py --quick --out "$OUT/results.md" ;;
+    profile)
+      timeout 240 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --new 32 --top 40
+      timeout 120 python3 benchmarks/profile_decode.py --gpt2 --new 64 --top 25 ;;
+    profile-ref)
+      GPTJAX_KERNELS=ref timeout 240 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --new 32 --top 25 ;;
+    matmul-bench) timeout 300 python3 benchmarks/matmul_kernels.py --runs 5 --out "$OUT/results.md" ;;
     gpu-tests) python3 -m pytest -q -m gpu tests 2>&1 | tail -30 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
