@@ -75,6 +75,8 @@ __all__ = [
     "pack_from_gguf_tensor",
     "is_packed",
     "FLOAT_TYPES",
+    "KERNEL_LAYOUTS",
+    "use_kernel_layout",
     "TILE_ELEMENTS",
     "UNTILED_MAX_ELEMENTS",
 ]
@@ -104,6 +106,12 @@ class PackedWeight:
     ``shape``: the logical shape, e.g. ``(O, I)`` or ``(E, O, I)``; static.
     ``dtype``: the float dtype the weight stands for (what :meth:`dequantize` returns by default and
     what ``x.astype(w.dtype)`` in model code gets); static.  :func:`linear` computes in ``x.dtype``.
+    ``layout``: ``"ggml"`` (``data`` as above) or ``"kernel"``: ``data`` is the Pallas kernels'
+    repacked layout for the type (:data:`KERNEL_LAYOUTS`: MXFP4 -> ``Mxfp4Weights(qs, scales)``,
+    Q8_0 -> ``Q8Weights(qs, scales)``, the same bytes with the block scales split off so that the
+    code bytes are 16-byte aligned; a pure byte shuffle, exact).  Made at load time by
+    :meth:`to_kernel_layout` when the kernels are on (the kernels read it ~1.4-1.7x faster than
+    the 17/34-byte ggml blocks, benchmarks/RESULTS.md); every operation here accepts both.
 
     Build one with :meth:`from_bytes` (validates); the raw constructor does not validate because
     JAX rebuilds the object from tracers and placeholders.
@@ -113,12 +121,15 @@ class PackedWeight:
     ggml_type: int
     shape: tuple[int, ...]
     dtype: Any = np.dtype(np.float32)
+    layout: str = "ggml"
 
     def __post_init__(self):
         # Static fields normalised to hashable plain values (jit caches on them).
         object.__setattr__(self, "ggml_type", int(self.ggml_type))
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         object.__setattr__(self, "dtype", np.dtype(self.dtype))
+        if self.layout not in ("ggml", "kernel"):
+            raise WeightsError(f"PackedWeight layout {self.layout!r}: expected 'ggml' or 'kernel'")
 
     @classmethod
     def from_bytes(cls, raw, ggml_type: int, shape: Sequence[int], *, dtype=F32,
@@ -149,7 +160,8 @@ class PackedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes held on the device (the packed blocks), not the dequantized size."""
-        return math.prod(self.data.shape)
+        return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize
+                   for a in jax.tree_util.tree_leaves(self.data))
 
     @property
     def type_name(self) -> str:
@@ -166,7 +178,23 @@ class PackedWeight:
         Exact float32 decoding (bit-identical to ``gguf.quants.dequantize``), then one rounding to
         ``dtype``.  Traceable; outside jit it runs as one compiled program.
         """
-        return _dequantize_jit(self, np.dtype(self.dtype if dtype is None else dtype))
+        return _dequantize_jit(self.to_ggml_layout(), np.dtype(self.dtype if dtype is None else dtype))
+
+    def to_kernel_layout(self) -> PackedWeight:
+        """This weight in the kernels' layout (``layout="kernel"``) if its type has one and it is
+        at least 2-D, else itself.  Runs on the device where ``data`` lives (jitted shuffle)."""
+        if self.layout == "kernel" or self.ggml_type not in _kernel_layouts() or self.ndim < 2:
+            return self
+        repack, _ = _kernel_layouts()[self.ggml_type]
+        return dataclasses.replace(self, data=repack(self.data), layout="kernel")
+
+    def to_ggml_layout(self) -> PackedWeight:
+        """This weight with ``data`` as ggml bytes ``uint8[*shape[:-1], row_bytes]`` (inverse of
+        :meth:`to_kernel_layout`; traceable)."""
+        if self.layout == "ggml":
+            return self
+        _, unpack = _kernel_layouts()[self.ggml_type]
+        return dataclasses.replace(self, data=unpack(self.data), layout="ggml")
 
     def take(self, indices, *, mode: str = "clip") -> PackedWeight:
         """Rows along axis 0, still packed: ``[*indices.shape, *shape[1:]]``.
@@ -176,13 +204,35 @@ class PackedWeight:
         """
         if self.ndim < 2:
             raise WeightsError(f"{self!r}: take() needs at least 2 dimensions (rows of blocks)")
-        data = jnp.take(self.data, indices, axis=0, mode=mode)
+        data = jax.tree_util.tree_map(lambda a: jnp.take(a, indices, axis=0, mode=mode), self.data)
         shape = (*jnp.shape(indices), *self.shape[1:])
-        return PackedWeight(data, self.ggml_type, shape, self.dtype)
+        return PackedWeight(data, self.ggml_type, shape, self.dtype, self.layout)
 
 
 jax.tree_util.register_dataclass(PackedWeight, data_fields=["data"],
-                                 meta_fields=["ggml_type", "shape", "dtype"])
+                                 meta_fields=["ggml_type", "shape", "dtype", "layout"])
+
+
+@functools.cache
+def _kernel_layouts() -> dict:
+    """ggml type -> (jitted repack, unpack) of the Pallas kernels' layout for it."""
+    from pallas_kernels.mxfp4_matmul import repack_mxfp4, unpack_mxfp4
+    from pallas_kernels.q8_matmul import repack_q8_0, unpack_q8_0
+
+    return {int(_T.MXFP4): (jax.jit(repack_mxfp4), unpack_mxfp4),
+            int(_T.Q8_0): (jax.jit(repack_q8_0), unpack_q8_0)}
+
+
+#: ggml types with a kernel layout (:meth:`PackedWeight.to_kernel_layout`).
+KERNEL_LAYOUTS = frozenset({int(_T.MXFP4), int(_T.Q8_0)})
+
+
+def use_kernel_layout() -> bool:
+    """Whether loaders should repack weights to the kernel layout: when the Pallas kernels are on
+    (``pallas_kernels.kernel_mode()`` is "pallas" or "interpret")."""
+    from pallas_kernels import kernel_mode
+
+    return kernel_mode() != "ref"
 
 
 def is_packed(x) -> bool:
@@ -244,7 +294,7 @@ def linear(x, w, b=None, *, out_dtype=None):
         if kernel is not None:                                              # fused Pallas decode
             y = kernel(x, w.data, None, interpret=_interpret())            # [..., O] f32
         else:
-            y = _packed_matmul(x, w, _tile_rows(w))                        # [..., O] f32
+            y = _packed_matmul(x, w.to_ggml_layout(), _tile_rows(w))       # [..., O] f32
     else:
         y = jnp.einsum("...i,oi->...o", _cpu_upcast(x), _cpu_upcast(w), preferred_element_type=F32)
     if b is not None:

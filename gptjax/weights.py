@@ -439,8 +439,16 @@ def _cast(x, dtype):
     return jnp.asarray(x, dtype=dtype if x.ndim >= 2 else jnp.float32)
 
 
-def _build(uses: dict[str, _Use], config, leaf):
-    """Nested params from ``leaf(use) -> array or PackedWeight`` (already in parameter layout)."""
+def _build(uses: dict[str, _Use], config, leaf, *, fuse: bool = True):
+    """Nested params from ``leaf(use) -> array or PackedWeight`` (already in parameter layout).
+
+    ``fuse``: projections sharing an input are concatenated per block (gptjax.fusion: q/k/v,
+    gate/up, expert gate/up). Then packed leaves are repacked to the Pallas kernels' layout
+    when the kernels are on (``gptjax.packed.use_kernel_layout``), block by block so that the
+    transient extra memory is one block's."""
+    from gptjax.fusion import fuse_block
+    from gptjax.packed import PackedWeight, use_kernel_layout
+
     params: dict = {"blocks": [dict() for _ in range(config.n_layers)]}
     for param, use in uses.items():
         node = params
@@ -448,6 +456,19 @@ def _build(uses: dict[str, _Use], config, leaf):
         for part in parts[:-1]:
             node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
         node[parts[-1]] = leaf(use)
+    kernel_layout = use_kernel_layout()
+
+    def finish(tree):
+        if not kernel_layout:
+            return tree
+        return {k: (v.to_kernel_layout() if isinstance(v, PackedWeight)
+                    else finish(v) if isinstance(v, dict) else v) for k, v in tree.items()}
+
+    blocks = params.pop("blocks")
+    for i, block in enumerate(blocks):
+        blocks[i] = finish(fuse_block(block) if fuse else block)
+    params = finish(params)
+    params["blocks"] = blocks
     return params
 
 
@@ -513,7 +534,8 @@ def default_dequantize_at_load() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def load_params_gguf(gguf_file, config, dtype=None, *, dequantize_at_load: bool | None = None):
+def load_params_gguf(gguf_file, config, dtype=None, *, dequantize_at_load: bool | None = None,
+                     fuse: bool = True):
     """The parameter pytree of ``config.arch`` from a GGUF file (path or GGUFFile).
 
     Each tensor becomes a leaf through :func:`gptjax.packed.pack_from_gguf_tensor`: float
@@ -525,6 +547,9 @@ def load_params_gguf(gguf_file, config, dtype=None, *, dequantize_at_load: bool 
     (3-D, gpt-oss) packed on every backend; pass True to decode those too. GGUF tensors are
     already in parameter layout ([out, in] rows, llama q/k in GGUF order), so packed rows are
     never rearranged (a fused gate_up stack is split by selecting whole rows).
+
+    ``fuse`` (default True): q/k/v, gate/up and expert gate/up are concatenated per block
+    (gptjax.fusion; the model code reads either form).
 
     Raises WeightsError (all name/shape problems at once) or UnsupportedModelError (a ggml type
     without a decoder, a tensor the architecture cannot run) before reading any tensor data.
@@ -561,7 +586,7 @@ def load_params_gguf(gguf_file, config, dtype=None, *, dequantize_at_load: bool 
                                      dequantize_at_load=bool(dq),
                                      dtype=dtype if len(t.shape) >= 2 else jnp.float32)
 
-    return _build(uses, config, leaf)
+    return _build(uses, config, leaf, fuse=fuse)
 
 
 # safetensors dtypes accepted for float parameters; numpy has no bfloat16/float8, so those are
@@ -612,7 +637,8 @@ def _safetensors_files(dirpath: Path) -> list[Path]:
                       f"(only safetensors checkpoints are supported)")
 
 
-def load_params_hf(dirpath, config, dtype=None, *, dequantize_at_load: bool | None = None):
+def load_params_hf(dirpath, config, dtype=None, *, dequantize_at_load: bool | None = None,
+                   fuse: bool = True):
     """The parameter pytree of ``config.arch`` from a Hugging Face directory's safetensors.
 
     ``config`` comes from the directory's config.json (ModelConfig.from_hf). Float tensors are
@@ -676,4 +702,4 @@ def load_params_hf(dirpath, config, dtype=None, *, dequantize_at_load: bool | No
         return PackedWeight.from_bytes(rows, gguf_types.MXFP4, shape, dtype=dtype,
                                        name=use.source)
 
-    return _build(uses, config, leaf)
+    return _build(uses, config, leaf, fuse=fuse)

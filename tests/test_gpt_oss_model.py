@@ -66,15 +66,17 @@ def files(tiny, tmp_path_factory):
     }
 
 
-def load(files, kind):
+def load(files, kind, fuse=False):
+    """Unfused by default: the loading tests check the file-to-parameter mapping by name;
+    the fused trees (the loaders' default) are checked against these in tests/test_fusion.py."""
     path = files[kind]
     if kind.startswith("gguf"):
         gf = read_gguf(path)
         config = ModelConfig.from_gguf(gf)
-        return config, load_params_gguf(gf, config, jnp.float32)
+        return config, load_params_gguf(gf, config, jnp.float32, fuse=fuse)
     config = ModelConfig.from_hf(json.loads((path / "config.json").read_text()),
                                  source=str(path / "config.json"))
-    return config, load_params_hf(path, config, jnp.float32)
+    return config, load_params_hf(path, config, jnp.float32, fuse=fuse)
 
 
 @pytest.fixture(scope="module")

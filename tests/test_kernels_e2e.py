@@ -92,20 +92,29 @@ def test_kernel_wiring_in_interpret_mode(tmp_path, monkeypatch):
 
     gf = read_gguf(write_gpt_oss_gguf(tiny_gpt_oss(seed=2), tmp_path / "oss.gguf"))
     config = ModelConfig.from_gguf(gf)
-    params = load_params_gguf(gf, config, jnp.float32, dequantize_at_load=False)
+    params = load_params_gguf(gf, config, jnp.float32, dequantize_at_load=False, fuse=False)
     assert isinstance(params["blocks"][0]["attn_q"]["weight"], PackedWeight)
     rng = np.random.default_rng(0)
     toks = jnp.asarray(rng.integers(0, config.vocab_size, (2, 12)), jnp.int32)
 
-    def logits(mode):
+    assert params["blocks"][0]["attn_q"]["weight"].layout == "ggml"          # kernels off: file bytes
+    monkeypatch.setenv("GPTJAX_KERNELS", "interpret")
+    params_k = load_params_gguf(gf, config, jnp.float32, dequantize_at_load=False)
+    for name in ("attn_qkv", "ffn_gate_up_exps", "ffn_down_exps"):           # fused, repacked
+        assert params_k["blocks"][1][name]["weight"].layout == "kernel", name
+
+    def logits(mode, p):
         monkeypatch.setenv("GPTJAX_KERNELS", mode)
         fwd = jax.jit(lambda p, t, s, c: gpt_oss.forward(p, t, s, c, config))   # fresh trace per mode
         cache = init_cache(config, 2, 32, jnp.float32)
-        pre, cache = fwd(params, toks[:, :11], jnp.zeros(2, jnp.int32), cache)   # prefill path
-        dec, _ = fwd(params, toks[:, 11:], jnp.full(2, 11, jnp.int32), cache)    # decode path
+        pre, cache = fwd(p, toks[:, :11], jnp.zeros(2, jnp.int32), cache)        # prefill path
+        dec, _ = fwd(p, toks[:, 11:], jnp.full(2, 11, jnp.int32), cache)         # decode path
         return np.asarray(pre), np.asarray(dec)
 
-    ref_pre, ref_dec = logits("ref")
-    ker_pre, ker_dec = logits("interpret")
-    assert rel_err(ker_pre, ref_pre) < F32_RTOL
-    assert rel_err(ker_dec, ref_dec) < F32_RTOL
+    ref_pre, ref_dec = logits("ref", params)
+    for p in (params, params_k):            # file layout unfused, kernel layout fused: kernels
+        ker_pre, ker_dec = logits("interpret", p)
+        assert rel_err(ker_pre, ref_pre) < F32_RTOL
+        assert rel_err(ker_dec, ref_dec) < F32_RTOL
+    # the reference path also accepts the kernel layout (decodes it back to ggml blocks)
+    np.testing.assert_allclose(logits("ref", params_k)[1], ref_dec, rtol=1e-6, atol=1e-6)

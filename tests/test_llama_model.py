@@ -233,11 +233,12 @@ def test_hf_without_permutation_is_wrong(untied_model, loaded):
     (config, params), _ = loaded
     sd = state_dict_numpy(untied_model)
     broken = jax.tree_util.tree_map(lambda x: x, params)
-    for i in range(config.n_layers):
-        broken["blocks"][i]["attn_q"]["weight"] = jnp.asarray(
-            sd[f"model.layers.{i}.self_attn.q_proj.weight"])
-        broken["blocks"][i]["attn_k"]["weight"] = jnp.asarray(
-            sd[f"model.layers.{i}.self_attn.k_proj.weight"])
+    nqk = config.q_dim + config.kv_dim
+    for i in range(config.n_layers):            # the loader fused q/k/v (gptjax.fusion): rows q; k; v
+        qkv = broken["blocks"][i]["attn_qkv"]["weight"]
+        broken["blocks"][i]["attn_qkv"]["weight"] = jnp.concatenate([
+            jnp.asarray(sd[f"model.layers.{i}.self_attn.q_proj.weight"]),
+            jnp.asarray(sd[f"model.layers.{i}.self_attn.k_proj.weight"]), qkv[nqk:]])
     toks = tokens(2, SEQ)
     assert rel_err(run(broken, config, toks)[0], torch_logits(untied_model, toks)) > 1e-2
 
@@ -318,7 +319,7 @@ def test_bfloat16_compute(untied_model, tmp_path):
     gf = read_gguf(write_llama_gguf(untied_model, tmp_path / "bf16.gguf"))
     config = ModelConfig.from_gguf(gf)
     params = load_params_gguf(gf, config, jnp.bfloat16)
-    assert params["blocks"][0]["attn_q"]["weight"].dtype == jnp.bfloat16
+    assert params["blocks"][0]["attn_qkv"]["weight"].dtype == jnp.bfloat16
     assert params["blocks"][0]["attn_norm"]["weight"].dtype == jnp.float32
     toks = tokens(2, SEQ, seed=9)
     logits, cache = run(params, config, toks, dtype=jnp.bfloat16)
@@ -366,7 +367,7 @@ def test_quantized_gguf_packed_and_dequantized(quantized, dequantize_at_load):
     assert gf.tensors["blk.0.attn_q.weight"].type_name == "Q4_1"
     config = ModelConfig.from_gguf(gf)
     params = load_params_gguf(gf, config, jnp.float32, dequantize_at_load=dequantize_at_load)
-    q = params["blocks"][0]["attn_q"]["weight"]
+    q = params["blocks"][0]["attn_qkv"]["weight"]                     # fused q/k/v at load
     assert isinstance(q, PackedWeight) != dequantize_at_load
     assert isinstance(params["token_embd"]["weight"], PackedWeight) != dequantize_at_load
     assert not isinstance(params["blocks"][0]["attn_norm"]["weight"], PackedWeight)

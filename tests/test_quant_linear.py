@@ -254,6 +254,35 @@ def test_packed_weight_pytree_jit_device_put_eval_shape():
     assert (e.shape, e.dtype) == ((2, 7, 576), jnp.float32)
 
 
+@pytest.mark.parametrize("t", [T.MXFP4, T.Q8_0], ids=lambda t: t.name)
+def test_kernel_layout_is_an_exact_reshuffle(t):
+    """to_kernel_layout splits the block scales off (aligned code bytes for the Pallas kernels);
+    every operation gives bit-identical results in both layouts, and the round trip restores the
+    file's bytes.  Stacked experts [E, O, I] too (take of experts stays in the kernel layout)."""
+    rng = np.random.default_rng(40 + int(t))
+    e, o, i = 3, 5, 2 * in_dim(t)
+    raw = random_bytes(rng, t, (e, o, i))
+    w = PackedWeight.from_bytes(raw, t, (e, o, i))
+    k = w.to_kernel_layout()
+    assert k.layout == "kernel" and w.layout == "ggml" and k.nbytes == w.nbytes == raw.size
+    assert len(jax.tree.leaves(k)) == 2 and k.to_kernel_layout() is k
+    np.testing.assert_array_equal(np.asarray(k.to_ggml_layout().data), raw)
+    bits_equal(k.dequantize(), w.dequantize())
+    ids = jnp.asarray([[2, 0], [1, 2]], jnp.int32)
+    kt = k.take(ids)
+    assert kt.layout == "kernel" and kt.shape == (2, 2, o, i)
+    bits_equal(kt.dequantize(), w.take(ids).dequantize())
+    x = jnp.asarray(rng.standard_normal((4, i)), jnp.float32)
+    bits_equal(jax.jit(linear)(x, k.take(1)), linear(x, w.take(1)))          # reference path
+    bits_equal(jax.jit(embed)(k.take(0), ids), embed(w.take(0), ids))
+    # one pytree leaf per layout array; the layout is static (jit retraces per layout)
+    assert jax.tree.structure(k) != jax.tree.structure(w)
+    assert jax.eval_shape(lambda w: w, k).nbytes == k.nbytes
+    # types without a kernel layout and vectors are returned unchanged
+    q4 = PackedWeight.from_bytes(random_bytes(rng, T.Q4_K, (2, 256)), T.Q4_K, (2, 256))
+    assert q4.to_kernel_layout() is q4
+
+
 def test_quant_reexports_packed_api():
     assert quant.linear is linear and quant.PackedWeight is PackedWeight
     assert quant.embed is embed and quant.pack_from_gguf_tensor is pack_from_gguf_tensor

@@ -83,7 +83,7 @@ def teacher_forced(smollm2, goldens):
 
     gf, config = smollm2
     params = load_params_gguf(gf, config, jnp.float32, dequantize_at_load=False)
-    assert isinstance(params["blocks"][0]["ffn_up"]["weight"], PackedWeight)
+    assert isinstance(params["blocks"][0]["ffn_gate_up"]["weight"], PackedWeight)   # fused at load
     assert isinstance(params["token_embd"]["weight"], PackedWeight)
     seqs = ([e["ids"] for e in goldens["logits"]]
             + [e["ids"] + e["greedy_ids"] for e in goldens["greedy"]])

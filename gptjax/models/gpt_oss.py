@@ -49,6 +49,7 @@ from __future__ import annotations
 import jax
 from flax import linen as nn
 
+from gptjax.fusion import split_linear
 from gptjax.models.layers import (F32, add_rms_norm, apply_rope, cache_attention, linear,
                                   rms_norm, rope_decoder_forward, unembed)
 from gptjax.models.moe import moe
@@ -96,9 +97,8 @@ def _block(p, x, cache, layer, positions, lengths, cos, sin, config, dtype):
 
     with jax.named_scope("attention"):
         h = rms_norm(x, p["attn_norm"]["weight"], config.norm_eps, out_dtype=dtype)
-        q = _lin(p, "attn_q", h).reshape(B, T, N, H)
-        k = _lin(p, "attn_k", h).reshape(B, T, K, H)
-        v = _lin(p, "attn_v", h).reshape(B, T, K, H)
+        q, k, v = split_linear(p, ("attn_q", "attn_k", "attn_v"), h, (N * H, K * H, K * H))
+        q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
         q = apply_rope(q, cos, sin, config.rope_type)                      # [B, T, N, H]
         k = apply_rope(k, cos, sin, config.rope_type)                      # [B, T, K, H]
         window = config.sliding_window if config.layer_is_sliding(layer) else None

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from flax import linen as nn
 
+from gptjax.fusion import split_linear
 from gptjax.models.layers import (F32, add_rms_norm, apply_rope, cache_attention, linear,
                                   rms_norm, rope_decoder_forward, swiglu, unembed)
 
@@ -81,9 +82,8 @@ def _block(p, x, cache, layer, positions, lengths, cos, sin, config, dtype):
     N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
 
     h = rms_norm(x, p["attn_norm"]["weight"], config.norm_eps, out_dtype=dtype)
-    q = _lin(p, "attn_q", h).reshape(B, T, N, H)
-    k = _lin(p, "attn_k", h).reshape(B, T, K, H)
-    v = _lin(p, "attn_v", h).reshape(B, T, K, H)
+    q, k, v = split_linear(p, ("attn_q", "attn_k", "attn_v"), h, (N * H, K * H, K * H))
+    q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
     q = apply_rope(q, cos, sin, config.rope_type)                          # [B, T, N, H]
     k = apply_rope(k, cos, sin, config.rope_type)                          # [B, T, K, H]
     window = config.sliding_window if config.sliding_window_pattern[layer] else None
@@ -92,8 +92,8 @@ def _block(p, x, cache, layer, positions, lengths, cos, sin, config, dtype):
     a = _lin(p, "attn_output", a.reshape(B, T, N * H), out_dtype=F32)      # [B, T, D]
 
     x, h = add_rms_norm(x, a, p["ffn_norm"]["weight"], config.norm_eps, out_dtype=dtype)
-    g = _lin(p, "ffn_gate", h, out_dtype=F32)                              # [B, T, F]
-    u = _lin(p, "ffn_up", h, out_dtype=F32)                                # [B, T, F]
+    g, u = split_linear(p, ("ffn_gate", "ffn_up"), h, (config.d_ff, config.d_ff),
+                        out_dtype=F32)                                     # [B, T, F] x 2
     m = _lin(p, "ffn_down", swiglu(g, u, out_dtype=dtype), out_dtype=F32)  # [B, T, D]
     return x + m, cache
 

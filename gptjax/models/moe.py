@@ -22,6 +22,8 @@ Parameters (per block; GGUF names, rows = output features)::
     ffn_gate_inp.weight [E, D], .bias [E]               router
     ffn_gate_exps.weight [E, F, D], .bias [E, F]        gate half of the first projection
     ffn_up_exps.weight [E, F, D], .bias [E, F]          linear half
+    (or ffn_gate_up_exps.weight [E, 2F, D], .bias [E, 2F]: the two fused at load, gate rows first;
+    gptjax.fusion)
     ffn_down_exps.weight [E, D, F], .bias [E, D]
 
 The expert matrices are either dense arrays or :class:`gptjax.packed.PackedWeight` stacks that
@@ -58,7 +60,7 @@ from gptjax.packed import PackedWeight
 
 __all__ = [
     "GATHER_MAX_ROWS", "route", "swiglu_oai", "experts_gather", "experts_sorted", "moe",
-    "expert_weights",
+    "expert_weights", "gate_up",
 ]
 
 #: Use the gather path when the routed rows R = M*U are at most this many (decode of a few rows).
@@ -107,23 +109,40 @@ def experts_gather(x, ids, weights, p, config):
     a, lim = config.swiglu_alpha, config.swiglu_limit
     if _use_moe_kernel(p):
         return _experts_gather_kernel(x, ids, weights, p, config)
-    wg = expert_weights(p["ffn_gate_exps"]["weight"], ids, dtype)             # [M, U, F, D]
-    wu = expert_weights(p["ffn_up_exps"]["weight"], ids, dtype)               # [M, U, F, D]
-    g = einsum_f32("md,mufd->muf", x, wg) + jnp.take(p["ffn_gate_exps"]["bias"], ids, axis=0)
-    u = einsum_f32("md,mufd->muf", x, wu) + jnp.take(p["ffn_up_exps"]["bias"], ids, axis=0)
+    g, u = gate_up(p, lambda q: einsum_f32("md,mufd->muf", x, expert_weights(q["weight"], ids, dtype))
+                   + jnp.take(q["bias"], ids, axis=0))                         # [M, U, F] x 2
     h = swiglu_oai(g, u, alpha=a, limit=lim).astype(dtype)                    # [M, U, F]
     wd = expert_weights(p["ffn_down_exps"]["weight"], ids, dtype)             # [M, U, D, F]
     y = einsum_f32("muf,mudf->mud", h, wd) + jnp.take(p["ffn_down_exps"]["bias"], ids, axis=0)
     return jnp.einsum("mu,mud->md", weights, y)                               # [M, D] f32
 
 
+def _first_names(p) -> tuple[str, ...]:
+    """The first projection's parameters: the fused gate/up stack (gptjax.fusion) or the pair."""
+    return ("ffn_gate_up_exps",) if "ffn_gate_up_exps" in p else ("ffn_gate_exps", "ffn_up_exps")
+
+
+def _halves(ys):
+    """(gate, up) from the first projection's outputs: one fused [..., 2F] or two [..., F]."""
+    if len(ys) == 2:
+        return ys[0], ys[1]
+    f = ys[0].shape[-1] // 2
+    return ys[0][..., :f], ys[0][..., f:]
+
+
+def gate_up(p, apply):
+    """(gate, up) outputs [..., F] of the first expert projection, ``apply(param) -> [..., O]``
+    run on the fused stack ``ffn_gate_up_exps`` (rows: gate then up) or on the two stacks."""
+    return _halves([apply(p[n]) for n in _first_names(p)])
+
+
 def _use_moe_kernel(p) -> bool:
     from pallas_kernels import kernel_mode
 
-    w = p["ffn_gate_exps"]["weight"]
-    return (kernel_mode() != "ref" and isinstance(w, PackedWeight) and w.type_name == "MXFP4"
+    names = [n for n in ("ffn_gate_up_exps", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps") if n in p]
+    return (kernel_mode() != "ref"
             and all(isinstance(p[n]["weight"], PackedWeight) and p[n]["weight"].type_name == "MXFP4"
-                    for n in ("ffn_up_exps", "ffn_down_exps")))
+                    for n in names))
 
 
 def _experts_gather_kernel(x, ids, weights, p, config):
@@ -135,10 +154,8 @@ def _experts_gather_kernel(x, ids, weights, p, config):
 
     interpret = kernel_mode() == "interpret"
     M, U = ids.shape
-    g = mxfp4_moe_matmul(x, p["ffn_gate_exps"]["weight"].data, ids, p["ffn_gate_exps"]["bias"],
-                         interpret=interpret)                                   # [M, U, F] f32
-    u = mxfp4_moe_matmul(x, p["ffn_up_exps"]["weight"].data, ids, p["ffn_up_exps"]["bias"],
-                         interpret=interpret)                                   # [M, U, F] f32
+    g, u = gate_up(p, lambda q: mxfp4_moe_matmul(x, q["weight"].data, ids, q["bias"],
+                                                 interpret=interpret))         # [M, U, F] f32 x 2
     h = swiglu_oai(g, u, alpha=config.swiglu_alpha, limit=config.swiglu_limit).astype(x.dtype)
     y = mxfp4_moe_matmul(h.reshape(M * U, -1), p["ffn_down_exps"]["weight"].data, ids.reshape(M * U, 1),
                          p["ffn_down_exps"]["bias"], interpret=interpret)       # [M*U, 1, D] f32
@@ -166,7 +183,8 @@ def experts_sorted(x, ids, weights, p, config, *, chunk=None):
     C = _chunk_rows(R, E) if chunk is None else int(chunk)
     dtype = x.dtype
     a, lim = config.swiglu_alpha, config.swiglu_limit
-    pg, pu, pd = p["ffn_gate_exps"], p["ffn_up_exps"], p["ffn_down_exps"]
+    pd = p["ffn_down_exps"]
+    firsts = [p[n] for n in _first_names(p)]                                  # gate_up, or gate + up
 
     flat = ids.reshape(R)                                                     # [R] expert of row
     order = jnp.argsort(flat, stable=True)                                    # [R] sorted → row
@@ -180,16 +198,15 @@ def experts_sorted(x, ids, weights, p, config, *, chunk=None):
         n = counts[e]
 
         def run(out):
-            wg = expert_weights(pg["weight"], e, dtype)                       # [F, D]
-            wu = expert_weights(pu["weight"], e, dtype)                       # [F, D]
+            w1 = [(expert_weights(q["weight"], e, dtype), q["bias"][e]) for q in firsts]
             wd = expert_weights(pd["weight"], e, dtype)                       # [D, F]
-            bg, bu, bd = pg["bias"][e], pu["bias"][e], pd["bias"][e]
+            bd = pd["bias"][e]
 
             def step(c, out):
                 s = starts[e] + c * C
                 xc = lax.dynamic_slice_in_dim(xs, s, C, axis=0)               # [C, D]
-                h = swiglu_oai(linear(xc, wg, bg, out_dtype=F32),
-                               linear(xc, wu, bu, out_dtype=F32), alpha=a, limit=lim)
+                ys = [linear(xc, w, b, out_dtype=F32) for w, b in w1]         # [C, 2F] or 2 x [C, F]
+                h = swiglu_oai(*_halves(ys), alpha=a, limit=lim)
                 y = linear(h.astype(dtype), wd, bd, out_dtype=F32)            # [C, D]
                 # A last chunk running past expert e's rows writes garbage over the rows of
                 # later experts (sorted order), which overwrite them afterwards, or over the C
