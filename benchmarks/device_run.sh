@@ -32,8 +32,8 @@ for step in "$@"; do
       timeout 300 python3 benchmarks/attention_kernels.py --out "$OUT/results.md"
       timeout 300 python3 benchmarks/matmul_kernels.py --quick --out "$OUT/results.md" ;;
     profile)
-      timeout 240 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --new 32 --top 40
-      timeout 120 python3 benchmarks/profile_decode.py --gpt2 --new 64 --top 25 ;;
+      timeout 240 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --new 32 --top 40 --hlo-dump /tmp/hlo_oss
+      timeout 120 python3 benchmarks/profile_decode.py --gpt2 --new 64 --top 30 --hlo-dump /tmp/hlo_gpt2 ;;
     profile-ref)
       GPTJAX_KERNELS=ref timeout 240 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --new 32 --top 25 ;;
     matmul-bench) timeout 300 python3 benchmarks/matmul_kernels.py --runs 5 --out "$OUT/results.md" ;;
