@@ -37,6 +37,11 @@ for step in "$@"; do
     profile-ref)
       GPTJAX_KERNELS=ref timeout 240 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --new 32 --top 25 ;;
     matmul-bench) timeout 300 python3 benchmarks/matmul_kernels.py --runs 5 --out "$OUT/results.md" ;;
+    targets) timeout 420 python3 benchmarks/gpt_oss_targets.py --out "$OUT/results.md" ;;
+    targets-grouped) GPTJAX_MOE_KERNEL_MAX_ROWS=100000 timeout 300 python3 benchmarks/gpt_oss_targets.py \
+               --skip b1,long,memory --out "$OUT/results.md" ;;
+    targets-ref) GPTJAX_KERNELS=ref timeout 400 python3 benchmarks/gpt_oss_targets.py --skip b64,memory --runs 3 \
+               --out "$OUT/results.md" ;;
     gpu-tests) python3 -m pytest -q -m gpu tests 2>&1 | tail -30 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

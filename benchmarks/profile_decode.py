@@ -84,7 +84,7 @@ def _key(name: str) -> str:
 
 
 def summarize(trace_dir: str, steps: int, wall_s: float, top: int, dump_names: bool,
-              plane_prefix: str = "/device:", hlo: dict | None = None) -> None:
+              plane_prefix: str = "/device:", hlo: dict | None = None, module: str = "") -> None:
     hlo = hlo or {}
     files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     if not files:
@@ -99,6 +99,8 @@ def summarize(trace_dir: str, steps: int, wall_s: float, top: int, dump_names: b
             agg = collections.defaultdict(lambda: [0, 0])
             spans = []
             for ev in line.events:
+                if module and module not in str(dict(ev.stats).get("hlo_module", "")):
+                    continue
                 a = agg[ev.name]
                 a[0] += 1
                 a[1] += ev.duration_ns
@@ -134,6 +136,8 @@ def main():
     ap.add_argument("--dump-names", action="store_true")
     ap.add_argument("--trace-dir", default=None)
     ap.add_argument("--plane", default="/device:", help="summarise planes whose name starts with this")
+    ap.add_argument("--module", default="_decode_impl",
+                    help="count only kernels of HLO modules whose name contains this ('' = all)")
     ap.add_argument("--hlo-dump", default=None, help="dump optimized HLO here and map kernel names to op_names")
     args = ap.parse_args()
     if args.hlo_dump:
@@ -155,7 +159,8 @@ def main():
         wall = time.perf_counter() - t0
     steps = args.new
     print(f"traced: decode {res.stats.decode_tokens_per_s:,.1f} tok/s (whole call {wall * 1e3:.1f} ms incl. prefill)")
-    summarize(trace_dir, steps, wall, args.top, args.dump_names, args.plane, hlo_index(args.hlo_dump))
+    summarize(trace_dir, steps, wall, args.top, args.dump_names, args.plane, hlo_index(args.hlo_dump),
+              args.module)
 
 
 if __name__ == "__main__":

@@ -442,6 +442,7 @@ def _cast(x, dtype):
 def _build(uses: dict[str, _Use], config, leaf, *, fuse: bool = True):
     """Nested params from ``leaf(use) -> array or PackedWeight`` (already in parameter layout).
 
+    Biases are float32 whatever their rank (they are added to float32 accumulators).
     ``fuse``: projections sharing an input are concatenated per block (gptjax.fusion: q/k/v,
     gate/up, expert gate/up). Then packed leaves are repacked to the Pallas kernels' layout
     when the kernels are on (``gptjax.packed.use_kernel_layout``), block by block so that the
@@ -455,7 +456,10 @@ def _build(uses: dict[str, _Use], config, leaf, *, fuse: bool = True):
         parts = param.split(".")
         for part in parts[:-1]:
             node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
-        node[parts[-1]] = leaf(use)
+        x = leaf(use)
+        if param.endswith(".bias") and not isinstance(x, PackedWeight):
+            x = jnp.asarray(x, jnp.float32)  # biases stay float32, expert stacks [E, O] too
+        node[parts[-1]] = x
     kernel_layout = use_kernel_layout()
 
     def finish(tree):

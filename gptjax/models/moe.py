@@ -136,6 +136,16 @@ def gate_up(p, apply):
     return _halves([apply(p[n]) for n in _first_names(p)])
 
 
+def kernel_max_rows() -> int:
+    """Routed rows up to which the Pallas MoE kernel replaces the sorted XLA path when the kernels
+    are on (its "pairs" mode up to 16 rows, "grouped" beyond): env GPTJAX_MOE_KERNEL_MAX_ROWS,
+    default :data:`GATHER_MAX_ROWS` (benchmarks/RESULTS.md: the grouped mode is not yet faster
+    than dequantize-then-dot for prefill)."""
+    import os
+
+    return int(os.environ.get("GPTJAX_MOE_KERNEL_MAX_ROWS", GATHER_MAX_ROWS))
+
+
 def _use_moe_kernel(p) -> bool:
     from pallas_kernels import kernel_mode
 
@@ -228,7 +238,9 @@ def moe(x, p, config, *, path=None):
     weights, ids = route(x, p["ffn_gate_inp"]["weight"], p["ffn_gate_inp"]["bias"],
                          config.n_experts_used)
     if path is None:
-        path = "gather" if x.shape[0] * config.n_experts_used <= GATHER_MAX_ROWS else "sorted"
+        rows = x.shape[0] * config.n_experts_used
+        limit = kernel_max_rows() if _use_moe_kernel(p) else GATHER_MAX_ROWS
+        path = "gather" if rows <= limit else "sorted"
     if path == "gather":
         return experts_gather(x, ids, weights, p, config)
     if path == "sorted":
