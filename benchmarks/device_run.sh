@@ -42,6 +42,7 @@ for step in "$@"; do
                --skip b1,long,memory --out "$OUT/results.md" ;;
     targets-ref) GPTJAX_KERNELS=ref timeout 400 python3 benchmarks/gpt_oss_targets.py --skip b64,memory --runs 3 \
                --out "$OUT/results.md" ;;
+    sweep) timeout 400 python3 benchmarks/tile_sweep.py ;;
     gpu-tests) python3 -m pytest -q -m gpu tests 2>&1 | tail -30 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

@@ -65,6 +65,13 @@ __all__ = [
 
 #: Use the gather path when the routed rows R = M*U are at most this many (decode of a few rows).
 GATHER_MAX_ROWS = 8
+#: With the kernels on, routed rows up to which the Pallas MoE kernel runs instead of the sorted
+#: path.  H100, gpt-oss-20b (benchmarks/RESULTS.md): the grouped kernel reads each routed expert
+#: once per tile and wins at batch-64 decode (3,414 vs 468 tok/s) and pp512 (7,233 vs 3,394
+#: tok/s); the sorted path's fixed cost (decode every used expert to bf16 once, ~130 ms for the
+#: model) amortises over long prompts (4096 tokens: 14,377 tok/s), crossing over near 1,300
+#: tokens: 4096 routed rows = 1,024 tokens at top-4.
+KERNEL_MAX_ROWS = 4096
 #: Largest row chunk of the sorted path.
 MAX_CHUNK = 256
 
@@ -139,11 +146,10 @@ def gate_up(p, apply):
 def kernel_max_rows() -> int:
     """Routed rows up to which the Pallas MoE kernel replaces the sorted XLA path when the kernels
     are on (its "pairs" mode up to 16 rows, "grouped" beyond): env GPTJAX_MOE_KERNEL_MAX_ROWS,
-    default :data:`GATHER_MAX_ROWS` (benchmarks/RESULTS.md: the grouped mode is not yet faster
-    than dequantize-then-dot for prefill)."""
+    default :data:`KERNEL_MAX_ROWS`."""
     import os
 
-    return int(os.environ.get("GPTJAX_MOE_KERNEL_MAX_ROWS", GATHER_MAX_ROWS))
+    return int(os.environ.get("GPTJAX_MOE_KERNEL_MAX_ROWS", KERNEL_MAX_ROWS))
 
 
 def _use_moe_kernel(p) -> bool:
