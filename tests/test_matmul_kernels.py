@@ -414,9 +414,12 @@ def test_use_kernel_switch(monkeypatch):
 
 
 def test_plan_fills_the_gpu():
-    """Decode of a 2880 x 2880 matrix: split K until >= TARGET_PROGRAMS programs; the vocab head
+    """Decode of a 2880 x 2880 matrix: 16-row tiles (180 programs, the H100 sweep's best) unless
+    a tiling is asked for, then K is split until >= TARGET_PROGRAMS programs; the vocab head
     needs no split; prefill uses dot tiles."""
     p = mx.plan_dense(1, 2880, 2880)
+    assert p.mode == "gemv" and (p.block_n, p.block_k, p.k_splits, p.prefetch) == (16, 512, 1, False)
+    p = mx.plan_dense(1, 2880, 2880, block_n=32)
     n_prog = -(-2880 // p.block_n) * p.k_splits
     assert p.mode == "gemv" and p.k_splits > 1 and n_prog >= mx.TARGET_PROGRAMS
     assert mx.plan_dense(1, 201088, 2880).k_splits == 1
