@@ -499,9 +499,10 @@ def plan_dense(M: int, O: int, I: int, *, mode=None, block_m=None, block_n=None,
                k_splits=None, num_warps=None, num_stages=None, prefetch=None) -> Plan:
     """Default tiling for an ``[M, I] x [O, I]^T`` MXFP4/Q8_0 matmul (any argument overrides).
 
-    gemv (M <= GEMV_MAX_ROWS = 2): 32 output rows x 256 inputs per step, 4 warps, software prefetch
-    when the grid is small (< PREFETCH_MAX_PROGRAMS programs: few warps per SM to hide memory
-    latency; the prefetch costs ~40 registers and ~13 % more instructions, measured in SASS).
+    gemv (M <= GEMV_MAX_ROWS = 2), small grids (O / 32 < PREFETCH_MAX_PROGRAMS) with no tiling
+    asked for: 16 output rows x 512 inputs per step, 8 warps, no split, no prefetch (the H100
+    sweep's best, benchmarks/tile_sweep.py).  Otherwise 32 x 256, 4 warps, software prefetch when
+    the grid is small (the prefetch costs ~40 registers and ~13 % more instructions, in SASS).
     dot, decode-sized M (< 64): 16 x 32 x 128.  dot, prefill: 64 x 64 x 64 (M < 256) or
     128 x 64 x 64 with 8 warps.  Split K (decode only) up to TARGET_PROGRAMS programs.  Starting
     points for benchmarks/matmul_kernels.py, which sweeps alternatives on the GPU.

@@ -240,7 +240,9 @@ def experts_sorted(x, ids, weights, p, config, *, chunk=None):
 
 def moe(x, p, config, *, path=None):
     """The gpt-oss MoE block: router then experts. x: [M, D] in the compute dtype → float32
-    [M, D]. ``path``: "gather", "sorted" or None (gather when M*U <= GATHER_MAX_ROWS)."""
+    [M, D]. ``path``: "gather", "sorted" or None: gather when M*U <= GATHER_MAX_ROWS, or, with
+    the Pallas MoE kernel on (MXFP4 experts, kernels on), when M*U <= :func:`kernel_max_rows`
+    (the gather path then runs the kernel); sorted otherwise."""
     weights, ids = route(x, p["ffn_gate_inp"]["weight"], p["ffn_gate_inp"]["bias"],
                          config.n_experts_used)
     if path is None:
