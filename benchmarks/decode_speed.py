@@ -30,6 +30,7 @@ from gptjax.config import ModelConfig
 from gptjax.formats.gguf import read_gguf
 from gptjax.generate import Generator
 from gptjax.weights import default_dtype, load_params_gguf
+from report import emit  # noqa: E402
 
 
 def tree_bytes(tree) -> int:
@@ -142,10 +143,7 @@ def main():
                      + " | ".join(f"{a[f'decode_b{x}'] / b[f'decode_b{x}']:.2f}x" for x in batches)
                      + f" | {a['pp512'] / b['pp512']:.2f}x | {a['weight_bytes'] / b['weight_bytes']:.2f}x | | |")
     table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(table)
+    emit(table, args.out)
 
 
 if __name__ == "__main__":

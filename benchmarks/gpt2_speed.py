@@ -29,6 +29,7 @@ from gptjax.config import ModelConfig
 from gptjax.generate import Generator
 from gptjax.models import gpt2
 from gptjax.models.layers import F32
+from report import emit  # noqa: E402
 
 LLAMA_CPP = {"tg128": 1522.0, "pp512": 104134.0}
 
@@ -162,10 +163,7 @@ def main():
             f"median of {args.runs} runs after warm-up.\n\n"
             "| test | rate | time | vs llama.cpp (same card) | vs naive loop | notes |\n|---|---|---|---|---|---|\n")
     table = head + "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
-    print(table)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(table)
+    emit(table, args.out)
 
 
 if __name__ == "__main__":

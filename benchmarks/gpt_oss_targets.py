@@ -37,6 +37,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import gptjax  # noqa: E402
+from report import emit  # noqa: E402
 
 LLAMA_CPP = {"decode": 307.6, "decode_4096": 300.7, "pp512": 9928.0}
 
@@ -139,10 +140,7 @@ def main():
              "| measure | result | target | notes |", "|---|---|---|---|"]
     lines += [f"| {n} | {v} | {t or ''} | {note} |" for n, v, t, note in rows]
     table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(table)
+    emit(table, args.out)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ from jax import lax  # noqa: E402
 from gptjax.packed import PackedWeight, linear  # noqa: E402
 from pallas_kernels import mxfp4_matmul as mx  # noqa: E402
 from pallas_kernels import q8_matmul as q8  # noqa: E402
+from report import emit  # noqa: E402
 
 PEAK_BW = 2.6e12        # bytes/s, read bandwidth measured on the card (PERFORMANCE.md)
 PEAK_FLOPS = 667e12     # bf16 matmul through XLA on the card (PERFORMANCE.md)
@@ -311,10 +312,7 @@ def _report(args, card, table, failures) -> int:
     out = head + "\n".join("| " + " | ".join(r) + " |" for r in table) + "\n"
     if args.sweep:
         out += sweep(args.runs, OUTS if args.cpu_smoke else [2880, 201088])
-    print(out)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(out)
+    emit(out, args.out)
     if failures:
         print("FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
