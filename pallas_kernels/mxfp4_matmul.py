@@ -191,7 +191,7 @@ def unpack_mxfp4(w: Mxfp4Weights):
 @dataclasses.dataclass(frozen=True)
 class _W:
     """A parsed weight argument: layout, the arrays handed to the kernel, and sizes."""
-    layout: str              # "ggml" (one array [..., O, G, 17]) or "split" (qs, scales)
+    layout: str              # "ggml" (one array [..., O, G, block bytes]) or "split" (qs, scales)
     arrays: tuple
     lead: tuple              # leading (expert) dims
     O: int
@@ -206,27 +206,46 @@ class _W:
         return dataclasses.replace(self, arrays=(None,) * len(self.arrays))
 
 
-def _parse_weights(w, n_lead: int, fn: str) -> _W:
-    """Accept ggml bytes (array or PackedWeight) or Mxfp4Weights with ``n_lead`` leading dims."""
-    if isinstance(w, Mxfp4Weights):
+def parse_packed(w, n_lead: int, fn: str, *, split_cls, type_id: int, type_label: str,
+                 block_bytes: int, qs_width: int, scale_dtype) -> _W:
+    """A weight argument of a block-quantized kernel (MXFP4 or Q8_0) as a :class:`_W`.
+
+    Accepted: ggml bytes ``uint8[*lead, O, G * block_bytes]`` (an array, or a ``PackedWeight`` of
+    type ``type_id`` in the ggml layout), or the split layout ``split_cls(qs uint8[*lead, O, G,
+    qs_width], scales scale_dtype[*lead, O, G])`` (itself, or a ``PackedWeight`` with
+    ``layout="kernel"``), with ``n_lead`` leading (expert) dims.  int8 code bytes are viewed as
+    uint8.  Anything else raises WeightsError naming ``fn``."""
+    t = getattr(w, "ggml_type", None)
+    if t is not None and int(t) != type_id:
+        raise WeightsError(f"{fn}: packed weight of ggml type {int(t)}, expected {type_label} ({type_id})")
+    if getattr(w, "layout", "ggml") == "kernel":                            # PackedWeight, kernel layout
+        w = w.data
+    lead = "E, " * n_lead
+    if isinstance(w, split_cls):
         qs, sc = jnp.asarray(w.qs), jnp.asarray(w.scales)
-        ok = (qs.dtype == jnp.uint8 and sc.dtype == jnp.uint8 and qs.ndim == n_lead + 3
-              and qs.shape[-1] == 16 and qs.shape[:-1] == sc.shape)
+        if qs.dtype == jnp.int8:
+            qs = lax.bitcast_convert_type(qs, jnp.uint8)
+        ok = (qs.dtype == jnp.uint8 and sc.dtype == scale_dtype and qs.ndim == n_lead + 3
+              and qs.shape[-1] == qs_width and qs.shape[:-1] == sc.shape)
         if not ok:
-            raise WeightsError(f"{fn}: Mxfp4Weights must be qs uint8[{'E, ' * n_lead}O, G, 16] and "
-                               f"scales uint8[{'E, ' * n_lead}O, G]; got qs {qs.dtype}"
+            raise WeightsError(f"{fn}: {split_cls.__name__} must be qs uint8[{lead}O, G, {qs_width}] and "
+                               f"scales {np.dtype(scale_dtype).name}[{lead}O, G]; got qs {qs.dtype}"
                                f"{list(qs.shape)}, scales {sc.dtype}{list(sc.shape)}")
         return _W("split", (qs, sc), tuple(qs.shape[:n_lead]), qs.shape[-3], qs.shape[-2])
-    t = getattr(w, "ggml_type", None)
-    if t is not None and int(t) != MXFP4_TYPE:
-        raise WeightsError(f"{fn}: packed weight of ggml type {int(t)}, expected MXFP4 (39)")
     data = jnp.asarray(getattr(w, "data", w))
-    if data.dtype != jnp.uint8 or data.ndim != n_lead + 2 or data.shape[-1] % BLOCK_BYTES:
-        raise WeightsError(f"{fn}: expected ggml MXFP4 bytes uint8[{'E, ' * n_lead}O, G*17], got "
-                           f"{data.dtype}{list(data.shape)}")
-    g = data.shape[-1] // BLOCK_BYTES
-    blocks = data.reshape(*data.shape[:-1], g, BLOCK_BYTES)
-    return _W("ggml", (blocks,), tuple(data.shape[:n_lead]), data.shape[-2], g)
+    if data.dtype != jnp.uint8 or data.ndim != n_lead + 2 or data.shape[-1] % block_bytes:
+        raise WeightsError(f"{fn}: expected ggml {type_label} bytes uint8[{lead}O, G*{block_bytes}], "
+                           f"got {data.dtype}{list(data.shape)}")
+    g = data.shape[-1] // block_bytes
+    return _W("ggml", (data.reshape(*data.shape[:-1], g, block_bytes),),
+              tuple(data.shape[:n_lead]), data.shape[-2], g)
+
+
+def _parse_weights(w, n_lead: int, fn: str) -> _W:
+    """MXFP4 weights: ggml bytes [..., O, G * 17] or :class:`Mxfp4Weights` (:func:`parse_packed`)."""
+    return parse_packed(w, n_lead, fn, split_cls=Mxfp4Weights, type_id=MXFP4_TYPE,
+                        type_label="MXFP4", block_bytes=BLOCK_BYTES, qs_width=16,
+                        scale_dtype=jnp.uint8)
 
 
 def _dense_weights(w: _W) -> jax.Array:

@@ -50,7 +50,6 @@ gguf.quants), round to ``x.dtype``, one ``dot_general``.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, NamedTuple
@@ -68,6 +67,8 @@ from gptjax.quant import dequantize_q8_0
 from pallas_kernels.mxfp4_matmul import (
     GEMV_MAX_ROWS,
     Plan,
+    _W,
+    parse_packed,
     _check_plan,
     _STATIC,
     _dot_nt,
@@ -158,44 +159,10 @@ def unpack_q8_0(w: Q8Weights):
     return b.reshape(*b.shape[:-2], b.shape[-2] * BLOCK_BYTES)
 
 
-@dataclasses.dataclass(frozen=True)
-class _W:
-    layout: str          # "ggml" ([..., O, G, 34] bytes) or "split" (qs, scales)
-    arrays: tuple
-    lead: tuple
-    O: int
-    G: int
-
-    @property
-    def I(self) -> int:
-        return self.G * QK
-
-    def static(self) -> _W:
-        return dataclasses.replace(self, arrays=(None,) * len(self.arrays))
-
-
 def _parse_weights(w, n_lead: int, fn: str) -> _W:
-    if isinstance(w, Q8Weights):
-        qs, sc = jnp.asarray(w.qs), jnp.asarray(w.scales)
-        if qs.dtype == jnp.int8:
-            qs = lax.bitcast_convert_type(qs, jnp.uint8)
-        ok = (qs.dtype == jnp.uint8 and sc.dtype == jnp.float16 and qs.ndim == n_lead + 3
-              and qs.shape[-1] == QK and qs.shape[:-1] == sc.shape)
-        if not ok:
-            raise WeightsError(f"{fn}: Q8Weights must be qs uint8[{'E, ' * n_lead}O, G, 32] and "
-                               f"scales float16[{'E, ' * n_lead}O, G]; got qs {qs.dtype}"
-                               f"{list(qs.shape)}, scales {sc.dtype}{list(sc.shape)}")
-        return _W("split", (qs, sc), tuple(qs.shape[:n_lead]), qs.shape[-3], qs.shape[-2])
-    t = getattr(w, "ggml_type", None)
-    if t is not None and int(t) != Q8_0_TYPE:
-        raise WeightsError(f"{fn}: packed weight of ggml type {int(t)}, expected Q8_0 (8)")
-    data = jnp.asarray(getattr(w, "data", w))
-    if data.dtype != jnp.uint8 or data.ndim != n_lead + 2 or data.shape[-1] % BLOCK_BYTES:
-        raise WeightsError(f"{fn}: expected ggml Q8_0 bytes uint8[{'E, ' * n_lead}O, G*34], got "
-                           f"{data.dtype}{list(data.shape)}")
-    g = data.shape[-1] // BLOCK_BYTES
-    return _W("ggml", (data.reshape(*data.shape[:-1], g, BLOCK_BYTES),),
-              tuple(data.shape[:n_lead]), data.shape[-2], g)
+    """Q8_0 weights: ggml bytes [..., O, G * 34] or :class:`Q8Weights` (``parse_packed``)."""
+    return parse_packed(w, n_lead, fn, split_cls=Q8Weights, type_id=Q8_0_TYPE, type_label="Q8_0",
+                        block_bytes=BLOCK_BYTES, qs_width=QK, scale_dtype=jnp.float16)
 
 
 def _ggml_blocks(w: _W) -> jax.Array:

@@ -425,3 +425,29 @@ def test_plan_fills_the_gpu():
     assert mx.plan_dense(1, 201088, 2880).k_splits == 1
     p = mx.plan_dense(512, 2880, 2880)
     assert p.mode == "dot" and p.block_m >= 64 and p.k_splits == 1
+
+
+@pytest.mark.parametrize("t", [T.MXFP4, T.Q8_0], ids=lambda t: t.name)
+def test_kernels_take_packed_weights_in_either_layout(t):
+    """A PackedWeight in the ggml layout, the same weight repacked (layout="kernel", what the
+    loaders hand the kernels on a GPU) and its raw arrays give bit-identical kernel results;
+    a PackedWeight of another type is refused by name."""
+    rng = np.random.default_rng(77)
+    o, i = 40, 96
+    raw = rng.integers(0, 256, (o, i // 32 * (17 if t == T.MXFP4 else 34)), dtype=np.uint8)
+    if t == T.MXFP4:
+        raw[:, ::17] = rng.integers(118, 123, raw[:, ::17].shape, dtype=np.uint8)
+        fn = mx.mxfp4_matmul
+    else:
+        sc = rng.uniform(1e-3, 1e-2, (o, i // 32)).astype(np.float16).view(np.uint8)
+        raw.reshape(o, i // 32, 34)[:, :, :2] = sc.reshape(o, i // 32, 2)
+        fn = q8.q8_0_matmul
+    w = PackedWeight.from_bytes(raw, t, (o, i))
+    k = w.to_kernel_layout()
+    x = jnp.asarray(rng.standard_normal((3, i)), jnp.float32)
+    want = np.asarray(fn(x, jnp.asarray(raw), interpret=True))
+    for arg in (w, k, k.data):
+        np.testing.assert_array_equal(np.asarray(fn(x, arg, interpret=True)), want)
+    other = PackedWeight.from_bytes(np.zeros((o, i // 32 * 18), np.uint8), T.Q4_0, (o, i))
+    with pytest.raises(WeightsError, match="expected (MXFP4|Q8_0)"):
+        fn(x, other, interpret=True)
