@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from gptjax.models.layers import linear
 from gptjax.packed import PackedWeight
 
 __all__ = ["FUSIONS", "fuse_block", "fuse_params", "split_linear"]
@@ -94,8 +95,6 @@ def split_linear(p: dict, names: tuple[str, ...], x, sizes, *, out_dtype=None):
     """The outputs of the projections ``names`` of block ``p`` on input x [..., I], from their
     fused parameter if the block has it (one matmul, then split) or one by one.  ``sizes``: the
     output width of each part.  Returns a tuple of [..., size_i] in ``out_dtype``."""
-    from gptjax.models.layers import linear
-
     fused = next((f for f, parts in FUSIONS.items() if parts == tuple(names)), None)
     if fused is not None and fused in p:
         y = linear(x, p[fused]["weight"], p[fused].get("bias"), out_dtype=out_dtype)
