@@ -584,7 +584,27 @@ def _finish(y, bias, s: int):
 # Dense matmul
 # ---------------------------------------------------------------------------------------------
 
-def _dense_kernel(*refs, w: _W, p: Plan, M: int, has_bias: bool, cdt, interpret: bool):
+class DenseOps(NamedTuple):
+    """What differs between the block-quantized dense matmuls (MXFP4 here, Q8_0 in q8_matmul)
+    around the one kernel body :func:`_dense_kernel` and wrapper :func:`dense_matmul`:
+
+    * ``step_dot(acc, w, w_refs, x_ref, x_rows, x_ok, row0, bn, g0, gt, cdt, interpret)``: one K
+      step of the "dot" mode, returns the float32 accumulator [bm, bn];
+    * ``gemv_load(w, w_refs, x_ref, rows, row0, bn, g0, gt, g_end)`` and
+      ``gemv_compute(accs, tile)``: one K step of the "gemv" mode (see :func:`_gemv_loop`);
+    * ``x_view(x2 [M, I], G)``: the view of x the kernel reads; ``name``: the kernel's name.
+    """
+
+    step_dot: Any
+    gemv_load: Any
+    gemv_compute: Any
+    x_view: Any
+    name: str
+
+
+def _dense_kernel(*refs, w: _W, p: Plan, M: int, has_bias: bool, cdt, interpret: bool,
+                  ops: DenseOps):
+    """One program per (block of M rows, block of output rows, K split)."""
     n_w = len(w.arrays)
     x_ref, w_refs = refs[0], refs[1:1 + n_w]
     bias_ref = refs[1 + n_w] if has_bias else None
@@ -603,8 +623,8 @@ def _dense_kernel(*refs, w: _W, p: Plan, M: int, has_bias: bool, cdt, interpret:
         m_ok = (m0 + _iota(bm)) < M
 
         def body(t, acc):
-            return _mxfp4_step_dot(acc, w, w_refs, (), x_ref, pl.ds(m0, bm), m_ok, n0, bn,
-                                   g_first + t * gt, gt, cdt, interpret)
+            return ops.step_dot(acc, w, w_refs, x_ref, pl.ds(m0, bm), m_ok, n0, bn,
+                                g_first + t * gt, gt, cdt, interpret)
 
         y = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), F32))
         if with_bias:
@@ -613,14 +633,55 @@ def _dense_kernel(*refs, w: _W, p: Plan, M: int, has_bias: bool, cdt, interpret:
     else:
         rows = tuple(range(M))
         g_end = jnp.minimum(g_first + steps * gt, w.G)                    # this split's blocks
-        load = functools.partial(_mxfp4_gemv_load, w, w_refs, (), x_ref, rows, n0, bn, gt=gt)
-        accs = _gemv_loop(lambda g0, ge: load(g0=g0, g_end=ge), _mxfp4_gemv_compute,
-                          tuple(jnp.zeros((bn, gt), F32) for _ in rows), g_first, gt, steps,
-                          g_end, p.prefetch)
+
+        def load(g0, ge):
+            return ops.gemv_load(w, w_refs, x_ref, rows, n0, bn, g0, gt, ge)
+
+        accs = _gemv_loop(load, ops.gemv_compute, tuple(jnp.zeros((bn, gt), F32) for _ in rows),
+                          g_first, gt, steps, g_end, p.prefetch)
         b = _load_bias(bias_ref, (), n0, bn, w.O) if with_bias else None
         for r, acc in zip(rows, accs):
             y = jnp.sum(acc, axis=1)
             _store_rows(out_ref, prefix, y + b if b is not None else y, r, None, n0, bn, w.O)
+
+
+def dense_matmul(x, wp: _W, bias, ops: DenseOps, fn: str, tiling: dict, interpret: bool):
+    """The body of :func:`mxfp4_matmul` and ``q8_0_matmul``: x [..., I] @ the parsed weight
+    ``wp`` [O, I]^T (+ bias [O]) -> float32 [..., O] with the tiling of :func:`plan_dense`
+    (``tiling``: its keyword overrides).  ``fn`` names the caller in errors."""
+    lead, i = x.shape[:-1], x.shape[-1]
+    if i != wp.I:
+        raise WeightsError(f"{fn}: x[..., {i}] does not match the weight [O={wp.O}, I={wp.I}]")
+    M = math.prod(lead)
+    p = plan_dense(M, wp.O, wp.I, **tiling)
+    _check_plan(p, fn)
+    # GEMV math is float32 anyway; converting x once here (a few KB) saves a conversion per
+    # weight in the kernel (each thread would convert its own copy of the broadcast x tile).
+    xk = x.astype(F32) if p.mode == "gemv" else x
+    args = [ops.x_view(xk.reshape(M, i), wp.G), *wp.arrays]
+    if bias is not None:
+        args.append(jnp.asarray(bias, F32).reshape(wp.O))
+    shape = (p.k_splits, M, wp.O) if p.k_splits > 1 else (M, wp.O)
+    kernel = functools.partial(_dense_kernel, w=wp.static(), p=p, M=M, has_bias=bias is not None,
+                               cdt=x.dtype, interpret=interpret, ops=ops)
+    y = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(shape, F32),
+                       grid=(cdiv(M, p.block_m), cdiv(wp.O, p.block_n), p.k_splits),
+                       compiler_params=_params(p), interpret=interpret, name=ops.name)(*args)
+    y = _finish(y, args[-1] if bias is not None else None, p.k_splits)
+    return y.reshape(*lead, wp.O)
+
+
+def _mxfp4_dense_step_dot(acc, w, w_refs, *args):
+    return _mxfp4_step_dot(acc, w, w_refs, (), *args)
+
+
+def _mxfp4_dense_gemv_load(w, w_refs, *args):
+    return _mxfp4_gemv_load(w, w_refs, (), *args)
+
+
+#: The MXFP4 pieces of the dense matmul; x is read as [M, G, 2, 16] (the halves of each block).
+MXFP4_OPS = DenseOps(_mxfp4_dense_step_dot, _mxfp4_dense_gemv_load, _mxfp4_gemv_compute,
+                     lambda x2, G: x2.reshape(x2.shape[0], G, 2, 16), "mxfp4_matmul")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -634,34 +695,10 @@ def mxfp4_matmul(x, w, bias=None, *, mode=None, block_m=None, block_n=None, bloc
     ``num_warps``, ``num_stages``) defaults to :func:`plan_dense`; ``interpret=True`` runs the
     kernel in Pallas interpret mode (CPU).  See the module docstring for layouts and numerics.
     """
-    wp = _parse_weights(w, 0, "mxfp4_matmul")
-    lead, i = x.shape[:-1], x.shape[-1]
-    if i != wp.I:
-        raise WeightsError(f"mxfp4_matmul: x[..., {i}] does not match the weight [O={wp.O}, "
-                           f"I={wp.I}]")
-    M = math.prod(lead)
-    p = plan_dense(M, wp.O, wp.I, mode=mode, block_m=block_m, block_n=block_n, block_k=block_k,
-                   k_splits=k_splits, num_warps=num_warps, num_stages=num_stages,
-                   prefetch=prefetch)
-    _check_plan(p, "mxfp4_matmul")
-    # GEMV math is float32 anyway; converting x once here (a few KB) saves a conversion per
-    # weight in the kernel (each thread would convert its own copy of the broadcast x tile).
-    xk = x.astype(F32) if p.mode == "gemv" else x
-    x4 = xk.reshape(M, wp.G, 2, 16)                                         # halves of each block
-    args = [x4, *wp.arrays]
-    if bias is not None:
-        args.append(jnp.asarray(bias, F32).reshape(wp.O))
-    if p.k_splits > 1:
-        out_shape = jax.ShapeDtypeStruct((p.k_splits, M, wp.O), F32)
-    else:
-        out_shape = jax.ShapeDtypeStruct((M, wp.O), F32)
-    grid = (-(-M // p.block_m), -(-wp.O // p.block_n), p.k_splits)
-    kernel = functools.partial(_dense_kernel, w=wp.static(), p=p, M=M, has_bias=bias is not None,
-                               cdt=x.dtype, interpret=interpret)
-    y = pl.pallas_call(kernel, out_shape=out_shape, grid=grid, compiler_params=_params(p),
-                       interpret=interpret, name="mxfp4_matmul")(*args)
-    y = _finish(y, args[-1] if bias is not None else None, p.k_splits)
-    return y.reshape(*lead, wp.O)
+    tiling = dict(mode=mode, block_m=block_m, block_n=block_n, block_k=block_k, k_splits=k_splits,
+                  num_warps=num_warps, num_stages=num_stages, prefetch=prefetch)
+    return dense_matmul(x, _parse_weights(w, 0, "mxfp4_matmul"), bias, MXFP4_OPS, "mxfp4_matmul",
+                        tiling, interpret)
 
 
 def _ref_dot(x2, wd):

@@ -51,7 +51,6 @@ gguf.quants), round to ``x.dtype``, one ``dot_general``.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -65,22 +64,15 @@ from gptjax.errors import WeightsError
 from gptjax.quant import dequantize_q8_0
 # Shared kernel plumbing (plans, masks, stores, split-K) lives with the MXFP4 kernels.
 from pallas_kernels.mxfp4_matmul import (
+    DenseOps,
     GEMV_MAX_ROWS,
-    Plan,
     _W,
+    dense_matmul,
     parse_packed,
-    _check_plan,
     _STATIC,
     _dot_nt,
-    _finish,
-    _gemv_loop,
     _iota,
     _ix,
-    _load_bias,
-    _params,
-    _store_rows,
-    cdiv,
-    plan_dense,
     use_kernel,
 )
 
@@ -238,44 +230,10 @@ def _gemv_compute(accs, tile):
     return tuple(acc + jnp.sum(q * xr[None], axis=2) * d for acc, xr in zip(accs, xs))
 
 
-def _q8_kernel(*refs, w: _W, p: Plan, M: int, has_bias: bool, cdt, interpret: bool):
-    n_w = len(w.arrays)
-    x_ref, w_refs = refs[0], refs[1:1 + n_w]
-    bias_ref = refs[1 + n_w] if has_bias else None
-    out_ref = refs[-1]
-    i_m, i_n, i_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    gt, bn = p.block_k // QK, p.block_n
-    steps = cdiv(cdiv(w.G, gt), p.k_splits)
-    n0 = i_n * bn
-    g_first = i_s * (steps * gt)
-    prefix = (i_s,) if p.k_splits > 1 else ()
-    with_bias = has_bias and p.k_splits == 1
-    if p.mode == "dot":
-        bm = p.block_m
-        m0 = i_m * bm
-        m_ok = (m0 + _iota(bm)) < M
-
-        def body(t, acc):
-            return _step_dot(acc, w, w_refs, x_ref, pl.ds(m0, bm), m_ok, n0, bn,
-                             g_first + t * gt, gt, cdt, interpret)
-
-        y = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), F32))
-        if with_bias:
-            y = y + _load_bias(bias_ref, (), n0, bn, w.O)[None, :]
-        _store_rows(out_ref, prefix, y, pl.ds(m0, bm), m_ok, n0, bn, w.O)
-    else:
-        rows = tuple(range(M))
-        g_end = jnp.minimum(g_first + steps * gt, w.G)                    # this split's blocks
-
-        def load(g0, ge):
-            return _gemv_load(w, w_refs, x_ref, rows, n0, bn, g0, gt, ge)
-
-        accs = _gemv_loop(load, _gemv_compute, tuple(jnp.zeros((bn, gt), F32) for _ in rows),
-                          g_first, gt, steps, g_end, p.prefetch)
-        b = _load_bias(bias_ref, (), n0, bn, w.O) if with_bias else None
-        for r, acc in zip(rows, accs):
-            y = jnp.sum(acc, axis=1)
-            _store_rows(out_ref, prefix, y + b if b is not None else y, r, None, n0, bn, w.O)
+#: The Q8_0 pieces of the shared dense matmul (pallas_kernels.mxfp4_matmul.dense_matmul); x is
+#: read as [M, G, 32].
+Q8_OPS = DenseOps(_step_dot, _gemv_load, _gemv_compute, lambda x2, G: x2.reshape(x2.shape[0], G, QK),
+                  "q8_0_matmul")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -288,29 +246,10 @@ def q8_0_matmul(x, w, bias=None, *, mode=None, block_m=None, block_n=None, block
     Tiling arguments as in :func:`pallas_kernels.mxfp4_matmul.mxfp4_matmul` (defaults:
     :func:`~pallas_kernels.mxfp4_matmul.plan_dense`); ``interpret=True`` for CPU.
     """
-    wp = _parse_weights(w, 0, "q8_0_matmul")
-    lead, i = x.shape[:-1], x.shape[-1]
-    if i != wp.I:
-        raise WeightsError(f"q8_0_matmul: x[..., {i}] does not match the weight [O={wp.O}, "
-                           f"I={wp.I}]")
-    M = math.prod(lead)
-    p = plan_dense(M, wp.O, wp.I, mode=mode, block_m=block_m, block_n=block_n, block_k=block_k,
-                   k_splits=k_splits, num_warps=num_warps, num_stages=num_stages,
-                   prefetch=prefetch)
-    _check_plan(p, "q8_0_matmul")
-    xk = x.astype(F32) if p.mode == "gemv" else x     # f32 once here: see mxfp4_matmul
-    args = [xk.reshape(M, wp.G, QK), *wp.arrays]
-    if bias is not None:
-        args.append(jnp.asarray(bias, F32).reshape(wp.O))
-    shape = (p.k_splits, M, wp.O) if p.k_splits > 1 else (M, wp.O)
-    kernel = functools.partial(_q8_kernel, w=wp.static(), p=p, M=M, has_bias=bias is not None,
-                               cdt=x.dtype, interpret=interpret)
-    y = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(shape, F32),
-                       grid=(cdiv(M, p.block_m), cdiv(wp.O, p.block_n), p.k_splits),
-                       compiler_params=_params(p), interpret=interpret,
-                       name="q8_0_matmul")(*args)
-    y = _finish(y, args[-1] if bias is not None else None, p.k_splits)
-    return y.reshape(*lead, wp.O)
+    tiling = dict(mode=mode, block_m=block_m, block_n=block_n, block_k=block_k, k_splits=k_splits,
+                  num_warps=num_warps, num_stages=num_stages, prefetch=prefetch)
+    return dense_matmul(x, _parse_weights(w, 0, "q8_0_matmul"), bias, Q8_OPS, "q8_0_matmul",
+                        tiling, interpret)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
