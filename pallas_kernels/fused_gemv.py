@@ -1,0 +1,378 @@
+"""Decode GEMV with its neighbours folded in: a norm prologue and a bias / activation / residual
+epilogue, in one Pallas kernel (Triton backend).
+
+Why.  A batch-1 decode step is a chain of one-row matmuls, each wrapped by small elementwise or
+row-reduction ops (the norm before it, the bias, GELU, the residual add after it).  XLA runs
+each of those as its own kernel of 1-4 µs -- more time than the GEMV itself for GPT-2 124M, and
+about 40 % of a gpt-oss-20b step (benchmarks/RESULTS.md, profiles).  Here they ride along in the
+GEMV: the norm statistics of the (few, short) input rows are recomputed by every program, the
+epilogue works on the program's output tile.
+
+Math, for ``M <= MAX_ROWS`` rows (decode)::
+
+    h = x                                            norm None
+    h = round_c(x / sqrt(mean(x^2) + eps) * g)       norm "rms"   (RMSNorm, gptjax layers.rms_norm)
+    h = round_c((x - mean) / sqrt(var + eps) * g + b_n)  norm "layer" (biased var, layers.layer_norm)
+    y = h @ W^T + bias                               float32 accumulation
+    y = act(y)                                       act None | "gelu_tanh" | "gelu_erf"
+    y = round_o(y)                                   round_to None | a float dtype
+    y = y + residual                                 residual None | float [M, O]
+
+``round_c`` rounds the normalised row to the compute dtype ``cdt`` -- what the unfused path
+hands its matmul -- and ``round_o`` rounds the result the way the unfused path's ``out_dtype``
+does; both results stay float32 arrays (values representable in the rounded dtype), so the next
+kernel reads them without a conversion kernel.  Statistics and everything else in float32, as in
+``gptjax.models.layers``.  Result: float32 ``[M, O]``.
+
+Weights (decoded by the same per-type code as the plain matmul kernels):
+
+* plain float ``[O, I]`` (bf16 / f16 / f32; GPT-2, dequantized models), read as ``[O, I/32, 32]``;
+* Q8_0 or MXFP4, any layout :func:`pallas_kernels.mxfp4_matmul.parse_packed` accepts (ggml bytes,
+  the kernel layout, a ``PackedWeight``); GEMV numerics of :mod:`pallas_kernels.q8_matmul` /
+  :mod:`pallas_kernels.mxfp4_matmul` (block sums, then the exact block scale).
+
+``I`` must be a multiple of 32 (every block-quantized weight is; plain weights otherwise go the
+unfused way: :func:`supports`).
+
+Grid: one program per ``block_n`` output rows, no split-K (the epilogue needs the whole sum).
+Each program first sums its rows' x over the whole row (one pass for RMSNorm, two for
+LayerNorm: the mean, then the centred squares, as the reference does), then streams its weight
+rows in K steps of ``block_k`` inputs, normalising each x tile as it is loaded.
+
+``fused_gemv_ref`` is the plain-jnp twin (same signature): the unfused composition with the
+weights decoded exactly (``gptjax.quant``), i.e. the XLA reference path.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from gptjax.errors import WeightsError
+from pallas_kernels import mxfp4_matmul as mx
+from pallas_kernels import q8_matmul as q8
+from pallas_kernels.mxfp4_matmul import QK, _W, _iota, _ix, cdiv
+
+__all__ = ["fused_gemv", "fused_gemv_ref", "supports", "plan", "MAX_ROWS", "ACTS", "NORMS"]
+
+F32 = jnp.float32
+#: Rows (tokens) the fused kernel takes; more go the unfused way (GEMV math gets
+#: instruction-bound with rows, see mxfp4_matmul.GEMV_MAX_ROWS).
+MAX_ROWS = 2
+ACTS = (None, "gelu_tanh", "gelu_erf")
+NORMS = (None, "rms", "layer")
+_STATIC = ("norm", "eps", "act", "round_to", "cdt", "block_n", "block_k", "num_warps",
+           "interpret")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per weight type: load a weight tile, load an x tile, one GEMV step
+# ---------------------------------------------------------------------------------------------
+
+class _Ops(NamedTuple):
+    w_tile: Any      # (w, w_refs, row0, bn, g0, gt, g_end) -> tuple of weight arrays
+    x_tile: Any      # (ref, row, g0, gt, g_end) -> pytree of float arrays ([gt, 32] or 2x [gt, 16])
+    compute: Any     # (accs, (*w_tile, xs)) -> accs, one float32 [bn, gt] per row
+    x_view: Any      # (x2 [M, I], G) -> the view the kernel reads x (and the norm weights) as
+
+
+def _plain_w_tile(w: _W, w_refs, row0, bn, g0, gt, g_end):
+    (ref,) = w_refs                                                         # [O, G, 32]
+    ok = ((row0 + _iota(bn)) < w.O)[:, None] & ((g0 + _iota(gt)) < g_end)[None, :]
+    t = pltriton.load(ref.at[pl.ds(row0, bn), pl.ds(g0, gt), pl.ds(0, QK)], mask=ok[:, :, None],
+                      other=0)
+    return (t.astype(F32),)
+
+
+def _plain_compute(accs, tile):
+    wt, xs = tile
+    return tuple(acc + jnp.sum(wt * xr[None], axis=2) for acc, xr in zip(accs, xs))
+
+
+def _q8_w_tile(w, w_refs, row0, bn, g0, gt, g_end):
+    return q8._load_tile(w, w_refs, (), row0, bn, g0, gt, g_end)
+
+
+def _mx_w_tile(w, w_refs, row0, bn, g0, gt, g_end):
+    return mx._load_w_tile(w, w_refs, (), row0, bn, g0, gt, g_end)
+
+
+def _x32(ref, row, g0, gt, g_end):
+    return q8._load_x(ref, row, None, g0, gt, g_end).astype(F32)
+
+
+def _x_halves(ref, row, g0, gt, g_end):
+    return (mx._load_x_half(ref, row, None, g0, gt, g_end, 0).astype(F32),
+            mx._load_x_half(ref, row, None, g0, gt, g_end, 1).astype(F32))
+
+
+_OPS = {
+    "plain": _Ops(_plain_w_tile, _x32, _plain_compute,
+                  lambda x2, G: x2.reshape(x2.shape[0], G, QK)),
+    "q8_0": _Ops(_q8_w_tile, _x32, q8._gemv_compute, lambda x2, G: x2.reshape(x2.shape[0], G, QK)),
+    "mxfp4": _Ops(_mx_w_tile, _x_halves, mx._mxfp4_gemv_compute,
+                  lambda x2, G: x2.reshape(x2.shape[0], G, 2, 16)),
+}
+
+
+def _weight_kind(w) -> str | None:
+    """"plain", "q8_0", "mxfp4", or None (no fused kernel for this weight)."""
+    t = getattr(w, "ggml_type", None)
+    if t is not None:
+        return {q8.Q8_0_TYPE: "q8_0", mx.MXFP4_TYPE: "mxfp4"}.get(int(t))
+    if isinstance(w, q8.Q8Weights):
+        return "q8_0"
+    if isinstance(w, mx.Mxfp4Weights):
+        return "mxfp4"
+    dt = getattr(w, "dtype", None)
+    if dt is not None and jnp.issubdtype(dt, jnp.floating) and getattr(w, "ndim", 0) == 2:
+        return "plain"
+    return None
+
+
+def supports(x_shape, w) -> bool:
+    """Whether :func:`fused_gemv` takes ``x [..., I]`` against ``w``: at most MAX_ROWS rows, a
+    2-D plain float / Q8_0 / MXFP4 weight, I a multiple of 32."""
+    kind = _weight_kind(w)
+    rows = int(np.prod(x_shape[:-1])) if len(x_shape) > 1 else 1
+    if kind is None or rows > MAX_ROWS or x_shape[-1] % QK:
+        return False
+    return getattr(w, "ndim", 2) == 2
+
+
+def _parse(w, fn: str) -> tuple[str, _W]:
+    kind = _weight_kind(w)
+    if kind == "q8_0":
+        return kind, q8._parse_weights(w, 0, fn)
+    if kind == "mxfp4":
+        return kind, mx._parse_weights(w, 0, fn)
+    if kind == "plain":
+        O, I = w.shape
+        if I % QK:
+            raise WeightsError(f"{fn}: plain weight [O={O}, I={I}]: I must be a multiple of {QK}")
+        return kind, _W("plain", (jnp.asarray(w).reshape(O, I // QK, QK),), (), O, I // QK)
+    raise WeightsError(f"{fn}: weight {type(w).__name__} {getattr(w, 'shape', '')}: expected a "
+                       f"2-D float array, or Q8_0 / MXFP4 packed weights")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiling
+# ---------------------------------------------------------------------------------------------
+
+class Plan(NamedTuple):
+    block_n: int
+    block_k: int
+    num_warps: int
+
+
+def plan(kind: str, O: int, I: int, *, block_n=None, block_k=None, num_warps=None) -> Plan:
+    """Default tiling: ``block_n`` output rows per program, as many as keep >= 2 programs per SM
+    (132 SMs) up to 16 (fewer rows -> more programs for the short matrices of GPT-2); ``block_k``
+    512 inputs per step (the H100 sweep's best for the quantized decode GEMVs), less when I is
+    short; 4 warps (8 with 16 rows)."""
+    bn = block_n or max(2, min(16, 1 << max(0, (O // (2 * mx.SM_COUNT)).bit_length() - 1)))
+    bk = block_k or min(512, 1 << (max(QK, I) - 1).bit_length())
+    nw = num_warps or (8 if bn >= 16 else 4)
+    for name, v in (("block_n", bn), ("block_k", bk)):
+        if not mx._pow2(v):
+            raise ValueError(f"fused_gemv: {name}={v} must be a power of two")
+    if bk % QK:
+        raise ValueError(f"fused_gemv: block_k={bk} must be a multiple of {QK}")
+    return Plan(bn, bk, nw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel
+# ---------------------------------------------------------------------------------------------
+
+def _row_stats(ops: _Ops, x_ref, row, G: int, gt: int, I: int, norm: str, eps: float):
+    """(mean, rstd) of one x row in float32 (mean 0 for RMSNorm), summed over all G blocks."""
+    steps = cdiv(G, gt)
+
+    def total(f):
+        def body(t, s):
+            g0 = t * gt
+            ok = ((g0 + _iota(gt)) < G)[:, None]                          # blocks past G: 0
+            xt = ops.x_tile(x_ref, row, g0, gt, G)
+            return s + sum(jnp.sum(jnp.where(ok, f(a), 0.0)) for a in jax.tree.leaves(xt))
+        return lax.fori_loop(0, steps, body, jnp.zeros((), F32))
+
+    n = np.float32(I)
+    if norm == "rms":
+        ms = total(jnp.square) / n
+        return jnp.zeros((), F32), lax.rsqrt(ms + np.float32(eps))
+    mean = total(lambda a: a) / n
+    var = total(lambda a: jnp.square(a - mean)) / n                         # centred, as the ref
+    return mean, lax.rsqrt(var + np.float32(eps))
+
+
+def _gelu(y, act):
+    return jax.nn.gelu(y, approximate=act == "gelu_tanh")
+
+
+def _kernel(*refs, kind: str, w: _W, M: int, p: Plan, norm, eps, act, round_to, cdt,
+            has_bias: bool, has_res: bool):
+    ops = _OPS[kind]
+    it = iter(refs)
+    x_ref = next(it)
+    w_refs = tuple(next(it) for _ in w.arrays)
+    g_ref = next(it) if norm else None
+    b_ref = next(it) if norm == "layer" else None
+    bias_ref = next(it) if has_bias else None
+    res_ref = next(it) if has_res else None
+    out_ref = next(it)
+
+    gt, bn = p.block_k // QK, p.block_n
+    n0 = pl.program_id(0) * bn
+    rows = tuple(range(M))
+    stats = tuple(_row_stats(ops, x_ref, r, w.G, gt, w.I, norm, eps) for r in rows) if norm \
+        else None
+
+    def x_tiles(g0, g_end):
+        xs = tuple(ops.x_tile(x_ref, r, g0, gt, g_end) for r in rows)
+        if not norm:
+            return xs
+        g = ops.x_tile(g_ref, 0, g0, gt, g_end)
+        b = ops.x_tile(b_ref, 0, g0, gt, g_end) if norm == "layer" else None
+        out = []
+        for xr, (mean, rstd) in zip(xs, stats):
+            if norm == "rms":
+                h = jax.tree.map(lambda a, ga: a * rstd * ga, xr, g)
+            else:
+                h = jax.tree.map(lambda a, ga, ba: (a - mean) * rstd * ga + ba, xr, g, b)
+            out.append(jax.tree.map(lambda a: a.astype(cdt).astype(F32), h))
+        return tuple(out)
+
+    def step(t, accs):
+        g0 = t * gt
+        return ops.compute(accs, (*ops.w_tile(w, w_refs, n0, bn, g0, gt, w.G), x_tiles(g0, w.G)))
+
+    accs = lax.fori_loop(0, cdiv(w.G, gt), step, tuple(jnp.zeros((bn, gt), F32) for _ in rows))
+    n_ok = (n0 + _iota(bn)) < w.O
+    bias = pltriton.load(bias_ref.at[pl.ds(n0, bn)], mask=n_ok, other=0.0) if has_bias else None
+    for r, acc in zip(rows, accs):
+        y = jnp.sum(acc, axis=1)                                            # [bn]
+        if has_bias:
+            y = y + bias
+        if act:
+            y = _gelu(y, act)
+        if round_to is not None:
+            y = y.astype(round_to).astype(F32)
+        if has_res:
+            y = y + pltriton.load(res_ref.at[_ix(r), pl.ds(n0, bn)], mask=n_ok,
+                                  other=0.0).astype(F32)
+        pltriton.store(out_ref.at[_ix(r), pl.ds(n0, bn)], y, mask=n_ok)
+
+
+def _check(x, kind, wp: _W, norm, act, norm_weight, norm_bias, residual, fn):
+    if norm not in NORMS:
+        raise ValueError(f"{fn}: norm={norm!r}: expected one of {NORMS}")
+    if act not in ACTS:
+        raise ValueError(f"{fn}: act={act!r}: expected one of {ACTS}")
+    if x.shape[-1] != wp.I:
+        raise WeightsError(f"{fn}: x[..., {x.shape[-1]}] does not match the weight "
+                           f"[O={wp.O}, I={wp.I}]")
+    if norm and (norm_weight is None or norm_weight.shape != (wp.I,)):
+        raise WeightsError(f"{fn}: norm {norm!r} needs norm_weight [{wp.I}], got "
+                           f"{None if norm_weight is None else list(norm_weight.shape)}")
+    if norm == "layer" and (norm_bias is None or norm_bias.shape != (wp.I,)):
+        raise WeightsError(f"{fn}: LayerNorm needs norm_bias [{wp.I}]")
+    if residual is not None and residual.shape != (*x.shape[:-1], wp.O):
+        raise WeightsError(f"{fn}: residual {list(residual.shape)} must be "
+                           f"{[*x.shape[:-1], wp.O]}")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def fused_gemv(x, w, bias=None, norm_weight=None, norm_bias=None, residual=None, *, norm=None,
+               eps=1e-5, act=None, round_to=None, cdt=jnp.bfloat16, block_n=None, block_k=None,
+               num_warps=None, interpret=False):
+    """``act(norm(x) @ w^T + bias)`` rounded to ``round_to``, plus ``residual`` -> float32
+    ``[..., O]`` in one kernel (module docstring).
+
+    x: float ``[..., I]`` with at most MAX_ROWS rows; w: plain float ``[O, I]``, or Q8_0 /
+    MXFP4 weights; bias: ``[O]`` or None; norm: None, "rms" (needs ``norm_weight [I]``) or
+    "layer" (``norm_weight``, ``norm_bias [I]``), ``eps`` its epsilon; the normalised row is
+    rounded to ``cdt``; act: None, "gelu_tanh", "gelu_erf"; residual: float ``[..., O]`` or None.
+    """
+    fn = "fused_gemv"
+    kind, wp = _parse(w, fn)
+    _check(x, kind, wp, norm, act, norm_weight, norm_bias, residual, fn)
+    lead = x.shape[:-1]
+    M = int(np.prod(lead)) if lead else 1
+    if M > MAX_ROWS:
+        raise ValueError(f"{fn}: {M} rows; the fused GEMV takes at most {MAX_ROWS} "
+                         f"(use the unfused path: fused_gemv.supports)")
+    p = plan(kind, wp.O, wp.I, block_n=block_n, block_k=block_k, num_warps=num_warps)
+    view = _OPS[kind].x_view
+    args = [view(x.reshape(M, wp.I), wp.G), *wp.arrays]
+    if norm:
+        args.append(view(jnp.asarray(norm_weight, F32).reshape(1, wp.I), wp.G))
+    if norm == "layer":
+        args.append(view(jnp.asarray(norm_bias, F32).reshape(1, wp.I), wp.G))
+    if bias is not None:
+        args.append(jnp.asarray(bias, F32).reshape(wp.O))
+    if residual is not None:
+        args.append(residual.reshape(M, wp.O))
+    kernel = functools.partial(
+        _kernel, kind=kind, w=wp.static(), M=M, p=p, norm=norm, eps=float(eps), act=act,
+        round_to=None if round_to is None else jnp.dtype(round_to), cdt=jnp.dtype(cdt),
+        has_bias=bias is not None, has_res=residual is not None)
+    y = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((M, wp.O), F32),
+                       grid=(cdiv(wp.O, p.block_n),),
+                       compiler_params=pltriton.CompilerParams(num_warps=p.num_warps,
+                                                               num_stages=3),
+                       interpret=interpret, name=f"fused_gemv_{kind}")(*args)
+    return y.reshape(*lead, wp.O)
+
+
+def _dense(kind: str, wp: _W):
+    """Exact float32 [O, I] of a parsed weight."""
+    if kind == "plain":
+        return wp.arrays[0].reshape(wp.O, wp.I).astype(F32)
+    if kind == "mxfp4":
+        return mx._dense_weights(wp)
+    from gptjax.quant import dequantize_q8_0
+
+    return dequantize_q8_0(q8._ggml_blocks(wp)).reshape(wp.O, wp.I)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def fused_gemv_ref(x, w, bias=None, norm_weight=None, norm_bias=None, residual=None, *,
+                   norm=None, eps=1e-5, act=None, round_to=None, cdt=jnp.bfloat16, block_n=None,
+                   block_k=None, num_warps=None, interpret=False):
+    """Plain-jnp twin of :func:`fused_gemv` (tiling arguments ignored): the norm in float32
+    (``gptjax.models.layers`` formulas), the row rounded to ``cdt``, the weights decoded exactly
+    and rounded to ``cdt`` as the XLA reference path does, one float32-accumulated dot, bias,
+    activation, rounding, residual."""
+    del block_n, block_k, num_warps, interpret
+    fn = "fused_gemv_ref"
+    kind, wp = _parse(w, fn)
+    _check(x, kind, wp, norm, act, norm_weight, norm_bias, residual, fn)
+    x32 = x.astype(F32)
+    if norm == "rms":
+        ms = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        x32 = x32 * lax.rsqrt(ms + eps) * jnp.asarray(norm_weight, F32)
+    elif norm == "layer":
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        c = x32 - mean
+        var = jnp.mean(jnp.square(c), axis=-1, keepdims=True)
+        x32 = c * lax.rsqrt(var + eps) * jnp.asarray(norm_weight, F32) + jnp.asarray(norm_bias, F32)
+    h = x32.astype(cdt).astype(F32) if norm else x32
+    wd = _dense(kind, wp).astype(cdt).astype(F32)
+    y = jnp.einsum("...i,oi->...o", h, wd, precision=lax.Precision.HIGHEST,
+                   preferred_element_type=F32)
+    if bias is not None:
+        y = y + jnp.asarray(bias, F32)
+    if act:
+        y = _gelu(y, act)
+    if round_to is not None:
+        y = y.astype(round_to).astype(F32)
+    if residual is not None:
+        y = y + residual.astype(F32)
+    return y

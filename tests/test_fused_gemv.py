@@ -1,0 +1,184 @@
+"""The fused decode GEMV (pallas_kernels/fused_gemv.py): norm prologue + bias/act/residual epilogue.
+
+Oracle: float64 numpy.  Weights: ``gguf.quants.dequantize`` for Q8_0/MXFP4 bytes, the array
+itself for plain weights.  The normalised row is computed in float64 and rounded to the compute
+dtype with ml_dtypes, the activation in float64 (math.erf / tanh).
+
+Tolerances (elementwise, named), with ``mag = |h| @ |w|^T + |b|`` in float64:
+* the matmul: ``(I + 2) 2^-24 mag`` (float32 accumulation, any order) plus, for a bf16 compute
+  dtype, ``2^-8 mag``: the kernel and the oracle may round an element of the normalised row to
+  neighbouring bf16 values when float32 and float64 statistics straddle a rounding boundary
+  (and the Q8_0 GEMV keeps weights unrounded where the reference rounds them to bf16);
+* norm statistics: float32 sums of I squares, relative ``(I + 8) 2^-24`` on rstd (included in
+  the matmul bound with factor 2);
+* GELU: Lipschitz <= 1.13, so the pre-activation bound times 1.2, plus 1e-6 |y| for tanh/erf
+  implementations; ``round_to`` bf16: one bf16 rounding of the result, ``2^-8 |y|``.
+A wrong gamma, beta, mean, bias, residual, activation or weight row is off by O(mag) and fails.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import gguf
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from gptjax.errors import WeightsError
+from gptjax.packed import PackedWeight
+from pallas_kernels import fused_gemv as fg
+from pallas_kernels import mxfp4_matmul as mx
+from pallas_kernels import q8_matmul as q8
+
+U32 = 2.0 ** -24
+HAS_GPU = jax.default_backend() == "gpu"
+MODES = [
+    pytest.param(True, id="interpret"),
+    pytest.param(False, id="gpu", marks=[pytest.mark.gpu,
+                                         pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")]),
+]
+
+
+def _weights(rng, kind, O, I):
+    """(weight argument, float64 [O, I] exact values)."""
+    if kind.startswith("plain"):
+        dt = np.float32 if kind == "plain_f32" else ml_dtypes.bfloat16
+        w = (rng.standard_normal((O, I)) * 0.1).astype(np.float32).astype(dt)
+        return jnp.asarray(w), np.asarray(w).astype(np.float64)
+    if kind.startswith("q8"):
+        b = rng.integers(0, 256, size=(O, I // 32, 34), dtype=np.uint8)
+        d = (rng.uniform(1, 2, (O, I // 32)) * 2.0 ** -9).astype(np.float16)
+        b[..., 0:2] = d.astype("<f2").view(np.uint8).reshape(O, I // 32, 2)
+        raw, t = b.reshape(O, I // 32 * 34), T.Q8_0
+    else:
+        b = rng.integers(0, 256, size=(O, I // 32, 17), dtype=np.uint8)
+        b[..., 0] = rng.integers(120, 126, size=b.shape[:-1])
+        raw, t = b.reshape(O, I // 32 * 17), T.MXFP4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        w64 = gguf.quants.dequantize(raw, t).astype(np.float64).reshape(O, I)
+    pw = PackedWeight(jnp.asarray(raw), int(t), (O, I))
+    return (pw.to_kernel_layout() if kind.endswith("split") else pw), w64
+
+
+def _round(a64, dtype):
+    return a64.astype(np.float32).astype(dtype).astype(np.float64) if dtype != np.float32 \
+        else a64.astype(np.float32).astype(np.float64)
+
+
+def _gelu64(y, act):
+    if act == "gelu_tanh":
+        return 0.5 * y * (1 + np.tanh(math.sqrt(2 / math.pi) * (y + 0.044715 * y ** 3)))
+    return 0.5 * y * (1 + np.vectorize(math.erf)(y / math.sqrt(2)))
+
+
+def _oracle(x, w64, bias, g, b, res, norm, eps, act, round_to, cdt):
+    """float64 result and its elementwise bound."""
+    x64 = np.asarray(x, np.float32).astype(np.float64)
+    I = x64.shape[-1]
+    if norm == "rms":
+        h = x64 / np.sqrt(np.mean(x64 ** 2, -1, keepdims=True) + eps) * g
+    elif norm == "layer":
+        c = x64 - x64.mean(-1, keepdims=True)
+        h = c / np.sqrt(np.mean(c ** 2, -1, keepdims=True) + eps) * g + b
+    else:
+        h = x64
+    if norm:
+        h = _round(h, ml_dtypes.bfloat16 if cdt == jnp.bfloat16 else np.float32)
+    y = h @ w64.T
+    mag = np.abs(h) @ np.abs(w64).T
+    if bias is not None:
+        y, mag = y + bias, mag + np.abs(bias)
+    rel = (I + 2) * U32 + (2 * (I + 8) * U32 if norm else 0)
+    if cdt == jnp.bfloat16:
+        rel += 2.0 ** -8
+    bound = rel * mag
+    if act:
+        y = _gelu64(y, act)
+        bound = 1.2 * bound + 1e-6 * np.abs(y)
+    if round_to is not None:
+        bound = bound + 2.0 ** -8 * np.abs(y)
+    if res is not None:
+        y = y + res
+        bound = bound + U32 * np.abs(y)
+    return y, bound
+
+
+CASES = [
+    # kind, M, O, I, norm, act, round_to, bias, residual, cdt, x dtype
+    ("plain_bf16", 1, 40, 96, "layer", None, jnp.bfloat16, True, False, jnp.bfloat16, jnp.float32),
+    ("plain_bf16", 2, 72, 256, "layer", "gelu_tanh", jnp.bfloat16, True, False, jnp.bfloat16,
+     jnp.float32),
+    ("plain_bf16", 1, 24, 128, None, None, None, True, True, jnp.bfloat16, jnp.bfloat16),
+    ("plain_f32", 1, 40, 64, "rms", "gelu_erf", None, False, False, jnp.float32, jnp.float32),
+    ("q8_split", 1, 40, 2880, "rms", None, jnp.bfloat16, True, False, jnp.bfloat16, jnp.float32),
+    ("q8_ggml", 2, 33, 96, None, None, None, True, True, jnp.bfloat16, jnp.bfloat16),
+    ("mxfp4_split", 1, 48, 2880, "rms", None, None, True, True, jnp.float32, jnp.float32),
+    ("mxfp4_ggml", 2, 17, 96, "layer", "gelu_tanh", jnp.bfloat16, False, True, jnp.bfloat16,
+     jnp.float32),
+]
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-M{c[1]}-{c[4]}-{c[5]}" for c in CASES])
+def test_fused_gemv_against_float64(case, interpret):
+    kind, M, O, I, norm, act, round_to, has_bias, has_res, cdt, xdt = case
+    rng = np.random.default_rng(hash(case[:5]) % 2 ** 32)
+    w, w64 = _weights(rng, kind, O, I)
+    x = jnp.asarray((rng.standard_normal((M, I)) * 3 + 0.5).astype(np.float32)).astype(xdt)
+    g = (rng.standard_normal(I) * 0.5 + 1).astype(np.float32)
+    b = (rng.standard_normal(I) * 0.1).astype(np.float32)
+    bias = (rng.standard_normal(O)).astype(np.float32) if has_bias else None
+    res = (rng.standard_normal((M, O)) * 4).astype(np.float32) if has_res else None
+    eps = 1e-5
+    kw = dict(norm=norm, eps=eps, act=act, round_to=round_to, cdt=cdt)
+    args = (x, w, None if bias is None else jnp.asarray(bias), jnp.asarray(g) if norm else None,
+            jnp.asarray(b) if norm == "layer" else None, None if res is None else jnp.asarray(res))
+    y = np.asarray(fg.fused_gemv(*args, **kw, interpret=interpret), np.float64)
+    want, bound = _oracle(x, w64, bias, g, b, res, norm, eps, act, round_to, cdt)
+    assert y.shape == (M, O)
+    err = np.abs(y - want)
+    worst = np.unravel_index(np.argmax(err / bound), err.shape)
+    assert np.all(err <= bound), f"err {err[worst]:.3e} > bound {bound[worst]:.3e} at {worst}"
+    if round_to is not None and not has_res:                   # values representable in bf16
+        np.testing.assert_array_equal(y, _round(y, ml_dtypes.bfloat16))
+    # The jnp twin: same composition, same bound (it rounds Q8_0 weights to bf16, the kernel not).
+    yr = np.asarray(fg.fused_gemv_ref(*args, **kw), np.float64)
+    assert np.all(np.abs(yr - want) <= bound)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_fused_gemv_tilings(interpret):
+    """Forced tiles (ragged O and K edges, one-block steps) give the default tiling's result."""
+    rng = np.random.default_rng(5)
+    w, _ = _weights(rng, "q8_split", 70, 320)
+    x = jnp.asarray(rng.standard_normal((1, 320)).astype(np.float32))
+    g = jnp.asarray(rng.standard_normal(320).astype(np.float32))
+    base = fg.fused_gemv(x, w, norm_weight=g, norm="rms", interpret=interpret)
+    for bn, bk in ((2, 32), (32, 64), (64, 512)):
+        y = fg.fused_gemv(x, w, norm_weight=g, norm="rms", block_n=bn, block_k=bk,
+                          interpret=interpret)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(base), rtol=1e-5, atol=1e-5)
+
+
+def test_supports_and_errors():
+    w = jnp.zeros((8, 64), jnp.bfloat16)
+    assert fg.supports((1, 1, 64), w) and fg.supports((2, 64), w)
+    assert not fg.supports((3, 64), w)                                  # too many rows
+    assert not fg.supports((1, 48), jnp.zeros((8, 48)))                 # I not a multiple of 32
+    assert not fg.supports((1, 64), jnp.zeros((2, 8, 64)))              # stacked experts
+    q4 = PackedWeight(jnp.zeros((8, 2 * 18), jnp.uint8), int(T.Q4_0), (8, 64))
+    assert not fg.supports((1, 64), q4)                                 # no kernel for Q4_0
+    x = jnp.zeros((1, 64))
+    with pytest.raises(WeightsError, match="norm_weight"):
+        fg.fused_gemv(x, w, norm="rms", interpret=True)
+    with pytest.raises(WeightsError, match="residual"):
+        fg.fused_gemv(x, w, residual=jnp.zeros((1, 9)), interpret=True)
+    with pytest.raises(ValueError, match="at most"):
+        fg.fused_gemv(jnp.zeros((3, 64)), w, interpret=True)
+    with pytest.raises(ValueError, match="act"):
+        fg.fused_gemv(x, w, act="relu", interpret=True)
