@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from gptjax.models.layers import linear
+from gptjax.models.layers import norm_linear
 from gptjax.packed import PackedWeight
 
 __all__ = ["FUSIONS", "fuse_block", "fuse_params", "split_linear"]
@@ -91,16 +91,24 @@ def fuse_params(params: dict) -> dict:
     return out
 
 
-def split_linear(p: dict, names: tuple[str, ...], x, sizes, *, out_dtype=None):
+def split_linear(p: dict, names: tuple[str, ...], x, sizes, *, out_dtype=None, norm=None,
+                 dtype=None):
     """The outputs of the projections ``names`` of block ``p`` on input x [..., I], from their
     fused parameter if the block has it (one matmul, then split) or one by one.  ``sizes``: the
-    output width of each part.  Returns a tuple of [..., size_i] in ``out_dtype``."""
+    output width of each part.  With ``norm`` (a ``layers.Norm``), x is the float32 residual
+    stream, normalised and cast to ``dtype`` first (``layers.norm_linear``: one fused kernel at
+    decode).  Returns a tuple of [..., size_i] in ``out_dtype`` (default: the matmul input's
+    dtype; float32 holding such values on the fused decode path)."""
     fused = next((f for f, parts in FUSIONS.items() if parts == tuple(names)), None)
+    dtype = x.dtype if dtype is None else dtype
+    out_dtype = dtype if out_dtype is None else out_dtype
     if fused is not None and fused in p:
-        y = linear(x, p[fused]["weight"], p[fused].get("bias"), out_dtype=out_dtype)
+        y = norm_linear(x, p[fused]["weight"], p[fused].get("bias"), norm=norm, dtype=dtype,
+                        out_dtype=out_dtype)
         cuts, acc = [], 0
         for s in sizes[:-1]:
             acc += s
             cuts.append(acc)
         return tuple(jnp.split(y, cuts, axis=-1))
-    return tuple(linear(x, p[n]["weight"], p[n].get("bias"), out_dtype=out_dtype) for n in names)
+    return tuple(norm_linear(x, p[n]["weight"], p[n].get("bias"), norm=norm, dtype=dtype,
+                             out_dtype=out_dtype) for n in names)

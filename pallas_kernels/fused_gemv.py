@@ -347,9 +347,9 @@ def fused_gemv_ref(x, w, bias=None, norm_weight=None, norm_bias=None, residual=N
                    norm=None, eps=1e-5, act=None, round_to=None, cdt=jnp.bfloat16, block_n=None,
                    block_k=None, num_warps=None, interpret=False):
     """Plain-jnp twin of :func:`fused_gemv` (tiling arguments ignored): the norm in float32
-    (``gptjax.models.layers`` formulas), the row rounded to ``cdt``, the weights decoded exactly
-    and rounded to ``cdt`` as the XLA reference path does, one float32-accumulated dot, bias,
-    activation, rounding, residual."""
+    (``gptjax.models.layers`` formulas), the row rounded to ``cdt``, packed weights decoded
+    exactly and rounded to ``cdt`` as the XLA reference path does (plain ones as they are), one
+    float32-accumulated dot, bias, activation, rounding, residual."""
     del block_n, block_k, num_warps, interpret
     fn = "fused_gemv_ref"
     kind, wp = _parse(w, fn)
@@ -364,7 +364,9 @@ def fused_gemv_ref(x, w, bias=None, norm_weight=None, norm_bias=None, residual=N
         var = jnp.mean(jnp.square(c), axis=-1, keepdims=True)
         x32 = c * lax.rsqrt(var + eps) * jnp.asarray(norm_weight, F32) + jnp.asarray(norm_bias, F32)
     h = x32.astype(cdt).astype(F32) if norm else x32
-    wd = _dense(kind, wp).astype(cdt).astype(F32)
+    wd = _dense(kind, wp)
+    if kind != "plain":                     # packed: decoded, rounded to the compute dtype
+        wd = wd.astype(cdt).astype(F32)
     y = jnp.einsum("...i,oi->...o", h, wd, precision=lax.Precision.HIGHEST,
                    preferred_element_type=F32)
     if bias is not None:

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from gptjax.models.layers import F32, add_layer_norm, cache_attention, embed, gelu, layer_norm, linear
+from gptjax.models.layers import F32, Norm, cache_attention, embed, layer_norm, linear, norm_linear
 
 
 def param_shapes(config) -> dict[str, tuple[int, ...]]:
@@ -79,22 +79,22 @@ def _block(p, x, cache, layer, positions, lengths, config, dtype):
     N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
     eps = config.norm_eps
 
-    h = layer_norm(x, p["attn_norm"]["weight"], p["attn_norm"]["bias"], eps, out_dtype=dtype)
-    qkv = linear(h, p["attn_qkv"]["weight"], p["attn_qkv"]["bias"])      # [B, T, (N+2K)H]
-    q = qkv[..., : N * H].reshape(B, T, N, H)
-    k = qkv[..., N * H : (N + K) * H].reshape(B, T, K, H)
-    v = qkv[..., (N + K) * H :].reshape(B, T, K, H)
+    ln_1 = Norm("layer", p["attn_norm"]["weight"], p["attn_norm"]["bias"], eps)
+    ln_2 = Norm("layer", p["ffn_norm"]["weight"], p["ffn_norm"]["bias"], eps)
+    qkv = norm_linear(x, p["attn_qkv"]["weight"], p["attn_qkv"]["bias"], norm=ln_1, dtype=dtype,
+                      out_dtype=dtype)                                     # [B, T, (N+2K)H]
+    q = qkv[..., : N * H].reshape(B, T, N, H).astype(dtype)
+    k = qkv[..., N * H : (N + K) * H].reshape(B, T, K, H).astype(dtype)
+    v = qkv[..., (N + K) * H :].reshape(B, T, K, H).astype(dtype)
     a, cache = cache_attention(q, k, v, cache, layer, positions, lengths=lengths,
                                scale=H ** -0.5)                          # [B, T, N, H]
-    a = linear(a.reshape(B, T, N * H), p["attn_output"]["weight"], p["attn_output"]["bias"],
-               out_dtype=F32)                                              # [B, T, D]
-
-    x, h = add_layer_norm(x, a, p["ffn_norm"]["weight"], p["ffn_norm"]["bias"], eps,
-                          out_dtype=dtype)
-    u = linear(h, p["ffn_up"]["weight"], p["ffn_up"]["bias"], out_dtype=F32)  # [B, T, F]
-    u = gelu(u, approximate=True).astype(dtype)
-    m = linear(u, p["ffn_down"]["weight"], p["ffn_down"]["bias"], out_dtype=F32)  # [B, T, D]
-    return x + m, cache
+    x = norm_linear(a.reshape(B, T, N * H), p["attn_output"]["weight"], p["attn_output"]["bias"],
+                    dtype=dtype, residual=x)                              # [B, T, D] f32
+    u = norm_linear(x, p["ffn_up"]["weight"], p["ffn_up"]["bias"], norm=ln_2, dtype=dtype,
+                    out_dtype=dtype, act="gelu_tanh")                     # [B, T, F]
+    x = norm_linear(u, p["ffn_down"]["weight"], p["ffn_down"]["bias"], dtype=dtype,
+                    residual=x)                                           # [B, T, D] f32
+    return x, cache
 
 
 def unembed(params, hidden):

@@ -50,8 +50,8 @@ import jax
 from flax import linen as nn
 
 from gptjax.fusion import split_linear
-from gptjax.models.layers import (F32, add_rms_norm, apply_rope, cache_attention, linear,
-                                  rms_norm, rope_decoder_forward, unembed)
+from gptjax.models.layers import (Norm, apply_rope, cache_attention, norm_linear, rms_norm,
+                                  rope_decoder_forward, unembed)
 from gptjax.models.moe import moe
 
 __all__ = ["param_shapes", "forward", "unembed", "GptOss"]
@@ -86,18 +86,16 @@ def param_shapes(config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _lin(p, name, x, out_dtype=None):
-    return linear(x, p[name]["weight"], p[name]["bias"], out_dtype=out_dtype)
-
-
 def _block(p, x, cache, layer, positions, lengths, cos, sin, config, dtype):
     """One transformer block. x: float32 [B, T, D] (residual) → (float32 [B, T, D], cache)."""
     B, T, D = x.shape
     N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
 
     with jax.named_scope("attention"):
-        h = rms_norm(x, p["attn_norm"]["weight"], config.norm_eps, out_dtype=dtype)
-        q, k, v = split_linear(p, ("attn_q", "attn_k", "attn_v"), h, (N * H, K * H, K * H))
+        q, k, v = split_linear(p, ("attn_q", "attn_k", "attn_v"), x, (N * H, K * H, K * H),
+                               norm=Norm("rms", p["attn_norm"]["weight"], eps=config.norm_eps),
+                               dtype=dtype)                                # RMSNorm fused in
+        q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
         q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
         q = apply_rope(q, cos, sin, config.rope_type)                      # [B, T, N, H]
         k = apply_rope(k, cos, sin, config.rope_type)                      # [B, T, K, H]
@@ -105,11 +103,11 @@ def _block(p, x, cache, layer, positions, lengths, cos, sin, config, dtype):
         a, cache = cache_attention(q, k, v, cache, layer, positions, lengths=lengths,
                                    window=window, sinks=p["attn_sinks"]["weight"],
                                    scale=H ** -0.5)                        # [B, T, N, H]
-        a = _lin(p, "attn_output", a.reshape(B, T, N * H), out_dtype=F32)  # [B, T, D]
+        x = norm_linear(a.reshape(B, T, N * H), p["attn_output"]["weight"],
+                        p["attn_output"]["bias"], dtype=dtype, residual=x)  # [B, T, D] f32
 
     with jax.named_scope("moe"):
-        x, h = add_rms_norm(x, a, p["post_attention_norm"]["weight"], config.norm_eps,
-                            out_dtype=dtype)
+        h = rms_norm(x, p["post_attention_norm"]["weight"], config.norm_eps, out_dtype=dtype)
         m = moe(h.reshape(B * T, D), p, config)                            # [BT, D] f32
     return x + m.reshape(B, T, D), cache
 

@@ -17,6 +17,7 @@ can later be dispatched there without the models changing).
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -141,6 +142,59 @@ def linear(x, w, b=None, *, out_dtype=None):
     weights and Pallas kernels are dispatched in one place without touching models.
     """
     return packed.linear(x, w, b, out_dtype=out_dtype)
+
+
+class Norm(NamedTuple):
+    """A norm to apply before a matmul (:func:`norm_linear`): ``kind`` "rms" (:func:`rms_norm`)
+    or "layer" (:func:`layer_norm`, needs ``bias``); weight/bias [D]; ``eps`` its epsilon."""
+
+    kind: str
+    weight: Any
+    bias: Any = None
+    eps: float = 1e-5
+
+    def __call__(self, x, *, out_dtype):
+        if self.kind == "rms":
+            return rms_norm(x, self.weight, self.eps, out_dtype=out_dtype)
+        if self.kind == "layer":
+            return layer_norm(x, self.weight, self.bias, self.eps, out_dtype=out_dtype)
+        raise ValueError(f"Norm kind {self.kind!r}: expected 'rms' or 'layer'")
+
+
+def norm_linear(x, w, b=None, *, norm: Norm | None = None, dtype, out_dtype=F32, act=None,
+                residual=None):
+    """A projection with its neighbours: ``act(norm(x) @ w.T + b)`` in ``out_dtype``, plus
+    ``residual``.
+
+    x: [..., I] -- the float32 residual stream when ``norm`` is given (normalised, then cast to
+    the compute dtype ``dtype``), else the matmul input itself; w: [O, I] plain or packed; b: [O]
+    or None; act: None, "gelu_tanh" or "gelu_erf" (:func:`gelu`, in float32); out_dtype: the
+    rounding of the result; residual: None or float32 [..., O], added last (float32).
+
+    Decode-sized calls (at most ``fused_gemv.MAX_ROWS`` rows) with the kernels on run as one
+    Pallas kernel (pallas_kernels/fused_gemv.py: the norm, bias, activation and residual add
+    ride in the GEMV instead of 3-5 small XLA kernels); they return float32 arrays holding
+    ``out_dtype`` values (the next kernel reads them without a conversion).  Everything else is
+    the composition of :func:`layer_norm` / :func:`rms_norm`, :func:`linear`, :func:`gelu`, and
+    returns ``out_dtype`` (float32 with a residual).
+    """
+    from pallas_kernels import kernel_mode
+    from pallas_kernels import fused_gemv as fg
+
+    mode = kernel_mode()
+    if mode != "ref" and fg.supports(x.shape, w):
+        round_to = None if jnp.dtype(out_dtype) == F32 else out_dtype
+        return fg.fused_gemv(
+            x, w, b,
+            None if norm is None else norm.weight, None if norm is None else norm.bias,
+            residual, norm=None if norm is None else norm.kind,
+            eps=1e-5 if norm is None else float(norm.eps), act=act, round_to=round_to, cdt=dtype,
+            interpret=mode == "interpret")
+    h = x if norm is None else norm(x, out_dtype=dtype)
+    y = linear(h, w, b, out_dtype=F32 if act else out_dtype)
+    if act:
+        y = gelu(y, approximate=act == "gelu_tanh").astype(out_dtype)
+    return y if residual is None else residual + y.astype(F32)
 
 
 def unembed(params, hidden):

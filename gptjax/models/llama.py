@@ -37,8 +37,8 @@ from __future__ import annotations
 from flax import linen as nn
 
 from gptjax.fusion import split_linear
-from gptjax.models.layers import (F32, add_rms_norm, apply_rope, cache_attention, linear,
-                                  rms_norm, rope_decoder_forward, swiglu, unembed)
+from gptjax.models.layers import (F32, Norm, apply_rope, cache_attention, norm_linear,
+                                  rope_decoder_forward, swiglu, unembed)
 
 __all__ = ["param_shapes", "forward", "unembed", "Llama"]
 
@@ -71,31 +71,30 @@ def param_shapes(config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _lin(p, name, x, out_dtype=None):
-    """``linear`` with the optional bias of parameter ``name``."""
-    return linear(x, p[name]["weight"], p[name].get("bias"), out_dtype=out_dtype)
-
-
 def _block(p, x, cache, layer, positions, lengths, cos, sin, config, dtype):
     """One transformer block. x: float32 [B, T, D] (residual) → (float32 [B, T, D], cache)."""
     B, T, _ = x.shape
     N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
 
-    h = rms_norm(x, p["attn_norm"]["weight"], config.norm_eps, out_dtype=dtype)
-    q, k, v = split_linear(p, ("attn_q", "attn_k", "attn_v"), h, (N * H, K * H, K * H))
+    eps = config.norm_eps
+    q, k, v = split_linear(p, ("attn_q", "attn_k", "attn_v"), x, (N * H, K * H, K * H),
+                           norm=Norm("rms", p["attn_norm"]["weight"], eps=eps), dtype=dtype)
+    q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
     q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
     q = apply_rope(q, cos, sin, config.rope_type)                          # [B, T, N, H]
     k = apply_rope(k, cos, sin, config.rope_type)                          # [B, T, K, H]
     window = config.sliding_window if config.sliding_window_pattern[layer] else None
     a, cache = cache_attention(q, k, v, cache, layer, positions, lengths=lengths, window=window,
                                scale=H ** -0.5)                            # [B, T, N, H]
-    a = _lin(p, "attn_output", a.reshape(B, T, N * H), out_dtype=F32)      # [B, T, D]
+    x = norm_linear(a.reshape(B, T, N * H), p["attn_output"]["weight"],
+                    p["attn_output"].get("bias"), dtype=dtype, residual=x)  # [B, T, D] f32
 
-    x, h = add_rms_norm(x, a, p["ffn_norm"]["weight"], config.norm_eps, out_dtype=dtype)
-    g, u = split_linear(p, ("ffn_gate", "ffn_up"), h, (config.d_ff, config.d_ff),
-                        out_dtype=F32)                                     # [B, T, F] x 2
-    m = _lin(p, "ffn_down", swiglu(g, u, out_dtype=dtype), out_dtype=F32)  # [B, T, D]
-    return x + m, cache
+    g, u = split_linear(p, ("ffn_gate", "ffn_up"), x, (config.d_ff, config.d_ff), out_dtype=F32,
+                        norm=Norm("rms", p["ffn_norm"]["weight"], eps=eps),
+                        dtype=dtype)                                       # [B, T, F] x 2
+    x = norm_linear(swiglu(g, u, out_dtype=dtype), p["ffn_down"]["weight"],
+                    p["ffn_down"].get("bias"), dtype=dtype, residual=x)    # [B, T, D] f32
+    return x, cache
 
 
 def forward(params, tokens, start, cache, config, *, return_hidden=False, lengths=None):
