@@ -118,3 +118,56 @@ def test_kernel_wiring_in_interpret_mode(tmp_path, monkeypatch):
         assert rel_err(ker_dec, ref_dec) < F32_RTOL
     # the reference path also accepts the kernel layout (decodes it back to ggml blocks)
     np.testing.assert_allclose(logits("ref", params_k)[1], ref_dec, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_oss"])
+def test_fused_decode_gemv_wiring_in_interpret_mode(tmp_path, monkeypatch, arch):
+    """Every projection of a decode step goes through the fused GEMV kernel (norm prologue,
+    bias / GELU / residual epilogue: ``layers.norm_linear``) when the dims are multiples of 32;
+    run in Pallas interpret mode on CPU, the decode logits equal the reference path's (float32,
+    so no rounding differs; batch 2 and batch 1 rows)."""
+    from gptjax.cache import init_cache
+    from gptjax.config import ModelConfig
+    from gptjax.formats.gguf import read_gguf
+    from gptjax.models import gpt2, gpt_oss, llama
+    from gptjax.weights import load_params_gguf
+    from pallas_kernels import fused_gemv as fg
+    from tiny_models import tiny_gpt_oss, write_gpt_oss_gguf
+
+    if arch == "gpt2":
+        path = write_gpt2_gguf(tiny_gpt2(n_embd=64, n_head=4, n_inner=96), tmp_path / "m.gguf")
+        fwd_fn = gpt2.forward
+    elif arch == "llama":
+        path = write_llama_gguf(tiny_llama(hidden_size=64, num_attention_heads=4, head_dim=16,
+                                           intermediate_size=96), tmp_path / "m.gguf")
+        fwd_fn = llama.forward
+    else:
+        path = write_gpt_oss_gguf(tiny_gpt_oss(seed=3, head_dim=16), tmp_path / "m.gguf")
+        fwd_fn = gpt_oss.forward
+    gf = read_gguf(path)
+    config = ModelConfig.from_gguf(gf)
+    params = load_params_gguf(gf, config, jnp.float32, dequantize_at_load=False)
+    calls = []
+    real = fg.fused_gemv
+    monkeypatch.setattr(fg, "fused_gemv", lambda *a, **k: calls.append(k) or real(*a, **k))
+    rng = np.random.default_rng(1)
+    toks = jnp.asarray(rng.integers(0, config.vocab_size, (2, 9)), jnp.int32)
+
+    def decode(mode, rows):
+        monkeypatch.setenv("GPTJAX_KERNELS", mode)
+        fwd = jax.jit(lambda p, t, s, c: fwd_fn(p, t, s, c, config))
+        cache = init_cache(config, rows, 16, jnp.float32)
+        monkeypatch.setenv("GPTJAX_KERNELS", "ref")                  # same prefill both ways
+        _, cache = jax.jit(lambda p, t, s, c: fwd_fn(p, t, s, c, config))(
+            params, toks[:rows, :8], jnp.zeros(rows, jnp.int32), cache)
+        monkeypatch.setenv("GPTJAX_KERNELS", mode)
+        out, _ = fwd(params, toks[:rows, 8:], jnp.full(rows, 8, jnp.int32), cache)
+        return np.asarray(out)
+
+    for rows in (2, 1):
+        ref = decode("ref", rows)
+        n0 = len(calls)
+        got = decode("interpret", rows)
+        per_layer = {"gpt2": 4, "llama": 4, "gpt_oss": 2}[arch]
+        assert len(calls) - n0 == per_layer * config.n_layers
+        assert rel_err(got, ref) < F32_RTOL
