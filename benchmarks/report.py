@@ -8,3 +8,36 @@ def emit(table: str, out: str | None) -> None:
     if out:
         with open(out, "a") as f:
             f.write(table)
+
+
+def device_us_per_call(fns: dict, reps: int = 20) -> dict:
+    """Device time per call (µs) of jitted functions, from one profiler trace: the sum of the
+    durations of every GPU kernel each function's module launches (so a Pallas kernel plus any
+    XLA ops around it), without launch gaps or host time.
+
+    fns: {unique name: (jitted fn, args tuple)}; each fn's ``__name__`` must contain its key
+    (it names the HLO module).  Every fn must have run once already (compiled)."""
+    import collections
+    import glob
+    import os
+    import tempfile
+
+    import jax
+
+    trace_dir = tempfile.mkdtemp(prefix="devtime-")
+    with jax.profiler.trace(trace_dir):
+        for fn, args in fns.values():
+            for _ in range(reps):
+                fn(*args)
+            jax.block_until_ready(fn(*args))
+    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    data = jax.profiler.ProfileData.from_file(files[0])
+    per_module = collections.defaultdict(int)
+    for plane in data.planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        for line in plane.lines:
+            for ev in line.events:
+                per_module[str(dict(ev.stats).get("hlo_module", ""))] += ev.duration_ns
+    return {name: sum(v for k, v in per_module.items() if name in k) / (reps + 1) / 1e3
+            for name in fns}

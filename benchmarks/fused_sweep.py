@@ -1,0 +1,119 @@
+"""The fused decode GEMV (pallas_kernels/fused_gemv.py) at GPT-2 124M and gpt-oss-20b batch-1
+shapes against the unfused path in the same process: device time per call from a profiler trace
+(every kernel of the call), and a sweep of its tiles.
+
+    python benchmarks/fused_sweep.py [--quick]
+
+Unfused = what the model ran before: the XLA norm, then the matmul (XLA's dot for plain bf16
+weights, the Pallas Q8_0 GEMV for Q8_0), then bias / GELU / residual as XLA ops.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gptjax.models.layers import Norm  # noqa: E402
+from pallas_kernels.fused_gemv import fused_gemv  # noqa: E402
+from pallas_kernels.q8_matmul import Q8Weights  # noqa: E402
+from report import device_us_per_call  # noqa: E402
+
+PEAK = 2.6e12
+
+
+def shapes(rng):
+    bf = jnp.bfloat16
+
+    def plain(o, i):
+        return jnp.asarray(rng.standard_normal((o, i)) * 0.02, bf), o * i * 2
+
+    def q8(o, i):
+        return Q8Weights(jnp.asarray(rng.integers(0, 256, (o, i // 32, 32), dtype=np.uint8)),
+                         jnp.asarray(rng.uniform(1e-3, 1e-2, (o, i // 32)).astype(np.float16))), \
+            o * i * 34 // 32
+
+    # name: (weight, bytes, I, O, norm kind or None, act, residual?, out dtype)
+    return {
+        "gpt2 ln+qkv 2304x768": (*plain(2304, 768), 768, 2304, "layer", None, False, bf),
+        "gpt2 out+res 768x768": (*plain(768, 768), 768, 768, None, None, True, jnp.float32),
+        "gpt2 ln+fc+gelu 3072x768": (*plain(3072, 768), 768, 3072, "layer", "gelu_tanh", False, bf),
+        "gpt2 proj+res 768x3072": (*plain(768, 3072), 3072, 768, None, None, True, jnp.float32),
+        "oss rms+qkv q8 5120x2880": (*q8(5120, 2880), 2880, 5120, "rms", None, False, bf),
+        "oss out+res q8 2880x4096": (*q8(2880, 4096), 4096, 2880, None, None, True, jnp.float32),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    grid = dict(block_n=[4, 8, 16, 32], block_k=[256, 512], num_warps=[4, 8])
+    if args.quick:
+        grid = dict(block_n=[8, 16], block_k=[512], num_warps=[4, 8])
+    configs = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
+    fns, meta = {}, {}
+    for si, (sname, (w, nbytes, I, O, nk, act, res, odt)) in enumerate(shapes(rng).items()):
+        x = jnp.asarray(rng.standard_normal((1, I)), jnp.float32 if nk else jnp.bfloat16)
+        g = jnp.asarray(rng.standard_normal(I), jnp.float32)
+        b = jnp.asarray(rng.standard_normal(I), jnp.float32)
+        bias = jnp.asarray(rng.standard_normal(O), jnp.float32)
+        r = jnp.asarray(rng.standard_normal((1, O)), jnp.float32) if res else None
+        norm = Norm(nk, g, b if nk == "layer" else None) if nk else None
+
+        def unfused(w, x, bias, r, norm=norm, act=act, odt=odt):
+            os.environ["GPTJAX_KERNELS"] = "ref" if not isinstance(w, Q8Weights) else "pallas"
+            from gptjax.packed import PackedWeight
+            ww = PackedWeight(w, 8, (w.qs.shape[0], w.qs.shape[1] * 32), layout="kernel") \
+                if isinstance(w, Q8Weights) else w
+            h = x if norm is None else norm(x, out_dtype=jnp.bfloat16)
+            from gptjax.models.layers import gelu, linear
+            y = linear(h, ww, bias, out_dtype=jnp.float32 if act else odt)
+            if act:
+                y = gelu(y).astype(odt)
+            return y if r is None else r + y
+
+        cands = [("unfused", unfused)]
+        for ci, c in enumerate([{}] + configs):
+            cands.append((c or "default", lambda w, x, bias, r, c=c, nk=nk, g=g, b=b, act=act,
+                          odt=odt: fused_gemv(x, w, bias, g if nk else None,
+                                              b if nk == "layer" else None, r, norm=nk, act=act,
+                                              round_to=None if odt == jnp.float32 else odt, **c)))
+        for ci, (label, f) in enumerate(cands):
+            name = f"fsw_{si}_{ci}_"
+
+            def fn(w, x, bias, r, f=f):
+                return f(w, x, bias, r)
+            fn.__name__ = name
+            jf = jax.jit(fn)
+            try:
+                jax.block_until_ready(jf(w, x, bias, r))
+            except Exception as e:                                           # report, go on
+                print(f"{sname} {label}: {type(e).__name__}: {str(e)[:160]}")
+                continue
+            fns[name] = (jf, (w, x, bias, r))
+            meta[name] = (sname, label, nbytes)
+    os.environ["GPTJAX_KERNELS"] = "pallas"
+    times = device_us_per_call(fns)
+    by_shape = {}
+    for name, us in times.items():
+        sname, label, nbytes = meta[name]
+        by_shape.setdefault(sname, []).append((us, label, nbytes))
+    for sname, rs in by_shape.items():
+        base = next(us for us, label, _ in rs if label == "unfused")
+        rs.sort(key=lambda t: t[0])
+        print(f"\n### {sname}: unfused {base:.2f} µs")
+        print("| µs | vs unfused | TB/s | config |\n|---|---|---|---|")
+        for us, label, nbytes in rs[:8] + [t for t in rs[8:] if t[1] in ("default", "unfused")]:
+            print(f"| {us:.2f} | {base / us:.2f}x | {nbytes / (us * 1e-6) / 1e12:.2f} | {label} |")
+
+
+if __name__ == "__main__":
+    main()
