@@ -107,7 +107,11 @@ def main():
         sname, label, nbytes = meta[name]
         by_shape.setdefault(sname, []).append((us, label, nbytes))
     for sname, rs in by_shape.items():
-        base = next(us for us, label, _ in rs if label == "unfused")
+        rs = [t for t in rs if t[0] > 0]
+        if not rs:
+            print(f"\n### {sname}: no device time recorded")
+            continue
+        base = next((us for us, label, _ in rs if label == "unfused"), float("nan"))
         rs.sort(key=lambda t: t[0])
         print(f"\n### {sname}: unfused {base:.2f} µs")
         print("| µs | vs unfused | TB/s | config |\n|---|---|---|---|")

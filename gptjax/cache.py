@@ -47,6 +47,7 @@ still enters the probabilities-times-values matmul with weight 0, and 0 * NaN wo
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import struct
 
@@ -115,6 +116,16 @@ class KVCache:
         B, T = positions.shape
         rows = jnp.arange(B)[:, None]                                   # [B, 1]
         n = jnp.full((B,), T, jnp.int32) if lengths is None else jnp.clip(lengths, 0, T)
+        if not in_ring and B == 1 and lengths is None:
+            # One row of real tokens (batch-1 decode): a plain in-place dynamic-update-slice (one
+            # kernel per array; XLA turns the dropping scatter below into three).  A real token
+            # is never past the cache (the generate layer checks), so the start is in range.
+            at = (idx, 0, 0, positions[0, 0].astype(jnp.int32), 0)
+            k = jax.lax.dynamic_update_slice(self.k, k_new.astype(self.k.dtype).transpose(
+                0, 2, 1, 3)[None], at)
+            v = jax.lax.dynamic_update_slice(self.v, v_new.astype(self.v.dtype).transpose(
+                0, 2, 1, 3)[None], at)
+            return self.replace(k=k, v=v)
         if not in_ring:
             S = self.max_len
             slots = jnp.where(jnp.arange(T)[None, :] < n[:, None], positions, S)   # [B, T]

@@ -14,7 +14,7 @@ Math, for ``M <= MAX_ROWS`` rows (decode)::
     h = round_c(x / sqrt(mean(x^2) + eps) * g)       norm "rms"   (RMSNorm, gptjax layers.rms_norm)
     h = round_c((x - mean) / sqrt(var + eps) * g + b_n)  norm "layer" (biased var, layers.layer_norm)
     y = h @ W^T + bias                               float32 accumulation
-    y = act(y)                                       act None | "gelu_tanh" | "gelu_erf"
+    y = act(y)                                       act None | "gelu_tanh"
     y = round_o(y)                                   round_to None | a float dtype
     y = y + residual                                 residual None | float [M, O]
 
@@ -65,7 +65,9 @@ F32 = jnp.float32
 #: Rows (tokens) the fused kernel takes; more go the unfused way (GEMV math gets
 #: instruction-bound with rows, see mxfp4_matmul.GEMV_MAX_ROWS).
 MAX_ROWS = 2
-ACTS = (None, "gelu_tanh", "gelu_erf")
+#: Activations of the epilogue.  (No erf form: Pallas' Triton lowering has no erf, so
+#: ``act="gelu_erf"`` goes the unfused way in ``layers.norm_linear``.)
+ACTS = (None, "gelu_tanh")
 NORMS = (None, "rms", "layer")
 _STATIC = ("norm", "eps", "act", "round_to", "cdt", "block_n", "block_k", "num_warps",
            "interpret")
@@ -213,7 +215,7 @@ def _row_stats(ops: _Ops, x_ref, row, G: int, gt: int, I: int, norm: str, eps: f
 
 
 def _gelu(y, act):
-    return jax.nn.gelu(y, approximate=act == "gelu_tanh")
+    return jax.nn.gelu(y, approximate=act != "gelu_erf")      # the twin also takes "gelu_erf"
 
 
 def _kernel(*refs, kind: str, w: _W, M: int, p: Plan, norm, eps, act, round_to, cdt,
@@ -298,7 +300,7 @@ def fused_gemv(x, w, bias=None, norm_weight=None, norm_bias=None, residual=None,
     x: float ``[..., I]`` with at most MAX_ROWS rows; w: plain float ``[O, I]``, or Q8_0 /
     MXFP4 weights; bias: ``[O]`` or None; norm: None, "rms" (needs ``norm_weight [I]``) or
     "layer" (``norm_weight``, ``norm_bias [I]``), ``eps`` its epsilon; the normalised row is
-    rounded to ``cdt``; act: None, "gelu_tanh", "gelu_erf"; residual: float ``[..., O]`` or None.
+    rounded to ``cdt``; act: None or "gelu_tanh"; residual: float ``[..., O]`` or None.
     """
     fn = "fused_gemv"
     kind, wp = _parse(w, fn)

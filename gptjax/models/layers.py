@@ -182,7 +182,7 @@ def norm_linear(x, w, b=None, *, norm: Norm | None = None, dtype, out_dtype=F32,
     from pallas_kernels import fused_gemv as fg
 
     mode = kernel_mode()
-    if mode != "ref" and fg.supports(x.shape, w):
+    if mode != "ref" and act in fg.ACTS and fg.supports(x.shape, w):
         round_to = None if jnp.dtype(out_dtype) == F32 else out_dtype
         return fg.fused_gemv(
             x, w, b,
