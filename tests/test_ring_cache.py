@@ -111,12 +111,12 @@ def test_single_row_full_layer_write_literal():
     positions, with every other slot untouched."""
     cache = init_cache(toy_config((False, True, False)), 1, 10)        # full layers 0 and 2
     cache = cache.replace(k=cache.k + 9, v=cache.v - 9)                 # non-zero background
+    want = np.full(10, 9.0)
     for pos in (jnp.array([[4, 5, 6]]), jnp.array([[9]]), jnp.array([[0]])):
         fast = cache.write(2, pos_kv(pos), pos_kv(pos) * 2, pos)
         slow = cache.write(2, pos_kv(pos), pos_kv(pos) * 2, pos, jnp.array([pos.shape[1]]))
         np.testing.assert_array_equal(np.asarray(fast.k), np.asarray(slow.k))
         np.testing.assert_array_equal(np.asarray(fast.v), np.asarray(slow.v))
-        want = np.full(10, 9.0)
         want[np.asarray(pos[0])] = np.asarray(pos[0]) + 1
         np.testing.assert_array_equal(np.asarray(fast.k[1, 0, 0, :, 0]), want)
         assert np.all(np.asarray(fast.k[0]) == 9)                      # the other full layer
