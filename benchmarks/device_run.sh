@@ -9,6 +9,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 for step in "$@"; do
   echo "=== $step"
+  {
   case "$step" in
     gpt2)  timeout 120 python3 benchmarks/gpt2_speed.py --runs 15 --out "$OUT/results.md" ;;
     gpt2-ref) GPTJAX_KERNELS=ref timeout 120 python3 benchmarks/gpt2_speed.py --runs 10 | grep -E "tg128|pp512" ;;
@@ -44,12 +45,13 @@ for step in "$@"; do
                --out "$OUT/results.md" ;;
     sweep) timeout 400 python3 benchmarks/tile_sweep.py ;;
     fused-tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fused_gemv.py \
-               tests/test_kernels_e2e.py 2>&1 | tail -25 ;;
+               tests/test_kernels_e2e.py tests/test_attention_kernels.py 2>&1 | tail -25 ;;
     fused-sweep) timeout 300 python3 benchmarks/fused_sweep.py ;;
     targets-b1) timeout 400 python3 benchmarks/gpt_oss_targets.py --skip pp512,b64,memory --out "$OUT/results.md" ;;
     profile-oss) timeout 240 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --new 32 --top 45 --hlo-dump /tmp/hlo_oss ;;
     profile-gpt2) timeout 120 python3 benchmarks/profile_decode.py --gpt2 --new 64 --top 30 --hlo-dump /tmp/hlo_gpt2 ;;
     gpu-tests) python3 -m pytest -q -m gpu tests 2>&1 | tail -30 ;;
-    *) echo "unknown step $step"; exit 2 ;;
+    *) echo "unknown step $step" ;;
   esac
+  } 2>&1 | grep -v "DeprecationWarning\|warnings.warn" | tee "$OUT/$step.log" | tail -60
 done

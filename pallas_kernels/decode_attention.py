@@ -86,11 +86,13 @@ def dot_f32(a, b, *, trans_b=False):
 
 def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_k, num_splits,
                    window, head_dim, scale):
-    # len_ref: [] int32; q_ref: [Gp, Hp]; k_ref, v_ref: [S, H]; o_ref: [Gp, Hp] f32;
+    # len_ref: [] int32; q_ref: the whole [B, K, G, H] (read padded to [Gp, Hp] with a mask:
+    # no pad kernel before the call); k_ref, v_ref: [S, H]; o_ref: [Gp, Hp] f32;
     # m_ref, l_ref: [Gp] f32
-    split = pl.program_id(2)
+    b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     S = k_ref.shape[0]
-    Gp, Hp = q_ref.shape
+    Gp, Hp = o_ref.shape
+    G = q_ref.shape[2]
     length = len_ref[()]
     hi = jnp.minimum(length, S)                                       # visible keys [lo, hi)
     lo = jnp.zeros_like(hi) if window is None else jnp.maximum(length - window, 0)
@@ -100,8 +102,10 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_k
     end = jnp.minimum(begin + span, hi)
     n_blocks = pl.cdiv(jnp.maximum(end - begin, 0), block_k)
 
-    q = q_ref[...]                                                    # [Gp, Hp]
     h_ok = (jnp.arange(Hp) < head_dim)[None, :]                       # [1, Hp]
+    q_ok = (jnp.arange(Gp) < G)[:, None] & h_ok
+    q = pltriton.load(q_ref.at[b, kh, pl.ds(0, Gp), pl.ds(0, Hp)], mask=q_ok,
+                      other=0).astype(k_ref.dtype)                      # [Gp, Hp]
 
     def body(i, carry):
         acc, m, l = carry
@@ -193,9 +197,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, window=None, sinks=None, s
         raise GptjaxError(f"decode_attention: {num_splits=} must be >= 1")
     G = N // K
     Gp, Hp = max(MIN_DOT, next_pow2(G)), max(MIN_DOT, next_pow2(H))
-    dtype = k_cache.dtype
-    qp = q.astype(dtype).reshape(B, K, G, H)
-    qp = jnp.pad(qp, ((0, 0), (0, 0), (0, Gp - G), (0, Hp - H)))     # [B, K, Gp, Hp]
+    qp = q.reshape(B, K, G, H)                       # cast and padded inside the kernel
 
     if layer is None:
         kv_spec = pl.BlockSpec((None, None, S, H), lambda b, k, s: (b, k, 0, 0))
@@ -208,7 +210,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, window=None, sinks=None, s
         grid=(B, K, P),
         in_specs=[
             pl.BlockSpec((None,), lambda b, k, s: (b,)),
-            pl.BlockSpec((None, None, Gp, Hp), lambda b, k, s: (b, k, 0, 0)),
+            pl.no_block_spec,
             kv_spec,
             kv_spec,
         ],
