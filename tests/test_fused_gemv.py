@@ -112,6 +112,8 @@ CASES = [
      jnp.float32),
     ("plain_bf16", 1, 24, 128, None, None, None, True, True, jnp.bfloat16, jnp.bfloat16),
     ("plain_f32", 1, 40, 64, "rms", "gelu_tanh", None, False, False, jnp.float32, jnp.float32),
+    # I = 4160: 130 blocks, norm statistics by the K loop instead of one load
+    ("plain_f32", 1, 24, 4160, "layer", None, None, True, False, jnp.float32, jnp.float32),
     ("q8_split", 1, 40, 2880, "rms", None, jnp.bfloat16, True, False, jnp.bfloat16, jnp.float32),
     ("q8_ggml", 2, 33, 96, None, None, None, True, True, jnp.bfloat16, jnp.bfloat16),
     ("mxfp4_split", 1, 48, 2880, "rms", None, None, True, True, jnp.float32, jnp.float32),
@@ -126,7 +128,7 @@ def test_fused_gemv_against_float64(case, interpret):
     kind, M, O, I, norm, act, round_to, has_bias, has_res, cdt, xdt = case
     rng = np.random.default_rng(hash(case[:5]) % 2 ** 32)
     w, w64 = _weights(rng, kind, O, I)
-    x = jnp.asarray((rng.standard_normal((M, I)) * 3 + 0.5).astype(np.float32)).astype(xdt)
+    x = jnp.asarray((rng.standard_normal((M, I)) * 3 + 3).astype(np.float32)).astype(xdt)
     g = (rng.standard_normal(I) * 0.5 + 1).astype(np.float32)
     b = (rng.standard_normal(I) * 0.1).astype(np.float32)
     bias = (rng.standard_normal(O)).astype(np.float32) if has_bias else None
@@ -180,3 +182,31 @@ def test_supports_and_errors():
     for act in ("relu", "gelu_erf"):                                    # no erf in Triton
         with pytest.raises(ValueError, match="act"):
             fg.fused_gemv(x, w, act=act, interpret=True)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+@pytest.mark.parametrize("I", [96, 2880, 4160])        # one-load statistics, and the K loop
+def test_fused_norm_values_through_one_hot_rows(norm, I, interpret):
+    """One-hot weight rows make ``y_o = h[j_o]``: the normalised row itself, compared
+    elementwise with float64 (float32 statistics: relative ``2 (I + 8) 2^-24`` of |h| plus the
+    gamma/beta products).  A norm bug that the matmul's magnitude bound would absorb (a stray
+    lane in a sum, a wrong mean) shows here."""
+    rng = np.random.default_rng(I)
+    cols = rng.choice(I, 32, replace=False)
+    w = np.zeros((32, I), np.float32)
+    w[np.arange(32), cols] = 1
+    x = (rng.standard_normal((1, I)) * 3 + 3).astype(np.float32)
+    g = (rng.standard_normal(I) * 0.5 + 1).astype(np.float32)
+    b = (rng.standard_normal(I) * 0.1).astype(np.float32)
+    y = fg.fused_gemv(jnp.asarray(x), jnp.asarray(w), None, jnp.asarray(g),
+                      jnp.asarray(b) if norm == "layer" else None, norm=norm, cdt=jnp.float32,
+                      interpret=interpret)
+    x64 = x.astype(np.float64)
+    if norm == "rms":
+        h = x64 / np.sqrt(np.mean(x64 ** 2) + 1e-5) * g
+    else:
+        c = x64 - x64.mean()
+        h = c / np.sqrt(np.mean(c ** 2) + 1e-5) * g + b
+    bound = 2 * (I + 8) * U32 * np.abs(h[0, cols]) + 4 * U32 * np.abs(b[cols])
+    np.testing.assert_array_less(np.abs(np.asarray(y[0], np.float64) - h[0, cols]), bound + 1e-30)
