@@ -15,6 +15,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# Kernels inside CUDA graphs (XLA command buffers) carry no hlo_module in the trace.
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -55,7 +57,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    grid = dict(block_n=[4, 8, 16, 32], block_k=[256, 512], num_warps=[4, 8])
+    grid = dict(block_n=[4, 8, 16, 32], block_k=[256, 512, 1024], num_warps=[4, 8])
     if args.quick:
         grid = dict(block_n=[8, 16], block_k=[512], num_warps=[4, 8])
     configs = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]

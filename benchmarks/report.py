@@ -42,5 +42,9 @@ def device_us_per_call(fns: dict, reps: int = 20) -> dict:
         for line in plane.lines:
             for ev in line.events:
                 per_module[str(dict(ev.stats).get("hlo_module", ""))] += ev.duration_ns
-    return {name: sum(v for k, v in per_module.items() if name in k) / (reps + 1) / 1e3
-            for name in fns}
+    out = {name: sum(v for k, v in per_module.items() if name in k) / (reps + 1) / 1e3
+           for name in fns}
+    if not any(out.values()):
+        print(f"device_us_per_call: no kernel matched; modules in the trace: "
+              f"{sorted(per_module)[:20]}")
+    return out
