@@ -83,13 +83,14 @@ def main():
             return y if r is None else r + y
 
         cands = [("unfused", unfused)]
-        for ci, c in enumerate([{}] + configs):
+        extra = [{"stage": False}] if nk else []
+        for ci, c in enumerate([{}] + extra + configs):
             cands.append((c or "default", lambda w, x, bias, r, c=c, nk=nk, g=g, b=b, act=act,
                           odt=odt: fused_gemv(x, w, bias, g if nk else None,
                                               b if nk == "layer" else None, r, norm=nk, act=act,
                                               round_to=None if odt == jnp.float32 else odt, **c)))
         for ci, (label, f) in enumerate(cands):
-            name = f"fsw_{si}_{ci}_"
+            name = f"fsw{si}c{ci}z"          # module names lose a trailing underscore
 
             def fn(w, x, bias, r, f=f):
                 return f(w, x, bias, r)

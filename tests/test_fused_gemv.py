@@ -152,14 +152,15 @@ def test_fused_gemv_against_float64(case, interpret):
 
 @pytest.mark.parametrize("interpret", MODES)
 def test_fused_gemv_tilings(interpret):
-    """Forced tiles (ragged O and K edges, one-block steps) give the default tiling's result."""
+    """Forced tiles (ragged O and K edges, one-block steps) and the unstaged normalisation give
+    the default's result."""
     rng = np.random.default_rng(5)
     w, _ = _weights(rng, "q8_split", 70, 320)
     x = jnp.asarray(rng.standard_normal((1, 320)).astype(np.float32))
     g = jnp.asarray(rng.standard_normal(320).astype(np.float32))
     base = fg.fused_gemv(x, w, norm_weight=g, norm="rms", interpret=interpret)
-    for bn, bk in ((2, 32), (32, 64), (64, 512)):
-        y = fg.fused_gemv(x, w, norm_weight=g, norm="rms", block_n=bn, block_k=bk,
+    for bn, bk, stage in ((2, 32, None), (32, 64, False), (64, 512, None), (16, 128, False)):
+        y = fg.fused_gemv(x, w, norm_weight=g, norm="rms", block_n=bn, block_k=bk, stage=stage,
                           interpret=interpret)
         np.testing.assert_allclose(np.asarray(y), np.asarray(base), rtol=1e-5, atol=1e-5)
 
