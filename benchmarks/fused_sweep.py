@@ -83,8 +83,7 @@ def main():
             return y if r is None else r + y
 
         cands = [("unfused", unfused)]
-        extra = [{"stage": False}] if nk else []
-        for ci, c in enumerate([{}] + extra + configs):
+        for ci, c in enumerate([{}] + configs):
             cands.append((c or "default", lambda w, x, bias, r, c=c, nk=nk, g=g, b=b, act=act,
                           odt=odt: fused_gemv(x, w, bias, g if nk else None,
                                               b if nk == "layer" else None, r, norm=nk, act=act,

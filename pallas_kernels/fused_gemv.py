@@ -35,12 +35,9 @@ Weights (decoded by the same per-type code as the plain matmul kernels):
 unfused way: :func:`supports`).
 
 Grid: one program per ``block_n`` output rows, no split-K (the epilogue needs the whole sum).
-Each program first computes its rows' norm statistics (rows of <= 4096 values from one load:
-the sum, then the centred squares, as the reference does; longer rows in a K loop), then
-streams its weight rows in K steps of ``block_k`` inputs.  The normalised x is either written
-once per program to a scratch output and read back like a plain x ("staged", the default for
-rows <= 4096, ``stage=False`` turns it off) or normalised tile by tile as it is loaded (every
-thread holding a copy of the broadcast tile repeats that work).
+Each program first sums its rows' x over the whole row (one pass for RMSNorm, two for
+LayerNorm: the mean, then the centred squares, as the reference does), then streams its weight
+rows in K steps of ``block_k`` inputs, normalising each x tile as it is loaded.
 
 ``fused_gemv_ref`` is the plain-jnp twin (same signature): the unfused composition with the
 weights decoded exactly (``gptjax.quant``), i.e. the XLA reference path.
@@ -74,7 +71,7 @@ ACTS = (None, "gelu_tanh")
 #: Rows of at most this many 32-blocks get their norm statistics from one load.
 STATS_ONE_LOAD_BLOCKS = 128
 NORMS = (None, "rms", "layer")
-_STATIC = ("norm", "eps", "act", "round_to", "cdt", "block_n", "block_k", "num_warps", "stage",
+_STATIC = ("norm", "eps", "act", "round_to", "cdt", "block_n", "block_k", "num_warps",
            "interpret")
 
 
@@ -87,7 +84,6 @@ class _Ops(NamedTuple):
     x_tile: Any      # (ref, row, g0, gt, g_end) -> pytree of float arrays ([gt, 32] or 2x [gt, 16])
     compute: Any     # (accs, (*w_tile, xs)) -> accs, one float32 [bn, gt] per row
     x_view: Any      # (x2 [M, I], G) -> the view the kernel reads x (and the norm weights) as
-    x_store: Any     # (ref, row, g0, gt, g_end, tile) -> None: the inverse of x_tile
 
 
 def _plain_w_tile(w: _W, w_refs, row0, bn, g0, gt, g_end):
@@ -120,26 +116,12 @@ def _x_halves(ref, row, g0, gt, g_end):
             mx._load_x_half(ref, row, None, g0, gt, g_end, 1).astype(F32))
 
 
-def _store32(ref, row, g0, gt, g_end, val):
-    ok = ((g0 + _iota(gt)) < g_end)[:, None]
-    pltriton.store(ref.at[_ix(row), pl.ds(g0, gt), pl.ds(0, QK)], val, mask=ok)
-
-
-def _store_halves(ref, row, g0, gt, g_end, val):
-    ok = ((g0 + _iota(gt)) < g_end)[:, None]
-    for half, v in enumerate(val):
-        pltriton.store(ref.at[_ix(row), pl.ds(g0, gt), _ix(half), pl.ds(0, 16)], v, mask=ok)
-
-
-def _view32(x2, G):
-    return x2.reshape(x2.shape[0], G, QK)
-
-
 _OPS = {
-    "plain": _Ops(_plain_w_tile, _x32, _plain_compute, _view32, _store32),
-    "q8_0": _Ops(_q8_w_tile, _x32, q8._gemv_compute, _view32, _store32),
+    "plain": _Ops(_plain_w_tile, _x32, _plain_compute,
+                  lambda x2, G: x2.reshape(x2.shape[0], G, QK)),
+    "q8_0": _Ops(_q8_w_tile, _x32, q8._gemv_compute, lambda x2, G: x2.reshape(x2.shape[0], G, QK)),
     "mxfp4": _Ops(_mx_w_tile, _x_halves, mx._mxfp4_gemv_compute,
-                  lambda x2, G: x2.reshape(x2.shape[0], G, 2, 16), _store_halves),
+                  lambda x2, G: x2.reshape(x2.shape[0], G, 2, 16)),
 }
 
 
@@ -194,13 +176,18 @@ class Plan(NamedTuple):
 
 
 def plan(kind: str, O: int, I: int, *, block_n=None, block_k=None, num_warps=None) -> Plan:
-    """Default tiling: ``block_n`` output rows per program, as many as keep >= 2 programs per SM
-    (132 SMs) up to 16 (fewer rows -> more programs for the short matrices of GPT-2); ``block_k``
-    512 inputs per step (the H100 sweep's best for the quantized decode GEMVs), less when I is
-    short; 4 warps (8 with 16 rows)."""
+    """Default tiling, from the H100 sweep (benchmarks/fused_sweep.py, RESULTS.md):
+    ``block_n`` output rows per program, as many as keep >= 2 programs per SM (132 SMs), 2 to
+    16; plain weights: ``block_k`` 256 inputs per step for rows of <= 1024 (GPT-2 124M's
+    768-wide projections), else 512, 8 warps from 8 rows up; Q8_0 / MXFP4: 1024 inputs per step,
+    4 warps (gpt-oss-20b q/k/v 8.2 -> 7.7 µs, attention output 5.8 -> 5.1 µs)."""
     bn = block_n or max(2, min(16, 1 << max(0, (O // (2 * mx.SM_COUNT)).bit_length() - 1)))
-    bk = block_k or min(512, 1 << (max(QK, I) - 1).bit_length())
-    nw = num_warps or (8 if bn >= 16 else 4)
+    if kind == "plain":
+        bk, nw = (256 if I <= 1024 else 512), (8 if bn >= 8 else 4)
+    else:
+        bk, nw = 1024, 4
+    bk = block_k or min(bk, 1 << (max(QK, I) - 1).bit_length())
+    nw = num_warps or nw
     for name, v in (("block_n", bn), ("block_k", bk)):
         if not mx._pow2(v):
             raise ValueError(f"fused_gemv: {name}={v} must be a power of two")
@@ -249,7 +236,7 @@ def _gelu(y, act):
 
 
 def _kernel(*refs, kind: str, w: _W, M: int, p: Plan, norm, eps, act, round_to, cdt,
-            has_bias: bool, has_res: bool, staged: bool, interpret: bool):
+            has_bias: bool, has_res: bool):
     ops = _OPS[kind]
     it = iter(refs)
     x_ref = next(it)
@@ -259,44 +246,27 @@ def _kernel(*refs, kind: str, w: _W, M: int, p: Plan, norm, eps, act, round_to, 
     bias_ref = next(it) if has_bias else None
     res_ref = next(it) if has_res else None
     out_ref = next(it)
-    stage_ref = next(it) if staged else None
 
     gt, bn = p.block_k // QK, p.block_n
-    pid = pl.program_id(0)
-    n0 = pid * bn
+    n0 = pl.program_id(0) * bn
     rows = tuple(range(M))
     stats = tuple(_row_stats(ops, x_ref, r, w.G, gt, w.I, norm, eps) for r in rows) if norm \
         else None
 
-    def normed(xr, mean, rstd, g0, n, g_end):
-        """Normalise an x tile of n blocks at g0, rounded to the compute dtype."""
-        g = ops.x_tile(g_ref, 0, g0, n, g_end)
-        if norm == "rms":
-            h = jax.tree.map(lambda a, ga: a * rstd * ga, xr, g)
-        else:
-            b = ops.x_tile(b_ref, 0, g0, n, g_end)
-            h = jax.tree.map(lambda a, ga, ba: (a - mean) * rstd * ga + ba, xr, g, b)
-        return jax.tree.map(lambda a: a.astype(cdt), h)
-
-    if staged:
-        # Normalise each row once into this program's rows of a scratch output, then stream it
-        # like a plain x (normalising every K step's tile instead repeats the work in every
-        # thread that holds a copy of the broadcast tile: ~2x the instructions of the Q8_0 GEMV).
-        gp = 1 << (w.G - 1).bit_length()
-        for r, (mean, rstd) in zip(rows, stats):
-            xr = ops.x_tile(x_ref, r, 0, gp, w.G)
-            ops.x_store(stage_ref, pid * M + r, 0, gp, w.G, normed(xr, mean, rstd, 0, gp, w.G))
-        if not interpret:
-            pltriton.debug_barrier()                 # the CTA's stores are visible to it
-
     def x_tiles(g0, g_end):
-        if staged:
-            return tuple(ops.x_tile(stage_ref, pid * M + r, g0, gt, g_end) for r in rows)
         xs = tuple(ops.x_tile(x_ref, r, g0, gt, g_end) for r in rows)
         if not norm:
             return xs
-        return tuple(jax.tree.map(lambda a: a.astype(F32), normed(xr, mean, rstd, g0, gt, g_end))
-                     for xr, (mean, rstd) in zip(xs, stats))
+        g = ops.x_tile(g_ref, 0, g0, gt, g_end)
+        b = ops.x_tile(b_ref, 0, g0, gt, g_end) if norm == "layer" else None
+        out = []
+        for xr, (mean, rstd) in zip(xs, stats):
+            if norm == "rms":
+                h = jax.tree.map(lambda a, ga: a * rstd * ga, xr, g)
+            else:
+                h = jax.tree.map(lambda a, ga, ba: (a - mean) * rstd * ga + ba, xr, g, b)
+            out.append(jax.tree.map(lambda a: a.astype(cdt).astype(F32), h))
+        return tuple(out)
 
     def step(t, accs):
         g0 = t * gt
@@ -340,7 +310,7 @@ def _check(x, kind, wp: _W, norm, act, norm_weight, norm_bias, residual, fn):
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def fused_gemv(x, w, bias=None, norm_weight=None, norm_bias=None, residual=None, *, norm=None,
                eps=1e-5, act=None, round_to=None, cdt=jnp.bfloat16, block_n=None, block_k=None,
-               num_warps=None, stage=None, interpret=False):
+               num_warps=None, interpret=False):
     """``act(norm(x) @ w^T + bias)`` rounded to ``round_to``, plus ``residual`` -> float32
     ``[..., O]`` in one kernel (module docstring).
 
@@ -368,21 +338,15 @@ def fused_gemv(x, w, bias=None, norm_weight=None, norm_bias=None, residual=None,
         args.append(jnp.asarray(bias, F32).reshape(wp.O))
     if residual is not None:
         args.append(residual.reshape(M, wp.O))
-    n_prog = cdiv(wp.O, p.block_n)
-    staged = bool(norm) and wp.G <= STATS_ONE_LOAD_BLOCKS and stage is not False
-    out_shape = [jax.ShapeDtypeStruct((M, wp.O), F32)]
-    if staged:                                  # scratch: each program's normalised rows
-        st = jax.eval_shape(lambda: view(jnp.zeros((n_prog * M, wp.I), cdt), wp.G))
-        out_shape.append(jax.ShapeDtypeStruct(st.shape, jnp.dtype(cdt)))
     kernel = functools.partial(
         _kernel, kind=kind, w=wp.static(), M=M, p=p, norm=norm, eps=float(eps), act=act,
         round_to=None if round_to is None else jnp.dtype(round_to), cdt=jnp.dtype(cdt),
-        has_bias=bias is not None, has_res=residual is not None, staged=staged,
-        interpret=interpret)
-    y = pl.pallas_call(kernel, out_shape=out_shape, grid=(n_prog,),
+        has_bias=bias is not None, has_res=residual is not None)
+    y = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((M, wp.O), F32),
+                       grid=(cdiv(wp.O, p.block_n),),
                        compiler_params=pltriton.CompilerParams(num_warps=p.num_warps,
                                                                num_stages=3),
-                       interpret=interpret, name=f"fused_gemv_{kind}")(*args)[0]
+                       interpret=interpret, name=f"fused_gemv_{kind}")(*args)
     return y.reshape(*lead, wp.O)
 
 
@@ -400,12 +364,12 @@ def _dense(kind: str, wp: _W):
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def fused_gemv_ref(x, w, bias=None, norm_weight=None, norm_bias=None, residual=None, *,
                    norm=None, eps=1e-5, act=None, round_to=None, cdt=jnp.bfloat16, block_n=None,
-                   block_k=None, num_warps=None, stage=None, interpret=False):
+                   block_k=None, num_warps=None, interpret=False):
     """Plain-jnp twin of :func:`fused_gemv` (tiling arguments ignored): the norm in float32
     (``gptjax.models.layers`` formulas), the row rounded to ``cdt``, packed weights decoded
     exactly and rounded to ``cdt`` as the XLA reference path does (plain ones as they are), one
     float32-accumulated dot, bias, activation, rounding, residual."""
-    del block_n, block_k, num_warps, stage, interpret
+    del block_n, block_k, num_warps, interpret
     fn = "fused_gemv_ref"
     kind, wp = _parse(w, fn)
     _check(x, kind, wp, norm, act, norm_weight, norm_bias, residual, fn)

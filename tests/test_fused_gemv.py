@@ -152,15 +152,14 @@ def test_fused_gemv_against_float64(case, interpret):
 
 @pytest.mark.parametrize("interpret", MODES)
 def test_fused_gemv_tilings(interpret):
-    """Forced tiles (ragged O and K edges, one-block steps) and the unstaged normalisation give
-    the default's result."""
+    """Forced tiles (ragged O and K edges, one-block steps) give the default tiling's result."""
     rng = np.random.default_rng(5)
     w, _ = _weights(rng, "q8_split", 70, 320)
     x = jnp.asarray(rng.standard_normal((1, 320)).astype(np.float32))
     g = jnp.asarray(rng.standard_normal(320).astype(np.float32))
     base = fg.fused_gemv(x, w, norm_weight=g, norm="rms", interpret=interpret)
-    for bn, bk, stage in ((2, 32, None), (32, 64, False), (64, 512, None), (16, 128, False)):
-        y = fg.fused_gemv(x, w, norm_weight=g, norm="rms", block_n=bn, block_k=bk, stage=stage,
+    for bn, bk in ((2, 32), (32, 64), (64, 512)):
+        y = fg.fused_gemv(x, w, norm_weight=g, norm="rms", block_n=bn, block_k=bk,
                           interpret=interpret)
         np.testing.assert_allclose(np.asarray(y), np.asarray(base), rtol=1e-5, atol=1e-5)
 
@@ -209,5 +208,8 @@ def test_fused_norm_values_through_one_hot_rows(norm, I, interpret):
     else:
         c = x64 - x64.mean()
         h = c / np.sqrt(np.mean(c ** 2) + 1e-5) * g + b
-    bound = 2 * (I + 8) * U32 * np.abs(h[0, cols]) + 4 * U32 * np.abs(b[cols])
+    # magnitude before the beta add (h may cancel against beta); + 16 ulps for the GPU's
+    # approximate rsqrt and division
+    scaled = np.abs(h - (b if norm == "layer" else 0))[0, cols]
+    bound = (2 * (I + 8) + 16) * U32 * (scaled + np.abs(b[cols]))
     np.testing.assert_array_less(np.abs(np.asarray(y[0], np.float64) - h[0, cols]), bound + 1e-30)
