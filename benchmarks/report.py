@@ -15,8 +15,8 @@ def device_us_per_call(fns: dict, reps: int = 20) -> dict:
     durations of every GPU kernel each function's module launches (so a Pallas kernel plus any
     XLA ops around it), without launch gaps or host time.
 
-    fns: {unique name: (jitted fn, args tuple)}; each fn's ``__name__`` must contain its key
-    (it names the HLO module).  Every fn must have run once already (compiled)."""
+    fns: {unique name: (jitted fn, args tuple)}; each fn's ``__name__`` must be its key (it
+    names the HLO module).  Every fn must have run once already (compiled)."""
     import collections
     import glob
     import os
@@ -42,8 +42,9 @@ def device_us_per_call(fns: dict, reps: int = 20) -> dict:
         for line in plane.lines:
             for ev in line.events:
                 per_module[str(dict(ev.stats).get("hlo_module", ""))] += ev.duration_ns
-    out = {name: sum(v for k, v in per_module.items() if name in k) / (reps + 1) / 1e3
-           for name in fns}
+    # jit names the module "jit_<fn name>" (a trailing underscore is dropped): match it exactly,
+    # so that "f_1" does not also collect "f_10".
+    out = {name: per_module.get(f"jit_{name.rstrip('_')}", 0) / (reps + 1) / 1e3 for name in fns}
     if not any(out.values()):
         print(f"device_us_per_call: no kernel matched; modules in the trace: "
               f"{sorted(per_module)[:20]}")

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import itertools
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -27,6 +25,7 @@ import numpy as np  # noqa: E402
 
 from pallas_kernels.mxfp4_matmul import Mxfp4Weights, mxfp4_moe_matmul  # noqa: E402
 from pallas_kernels.q8_matmul import Q8Weights, q8_0_matmul  # noqa: E402
+from report import device_us_per_call  # noqa: E402
 
 PEAK = 2.6e12
 REPS = 20
@@ -90,26 +89,10 @@ def main():
                 fns[f.__name__] = (sname, c, fn, w, nbytes)
             except Exception as e:                                 # report, keep sweeping
                 print(f"{sname} {c}: {type(e).__name__}: {str(e)[:120]}")
-    trace_dir = tempfile.mkdtemp(prefix="sweep-")
-    with jax.profiler.trace(trace_dir):
-        for name, (sname, c, fn, w, nbytes) in fns.items():
-            for _ in range(REPS):
-                fn(w, x)
-            jax.block_until_ready(fn(w, x))
-    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    data = jax.profiler.ProfileData.from_file(files[0])
-    per_module = collections.defaultdict(int)
-    for plane in data.planes:
-        if not plane.name.startswith("/device:"):
-            continue
-        for line in plane.lines:
-            for ev in line.events:
-                mod = str(dict(ev.stats).get("hlo_module", ""))
-                per_module[mod] += ev.duration_ns
+    times = device_us_per_call({name: (v[2], (v[3], x)) for name, v in fns.items()}, REPS)
     results = collections.defaultdict(list)
     for name, (sname, c, fn, w, nbytes) in fns.items():
-        ns = sum(v for k, v in per_module.items() if name in k) / (REPS + 1)
-        results[sname].append((ns, c, nbytes))
+        results[sname].append((times[name] * 1e3, c, nbytes))
     for sname, rs in results.items():
         rs.sort(key=lambda r: r[0])
         print(f"\n### {sname} (device µs per call; weight bytes {rs[0][2] / 1e6:.1f} MB)")
