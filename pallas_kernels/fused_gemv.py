@@ -373,16 +373,14 @@ def fused_gemv_ref(x, w, bias=None, norm_weight=None, norm_bias=None, residual=N
     fn = "fused_gemv_ref"
     kind, wp = _parse(w, fn)
     _check(x, kind, wp, norm, act, norm_weight, norm_bias, residual, fn)
-    x32 = x.astype(F32)
+    from gptjax.models.layers import layer_norm, rms_norm     # the models' own norms
+
     if norm == "rms":
-        ms = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-        x32 = x32 * lax.rsqrt(ms + eps) * jnp.asarray(norm_weight, F32)
+        h = rms_norm(x, norm_weight, eps, out_dtype=cdt).astype(F32)
     elif norm == "layer":
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        c = x32 - mean
-        var = jnp.mean(jnp.square(c), axis=-1, keepdims=True)
-        x32 = c * lax.rsqrt(var + eps) * jnp.asarray(norm_weight, F32) + jnp.asarray(norm_bias, F32)
-    h = x32.astype(cdt).astype(F32) if norm else x32
+        h = layer_norm(x, norm_weight, norm_bias, eps, out_dtype=cdt).astype(F32)
+    else:
+        h = x.astype(F32)
     wd = _dense(kind, wp)
     if kind != "plain":                     # packed: decoded, rounded to the compute dtype
         wd = wd.astype(cdt).astype(F32)

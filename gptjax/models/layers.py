@@ -78,18 +78,6 @@ def layer_norm(x, weight, bias, eps, *, out_dtype=None):
     return y.astype(out_dtype)
 
 
-def add_layer_norm(residual, delta, weight, bias, eps, *, out_dtype):
-    """Residual add fused with the next LayerNorm: ``r = residual + delta; return r, LN(r)``.
-
-    residual: float32 [..., D] (the residual stream); delta: [..., D] any dtype.
-    Returns (float32 [..., D] new residual, [..., D] normalised in ``out_dtype``). XLA fuses the
-    add into the norm's reductions; the separate function keeps the model code one line per
-    step of the diagram.
-    """
-    r = residual + delta.astype(F32)
-    return r, layer_norm(r, weight, bias, eps, out_dtype=out_dtype)
-
-
 def gelu(x, *, approximate=True):
     """GELU (Hendrycks & Gimpel 2016).
 
@@ -112,13 +100,6 @@ def rms_norm(x, weight, eps, *, out_dtype=None):
     x32 = x.astype(F32)
     ms = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     return (x32 * jax.lax.rsqrt(ms + eps) * weight.astype(F32)).astype(out_dtype)
-
-
-def add_rms_norm(residual, delta, weight, eps, *, out_dtype):
-    """``r = residual + delta; return r, RMSNorm(r)`` (see :func:`add_layer_norm`).
-    residual: float32 [..., D]; delta: [..., D] → (float32 [..., D], [..., D] in out_dtype)."""
-    r = residual + delta.astype(F32)
-    return r, rms_norm(r, weight, eps, out_dtype=out_dtype)
 
 
 def swiglu(gate, up, *, out_dtype=None):
