@@ -152,23 +152,25 @@ def sweep():
         qw, sc = (jnp.asarray(a) for a in repack_words(data))
         old = mx.repack_mxfp4(jnp.asarray(data))
         nbytes = U * O * D // 32 * 17
-        cands = [("old default", lambda x, i, o=old: mx.mxfp4_moe_matmul(x.astype(jnp.bfloat16), o, i[None]))]
+        # Weights are arguments, never closed over: captured arrays become HLO constants, and the
+        # profiler serialises every module (a 12 GB trace).
+        cands = [("old default", lambda x, i, q, s, o: mx.mxfp4_moe_matmul(x.astype(jnp.bfloat16), o, i[None]))]
         for bn, bk, warps, variant in itertools.product((16, 32, 64), (256, 512, 1024), (4, 8),
                                                         ("joined", "split")):
             if variant == "split" and (bk != 512):
                 continue
             cands.append((f"{variant} bn{bn} bk{bk} w{warps}",
-                          lambda x, i, c=(bn, bk, warps, variant): words_pairs(
-                              x, qw, sc, i, bn=c[0], bk=c[1], warps=c[2], variant=c[3])))
+                          lambda x, i, q, s, o, c=(bn, bk, warps, variant): words_pairs(
+                              x, q, s, i, bn=c[0], bk=c[1], warps=c[2], variant=c[3])))
         for ci, (label, f) in enumerate(cands):
             name = f"wp{len(fns)}z"
 
-            def fn(x, i, f=f):
-                return f(x, i)
+            def fn(x, i, q, s, o, f=f):
+                return f(x, i, q, s, o)
             fn.__name__ = name
             jf = jax.jit(fn)
             try:
-                y = jax.block_until_ready(jf(x, ids)).reshape(U, O)
+                y = jax.block_until_ready(jf(x, ids, qw, sc, old)).reshape(U, O)
             except Exception as ex:                                             # report, go on
                 print(f"{sname} {label}: {type(ex).__name__}: {str(ex)[:300]}")
                 continue
@@ -176,14 +178,14 @@ def sweep():
             if err > 1e-2:
                 print(f"{sname} {label}: WRONG, rel err {err:.2e}")
                 continue
-            fns[name] = (jf, (x, ids))
+            fns[name] = (jf, (x, ids, qw, sc, old))
             meta[name] = (sname, label, nbytes)
     times = device_us_per_call(fns)
     by = {}
     for name, us in times.items():
         by.setdefault(meta[name][0], []).append((us, meta[name][1], meta[name][2]))
     for sname, rs in by.items():
-        base = next(us for us, lab, _ in rs if lab == "old default")
+        base = next(us for us, lab, _ in rs if lab == "old default") or float("nan")
         rs.sort()
         print(f"\n### {sname}: old default {base:.2f} µs")
         print("| µs | vs old | TB/s | config |\n|---|---|---|---|")

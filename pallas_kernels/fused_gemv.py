@@ -80,10 +80,9 @@ _STATIC = ("norm", "eps", "act", "round_to", "cdt", "block_n", "block_k", "num_w
 # ---------------------------------------------------------------------------------------------
 
 class _Ops(NamedTuple):
+    """Per weight kind; x (and the norm weights) are read as [M, G, 32] by every kind."""
     w_tile: Any      # (w, w_refs, row0, bn, g0, gt, g_end) -> tuple of weight arrays
-    x_tile: Any      # (ref, row, g0, gt, g_end) -> pytree of float arrays ([gt, 32] or 2x [gt, 16])
     compute: Any     # (accs, (*w_tile, xs)) -> accs, one float32 [bn, gt] per row
-    x_view: Any      # (x2 [M, I], G) -> the view the kernel reads x (and the norm weights) as
 
 
 def _plain_w_tile(w: _W, w_refs, row0, bn, g0, gt, g_end):
@@ -108,20 +107,13 @@ def _mx_w_tile(w, w_refs, row0, bn, g0, gt, g_end):
 
 
 def _x32(ref, row, g0, gt, g_end):
-    return q8._load_x(ref, row, None, g0, gt, g_end).astype(F32)
-
-
-def _x_halves(ref, row, g0, gt, g_end):
-    return (mx._load_x_half(ref, row, None, g0, gt, g_end, 0).astype(F32),
-            mx._load_x_half(ref, row, None, g0, gt, g_end, 1).astype(F32))
+    return mx.load_x32(ref, row, None, g0, gt, g_end).astype(F32)
 
 
 _OPS = {
-    "plain": _Ops(_plain_w_tile, _x32, _plain_compute,
-                  lambda x2, G: x2.reshape(x2.shape[0], G, QK)),
-    "q8_0": _Ops(_q8_w_tile, _x32, q8._gemv_compute, lambda x2, G: x2.reshape(x2.shape[0], G, QK)),
-    "mxfp4": _Ops(_mx_w_tile, _x_halves, mx._mxfp4_gemv_compute,
-                  lambda x2, G: x2.reshape(x2.shape[0], G, 2, 16)),
+    "plain": _Ops(_plain_w_tile, _plain_compute),
+    "q8_0": _Ops(_q8_w_tile, q8._gemv_compute),
+    "mxfp4": _Ops(_mx_w_tile, mx._mxfp4_gemv_compute),
 }
 
 
@@ -200,17 +192,17 @@ def plan(kind: str, O: int, I: int, *, block_n=None, block_k=None, num_warps=Non
 # Kernel
 # ---------------------------------------------------------------------------------------------
 
-def _row_stats(ops: _Ops, x_ref, row, G: int, gt: int, I: int, norm: str, eps: float):
+def row_stats(x_ref, row, G: int, gt: int, I: int, norm: str, eps: float):
     """(mean, rstd) of one x row in float32 (mean 0 for RMSNorm), summed over all G blocks."""
     if G <= STATS_ONE_LOAD_BLOCKS:
         # The whole row in one load (<= 4096 values): both passes reduce registers, no second
         # round trip to memory (the loop below is latency-bound: ~1 µs per pass).
         gp = 1 << (G - 1).bit_length()
         ok = (_iota(gp) < G)[:, None]
-        xt = ops.x_tile(x_ref, row, 0, gp, G)
+        xt = _x32(x_ref, row, 0, gp, G)
 
         def total(f):
-            return sum(jnp.sum(jnp.where(ok, f(a), 0.0)) for a in jax.tree.leaves(xt))
+            return jnp.sum(jnp.where(ok, f(xt), 0.0))
     else:
         steps = cdiv(G, gt)
 
@@ -218,8 +210,7 @@ def _row_stats(ops: _Ops, x_ref, row, G: int, gt: int, I: int, norm: str, eps: f
             def body(t, s):
                 g0 = t * gt
                 okt = ((g0 + _iota(gt)) < G)[:, None]                     # blocks past G: 0
-                xs = ops.x_tile(x_ref, row, g0, gt, G)
-                return s + sum(jnp.sum(jnp.where(okt, f(a), 0.0)) for a in jax.tree.leaves(xs))
+                return s + jnp.sum(jnp.where(okt, f(_x32(x_ref, row, g0, gt, G)), 0.0))
             return lax.fori_loop(0, steps, body, jnp.zeros((), F32))
 
     n = np.float32(I)
@@ -229,6 +220,22 @@ def _row_stats(ops: _Ops, x_ref, row, G: int, gt: int, I: int, norm: str, eps: f
     mean = total(lambda a: a) / n
     var = total(lambda a: jnp.square(a - mean)) / n                         # centred, as the ref
     return mean, lax.rsqrt(var + np.float32(eps))
+
+
+def normed_x(x_ref, g_ref, b_ref, row, stats, g0, gt, g_end, norm, cdt):
+    """x tile [gt, 32] (float32) of row ``row``, blocks ``g0 + [0, gt)`` (0 from ``g_end`` on):
+    as stored (``norm`` None), or normalised with ``stats`` (:func:`row_stats`) and the norm
+    weights (``g_ref``, and ``b_ref`` for LayerNorm, viewed [1, G, 32]), rounded to ``cdt``."""
+    xt = _x32(x_ref, row, g0, gt, g_end)
+    if not norm:
+        return xt
+    mean, rstd = stats
+    g = _x32(g_ref, 0, g0, gt, g_end)
+    if norm == "rms":
+        h = xt * rstd * g
+    else:
+        h = (xt - mean) * rstd * g + _x32(b_ref, 0, g0, gt, g_end)
+    return h.astype(cdt).astype(F32)
 
 
 def _gelu(y, act):
@@ -250,27 +257,13 @@ def _kernel(*refs, kind: str, w: _W, M: int, p: Plan, norm, eps, act, round_to, 
     gt, bn = p.block_k // QK, p.block_n
     n0 = pl.program_id(0) * bn
     rows = tuple(range(M))
-    stats = tuple(_row_stats(ops, x_ref, r, w.G, gt, w.I, norm, eps) for r in rows) if norm \
-        else None
-
-    def x_tiles(g0, g_end):
-        xs = tuple(ops.x_tile(x_ref, r, g0, gt, g_end) for r in rows)
-        if not norm:
-            return xs
-        g = ops.x_tile(g_ref, 0, g0, gt, g_end)
-        b = ops.x_tile(b_ref, 0, g0, gt, g_end) if norm == "layer" else None
-        out = []
-        for xr, (mean, rstd) in zip(xs, stats):
-            if norm == "rms":
-                h = jax.tree.map(lambda a, ga: a * rstd * ga, xr, g)
-            else:
-                h = jax.tree.map(lambda a, ga, ba: (a - mean) * rstd * ga + ba, xr, g, b)
-            out.append(jax.tree.map(lambda a: a.astype(cdt).astype(F32), h))
-        return tuple(out)
+    stats = tuple(row_stats(x_ref, r, w.G, gt, w.I, norm, eps) for r in rows) if norm else None
 
     def step(t, accs):
         g0 = t * gt
-        return ops.compute(accs, (*ops.w_tile(w, w_refs, n0, bn, g0, gt, w.G), x_tiles(g0, w.G)))
+        xs = tuple(normed_x(x_ref, g_ref, b_ref, r, stats and stats[r], g0, gt, w.G, norm, cdt)
+                   for r in rows)
+        return ops.compute(accs, (*ops.w_tile(w, w_refs, n0, bn, g0, gt, w.G), xs))
 
     accs = lax.fori_loop(0, cdiv(w.G, gt), step, tuple(jnp.zeros((bn, gt), F32) for _ in rows))
     n_ok = (n0 + _iota(bn)) < w.O
@@ -328,7 +321,9 @@ def fused_gemv(x, w, bias=None, norm_weight=None, norm_bias=None, residual=None,
         raise ValueError(f"{fn}: {M} rows; the fused GEMV takes at most {MAX_ROWS} "
                          f"(use the unfused path: fused_gemv.supports)")
     p = plan(kind, wp.O, wp.I, block_n=block_n, block_k=block_k, num_warps=num_warps)
-    view = _OPS[kind].x_view
+    def view(a, G):
+        return a.reshape(a.shape[0], G, QK)
+
     args = [view(x.reshape(M, wp.I), wp.G), *wp.arrays]
     if norm:
         args.append(view(jnp.asarray(norm_weight, F32).reshape(1, wp.I), wp.G))

@@ -6,29 +6,28 @@ Math.  ``y[m, o] = sum_i x[m, i] * w[o, i] (+ b[o])`` with ``w`` stored as ggml 
 ``w = kvalues[c] * 2^(e - 128)`` with ``kvalues = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, ..., -12]``
 (the E2M1 table doubled).  Accumulation is float32; the result is float32 ``[..., O]``.
 
-Weight layouts accepted (decoded by the same kernel code; ``I = 32 G``):
+Weight layouts (``I = 32 G``):
 
+* the kernel layout, :class:`Mxfp4Weights` from :func:`repack_mxfp4`, done once at load time
+  (``PackedWeight.to_kernel_layout``): the 32 codes of a block as four uint32 words,
+  ``qs uint32[O, G, 4]``, in a nibble order chosen for the decode below, and the scale bytes
+  split off, ``scales uint8[O, G]``.  Same 17 bytes per 32 weights as the file; a block's codes
+  are one 16-byte vector load.  Exact by construction (a permutation of nibbles; tested against
+  ``quant.dequantize`` and by the round trip).
 * ggml bytes as the GGUF file stores them, ``uint8[O, G * 17]`` (``PackedWeight.data``; a
-  ``PackedWeight`` itself is accepted too).  No preparation, but the 17-byte stride leaves 1-byte
-  alignment: the GPU reads them with byte loads (~2x the instructions of the repacked layout in
-  the decode kernel, measured in SASS).
-* :class:`Mxfp4Weights` from :func:`repack_mxfp4`, done once at load time (recommended on GPU):
-  the same 16 code bytes per block, ``qs uint8[O, G, 16]``, and the scale bytes split off,
-  ``scales uint8[O, G]``.  Same 17 bytes per 32 weights; rows of qs are 16-byte aligned (16-byte
-  vector loads).  The nibble order inside a block is unchanged: a pure byte shuffle, exact by
-  construction (tested against ``quant.dequantize``).
-
-Why keep ggml's nibble order (low nibble = element j, high = j + 16) instead of OpenAI's
-interleaved one: the kernels never interleave.  A K step covers ``gt`` whole blocks; the low
-nibbles of the tile are the inputs ``32 g + j``, the high nibbles ``32 g + 16 + j``, so x is read
-as two views (x viewed as ``[M, G, 2, 16]``, halves 0 and 1) and a step is two half-width dots
-(or products).  No in-register shuffle, no gather.
+  ``PackedWeight`` itself is accepted too): repacked inside the call (a copy of the weight per
+  call: fine for tests and one-off calls, not for a decode loop).
 
 In-register decode (Triton has no gather, so no lookup table; JAX_PALLAS.md §1.2, §7), exact, no
 select: each nibble's bits go into an IEEE half, magnitude ``c & 7`` at bits 9..11 and sign at
 bit 15, which is exactly ``FP4[c] * 2^-14`` for all 16 codes because E2M1's subnormals (0, 0.5)
-land on f16's subnormals (:func:`_fp4_scaled_pair`; both nibbles of a byte from one uint32 with
-two multiplies and two masks).  f16 -> f32 is exact.  The block scale ``2^(e - 128)`` (ggml
+land on f16's subnormals.  Word q of a block holds elements 8q..8q+7 with the nibbles of
+elements r and r + 4 sixteen bits apart, so one shift and one mask (per sign and magnitude)
+build two halves at once from 32-bit words: 8 weights from ~8 integer instructions
+(:func:`_word_pairs`), and after ``join`` of the pieces the values come out in element order, so
+x is read as plain ``[M, G, 32]`` rows (:func:`_words_fp4`).  The byte-wise decode this replaced
+(one uint32 per code byte) ran the batch-1 MoE GEMV of gpt-oss-20b 1.16-1.28x slower on the H100
+(benchmarks/mxfp4_words_proto.py).  f16 -> f32 is exact.  The block scale ``2^(e - 128)`` (ggml
 ``ggml_e8m0_to_fp32_half``) times the ``2^15`` that turns ``FP4 * 2^-14`` into ``kvalues`` is
 applied as two normal float32 powers of two, ``2^(min(e,240) - 113) * 2^(max(e,240) - 240)``
 (:func:`_e8m0_split`), so every factor is exact and no denormal is ever formed.
@@ -151,40 +150,67 @@ def use_kernel() -> bool:
 class Mxfp4Weights(NamedTuple):
     """MXFP4 weights in the kernel layout (a pytree: jit traces both arrays).
 
-    ``qs``: uint8 ``[..., O, G, 16]``, the 16 code bytes of each ggml block, unchanged (byte j:
-    element ``32 g + j`` in the low nibble, ``32 g + 16 + j`` in the high nibble).
+    ``qs``: uint32 ``[..., O, G, 4]``, the 32 codes of each ggml block as four words, word q
+    holding elements ``8q .. 8q + 7``: element ``r = 8q + 4 lane + 2 s1 + s2`` is the nibble at
+    bit ``16 lane + 4 s1 + 8 s2`` (:data:`NIBBLE_SHIFTS`), so that one shift and mask turn a word
+    into two IEEE halves of consecutive elements (:func:`_words_fp4`).
     ``scales``: uint8 ``[..., O, G]``, the E8M0 byte of each block (``2^(e - 128)`` with the
-    doubled table, ggml convention).  Logical weight shape ``[..., O, 32 G]``.
+    doubled table, ggml convention).  Logical weight shape ``[..., O, 32 G]``; 17 bytes per 32
+    weights as in the file.
     """
 
     qs: Any
     scales: Any
 
 
+#: Bit position of element ``r = 8q + 4 lane + 2 s1 + s2`` of a block inside word q, as
+#: ``NIBBLE_SHIFTS[lane, s1, s2]`` (:class:`Mxfp4Weights`).
+NIBBLE_SHIFTS = np.array([[[16 * lane + 4 * s1 + 8 * s2 for s2 in (0, 1)] for s1 in (0, 1)]
+                          for lane in (0, 1)], np.uint32)
+
+
 def _xp(a):
     return jnp if isinstance(a, jax.Array) else np
 
 
+def _repack_blocks(b):
+    """ggml blocks uint8 ``[..., G, 17]`` -> (words uint32 ``[..., G, 4]``, scales uint8
+    ``[..., G]``).  numpy in, numpy out; jax in, jax out (traceable)."""
+    xp = _xp(b)
+    qs = b[..., 1:].astype(xp.uint32)                                       # [..., G, 16]
+    codes = xp.concatenate([qs & 15, qs >> 4], axis=-1)                    # [..., G, 32] by element
+    codes = codes.reshape(*codes.shape[:-1], 4, 2, 2, 2) << xp.asarray(NIBBLE_SHIFTS)
+    words = codes.reshape(*codes.shape[:-3], 8).sum(axis=-1, dtype=xp.uint32)  # disjoint bits
+    return words, b[..., 0]
+
+
+def _unpack_blocks(words, scales):
+    """Inverse of :func:`_repack_blocks`: ggml blocks uint8 ``[..., G, 17]``."""
+    xp = _xp(words)
+    codes = (words[..., None, None, None] >> xp.asarray(NIBBLE_SHIFTS)) & 15   # [.., G, 4, 2, 2, 2]
+    codes = codes.reshape(*words.shape[:-1], 32).astype(xp.uint8)          # [..., G, 32]
+    qs = codes[..., :16] | (codes[..., 16:] << 4)
+    return xp.concatenate([scales[..., None].astype(xp.uint8), qs], axis=-1)
+
+
 def repack_mxfp4(w_data) -> Mxfp4Weights:
-    """ggml MXFP4 bytes ``uint8[..., O, G * 17]`` -> :class:`Mxfp4Weights` (``qs [..., O, G, 16]``,
-    ``scales [..., O, G]``).  A byte shuffle (exact); numpy in, numpy out; jax in, jax out."""
+    """ggml MXFP4 bytes ``uint8[..., O, G * 17]`` -> :class:`Mxfp4Weights` (``qs uint32[..., O,
+    G, 4]``, ``scales [..., O, G]``).  Exact (a permutation of nibbles); numpy in, numpy out; jax
+    in, jax out."""
     xp = _xp(w_data)
     w = w_data if xp is jnp else np.asarray(w_data)
     if w.dtype != np.uint8 or w.ndim < 2 or w.shape[-1] % BLOCK_BYTES:
         raise WeightsError(f"repack_mxfp4: expected ggml MXFP4 bytes uint8[..., O, G*17], got "
                            f"{w.dtype}{list(w.shape)}")
-    g = w.shape[-1] // BLOCK_BYTES
-    b = w.reshape(*w.shape[:-1], g, BLOCK_BYTES)
-    qs, sc = b[..., 1:], b[..., 0]
+    words, sc = _repack_blocks(w.reshape(*w.shape[:-1], w.shape[-1] // BLOCK_BYTES, BLOCK_BYTES))
     if xp is np:
-        qs, sc = np.ascontiguousarray(qs), np.ascontiguousarray(sc)
-    return Mxfp4Weights(qs, sc)
+        words, sc = np.ascontiguousarray(words), np.ascontiguousarray(sc)
+    return Mxfp4Weights(words, sc)
 
 
 def unpack_mxfp4(w: Mxfp4Weights):
     """Inverse of :func:`repack_mxfp4`: ggml bytes ``uint8[..., O, G * 17]``."""
-    xp = _xp(w.qs)
-    b = xp.concatenate([w.scales[..., None], w.qs], axis=-1)               # [..., O, G, 17]
+    b = _unpack_blocks(w.qs, w.scales)                                      # [..., O, G, 17]
     return b.reshape(*b.shape[:-2], b.shape[-2] * BLOCK_BYTES)
 
 
@@ -207,7 +233,7 @@ class _W:
 
 
 def parse_packed(w, n_lead: int, fn: str, *, split_cls, type_id: int, type_label: str,
-                 block_bytes: int, qs_width: int, scale_dtype) -> _W:
+                 block_bytes: int, qs_width: int, scale_dtype, qs_dtype=jnp.uint8) -> _W:
     """A weight argument of a block-quantized kernel (MXFP4 or Q8_0) as a :class:`_W`.
 
     Accepted: ggml bytes ``uint8[*lead, O, G * block_bytes]`` (an array, or a ``PackedWeight`` of
@@ -225,10 +251,11 @@ def parse_packed(w, n_lead: int, fn: str, *, split_cls, type_id: int, type_label
         qs, sc = jnp.asarray(w.qs), jnp.asarray(w.scales)
         if qs.dtype == jnp.int8:
             qs = lax.bitcast_convert_type(qs, jnp.uint8)
-        ok = (qs.dtype == jnp.uint8 and sc.dtype == scale_dtype and qs.ndim == n_lead + 3
+        ok = (qs.dtype == qs_dtype and sc.dtype == scale_dtype and qs.ndim == n_lead + 3
               and qs.shape[-1] == qs_width and qs.shape[:-1] == sc.shape)
         if not ok:
-            raise WeightsError(f"{fn}: {split_cls.__name__} must be qs uint8[{lead}O, G, {qs_width}] and "
+            raise WeightsError(f"{fn}: {split_cls.__name__} must be qs {np.dtype(qs_dtype).name}"
+                               f"[{lead}O, G, {qs_width}] and "
                                f"scales {np.dtype(scale_dtype).name}[{lead}O, G]; got qs {qs.dtype}"
                                f"{list(qs.shape)}, scales {sc.dtype}{list(sc.shape)}")
         return _W("split", (qs, sc), tuple(qs.shape[:n_lead]), qs.shape[-3], qs.shape[-2])
@@ -242,19 +269,21 @@ def parse_packed(w, n_lead: int, fn: str, *, split_cls, type_id: int, type_label
 
 
 def _parse_weights(w, n_lead: int, fn: str) -> _W:
-    """MXFP4 weights: ggml bytes [..., O, G * 17] or :class:`Mxfp4Weights` (:func:`parse_packed`)."""
-    return parse_packed(w, n_lead, fn, split_cls=Mxfp4Weights, type_id=MXFP4_TYPE,
-                        type_label="MXFP4", block_bytes=BLOCK_BYTES, qs_width=16,
-                        scale_dtype=jnp.uint8)
+    """MXFP4 weights: ggml bytes [..., O, G * 17] or :class:`Mxfp4Weights` (:func:`parse_packed`).
+    The kernels read only the kernel layout: ggml bytes are repacked here, inside the jitted
+    call (a copy of the weight per call; load-time repacking, ``PackedWeight.to_kernel_layout``,
+    avoids it)."""
+    wp = parse_packed(w, n_lead, fn, split_cls=Mxfp4Weights, type_id=MXFP4_TYPE,
+                      type_label="MXFP4", block_bytes=BLOCK_BYTES, qs_width=4,
+                      scale_dtype=jnp.uint8, qs_dtype=jnp.uint32)
+    if wp.layout == "ggml":
+        wp = dataclasses.replace(wp, layout="split", arrays=_repack_blocks(wp.arrays[0]))
+    return wp
 
 
 def _dense_weights(w: _W) -> jax.Array:
     """Exact float32 ``[..., O, I]`` of a parsed weight (reference path)."""
-    if w.layout == "ggml":
-        blocks = w.arrays[0]
-    else:
-        qs, sc = w.arrays
-        blocks = jnp.concatenate([sc[..., None], qs], axis=-1)
+    blocks = _unpack_blocks(*w.arrays)
     return dequantize_mxfp4(blocks).reshape(*blocks.shape[:-2], w.I)
 
 
@@ -262,35 +291,49 @@ def _dense_weights(w: _W) -> jax.Array:
 # Exact in-register decode (plain jnp on uint32: lowers to Triton integer ops and one bitcast)
 # ---------------------------------------------------------------------------------------------
 
-def _fp4_scaled_pair(qs):
-    """Code bytes uint8 [...] -> float32 (low nibble, high nibble) values ``FP4[c] * 2^-14``.
+_MAG, _SGN, _LO16 = np.uint32(0x0E000E00), np.uint32(0x80008000), np.uint32(0xFFFF)
 
-    Each nibble's bits are placed into an IEEE half: magnitude ``c & 7`` at bits 9..11 (the
-    E2M1 exponent becomes the low 2 bits of the f16 exponent, its mantissa bit the top f16
-    mantissa bit), sign ``c & 8`` at bit 15.  E2M1's subnormals (exponent 0: values 0 and 0.5)
-    land on f16's subnormals, so the half is exactly ``FP4[c] * 2^-14`` for all 16 codes and the
-    conversion to float32 is exact.  Code 8 gives -0.0 (ggml's int8 table has +0; OpenAI's FP4
-    table -0.0): equal as numbers.
 
-    Both halves of a byte are built at once in one uint32 (low nibble -> bits 0..15, high
-    nibble -> bits 16..31): ``b * (2^9 + 2^21)`` puts copies of the byte at bits 9 and 21 (no
-    overlap, so no carries), masking ``0x0E000E00`` keeps the two magnitudes; ``b * (2^12 +
-    2^24)`` masked with ``0x80008000`` gives the two signs.  No table, no select.
-    """
-    b = qs.astype(jnp.uint32)
-    bits = (((b * np.uint32(0x00200200)) & np.uint32(0x0E000E00))
-            | ((b * np.uint32(0x01001000)) & np.uint32(0x80008000)))
-    lo = lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.float16).astype(F32)
-    hi = lax.bitcast_convert_type((bits >> 16).astype(jnp.uint16), jnp.float16).astype(F32)
-    return lo, hi
+def _word_pairs(w):
+    """uint32 words -> {(s1, s2): uint32 holding two IEEE halves}: lane 0 (bits 0..15) is element
+    ``2 s1 + s2`` of the word's group of four, lane 1 element ``4 + 2 s1 + s2``
+    (:data:`NIBBLE_SHIFTS`).  Each nibble's magnitude ``c & 7`` goes to bits 9..11 of its half and
+    its sign ``c & 8`` to bit 15: exactly ``FP4[c] * 2^-14`` for all 16 codes, because E2M1's
+    subnormals (exponent 0: 0 and 0.5) land on f16's subnormals.  Code 8 gives -0.0 (ggml's int8
+    table has +0; OpenAI's FP4 table -0.0): equal as numbers.  Both lanes of a word with one
+    shift-and-mask pair: the two nibbles of a pair sit 16 bits apart."""
+    return {
+        (0, 0): ((w << 9) & _MAG) | ((w << 12) & _SGN),           # nibbles at bits 0, 16
+        (1, 0): ((w << 5) & _MAG) | ((w << 8) & _SGN),            # bits 4, 20
+        (0, 1): ((w << 1) & _MAG) | ((w << 4) & _SGN),            # bits 8, 24
+        (1, 1): ((w >> 3) & _MAG) | (w & _SGN),                   # bits 12, 28
+    }
+
+
+def _lanes(p):
+    """The two halves of a uint32 as float32 (exact)."""
+    lo = lax.bitcast_convert_type((p & _LO16).astype(jnp.uint16), jnp.float16)
+    hi = lax.bitcast_convert_type((p >> 16).astype(jnp.uint16), jnp.float16)
+    return lo.astype(F32), hi.astype(F32)
+
+
+def _words_fp4(words):
+    """Code words uint32 ``[..., 4]`` (one block) -> float32 ``[..., 32]``: ``FP4[c_r] * 2^-14``
+    for the block's elements r = 0..31 in order.  The eight pieces are joined (Triton ``join``:
+    register-level, only two operands at a time) so that the last axis ends up ordered as
+    (q, lane, s1, s2), i.e. by element."""
+    pairs = {k: jnp.stack(_lanes(v), axis=-1) for k, v in _word_pairs(words).items()}  # [.., 4, 2]
+    by_s2 = [jnp.stack([pairs[(0, s2)], pairs[(1, s2)]], axis=-1) for s2 in (0, 1)]   # [.., 4, 2, 2]
+    return jnp.stack(by_s2, axis=-1).reshape(*words.shape[:-1], QK)       # [.., 4, 2, 2, 2] -> 32
 
 
 def fp4_kvalues(codes: jax.Array) -> jax.Array:
     """E2M1 codes (integers 0..15) -> float32 ggml ``kvalues`` (the doubled E2M1 table 0, 1, 2,
-    3, 4, 6, 8, 12, -0, -1, ..., -12), exactly: ``FP4[c] * 2^-14`` (:func:`_fp4_scaled_pair`)
-    times ``2^15``."""
-    lo, _ = _fp4_scaled_pair(codes.astype(jnp.uint8) & np.uint8(0x0F))
-    return lo * np.float32(2.0 ** 15)
+    3, 4, 6, 8, 12, -0, -1, ..., -12), exactly: the kernels' decode (:func:`_words_fp4`, code
+    in element 0 of a word) times ``2^15``."""
+    w = codes.astype(jnp.uint32)[..., None] & np.uint32(0x0F)
+    w = jnp.concatenate([w, jnp.zeros_like(w), jnp.zeros_like(w), jnp.zeros_like(w)], axis=-1)
+    return _words_fp4(w)[..., 0] * np.float32(2.0 ** 15)
 
 
 def _pow2_bits(n):
@@ -318,9 +361,9 @@ def _e8m0_split(e):
     return lo, hi
 
 
-def _decode_tile(qs, e):
-    """qs uint8 [..., 16], e uint8 [...] -> float32 (low, high) [..., 16]: the exact weights of
-    elements j and j + 16, ``kvalues[c] * 2^(e - 128)``.
+def _decode_words(words, e):
+    """words uint32 [..., 4], e uint8 [...] -> float32 [..., 32]: the exact weights of the block,
+    ``kvalues[c] * 2^(e - 128)``.
 
     ``(FP4[c] * 2^-14) * 2^(min(e,240) - 113) * 2^(max(e,240) - 240)``: every factor is exact and
     each multiply is by a normal power of two, so the result is exact unless it overflows (+-inf,
@@ -328,9 +371,7 @@ def _decode_tile(qs, e):
     which a flush-to-zero multiply turns into 0).
     """
     d1, d2 = _e8m0_split(e)
-    d1, d2 = d1[..., None], d2[..., None]
-    lo, hi = _fp4_scaled_pair(qs)
-    return lo * d1 * d2, hi * d1 * d2
+    return _words_fp4(words) * d1[..., None] * d2[..., None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,33 +389,27 @@ def _ix(i):
 
 
 def _load_w_tile(w: _W, w_refs, lead, row0, bn, g0, gt, g_end=None):
-    """Code bytes uint8 [bn, gt, 16] and scale bytes uint8 [bn, gt] of output rows
+    """Code words uint32 [bn, gt, 4] and scale bytes uint8 [bn, gt] of output rows
     ``row0 + [0, bn)`` and blocks ``g0 + [0, gt)``; rows >= O and blocks >= ``g_end`` (default
     G) are not read (code 0)."""
     g_end = w.G if g_end is None else g_end
     ok = ((row0 + _iota(bn)) < w.O)[:, None] & ((g0 + _iota(gt)) < g_end)[None, :]  # [bn, gt]
     r, g = pl.ds(row0, bn), pl.ds(g0, gt)
-    if w.layout == "ggml":
-        (ref,) = w_refs                                                     # [..., O, G, 17]
-        qs = pltriton.load(ref.at[(*lead, r, g, pl.ds(1, 16))], mask=ok[:, :, None], other=0)
-        e = pltriton.load(ref.at[(*lead, r, g, _ix(0))], mask=ok, other=128)
-    else:
-        qs_ref, sc_ref = w_refs                                 # [.., O, G, 16], [.., O, G]
-        qs = pltriton.load(qs_ref.at[(*lead, r, g, pl.ds(0, 16))], mask=ok[:, :, None], other=0)
-        e = pltriton.load(sc_ref.at[(*lead, r, g)], mask=ok, other=128)
+    qs_ref, sc_ref = w_refs                                     # [.., O, G, 4], [.., O, G]
+    qs = pltriton.load(qs_ref.at[(*lead, r, g, pl.ds(0, 4))], mask=ok[:, :, None], other=0)
+    e = pltriton.load(sc_ref.at[(*lead, r, g)], mask=ok, other=128)
     return qs, e
 
 
-def _load_x_half(x_ref, rows, row_ok, g0, gt, g_end, half):
-    """x viewed [M, G, 2, 16]: elements ``32 g + 16 half + j`` of rows ``rows`` (a pl.ds, or an
-    int/scalar row) -> [bm, gt, 16] (or [gt, 16] for a single row); rows with ``row_ok`` false
-    and blocks >= ``g_end`` read 0."""
+def load_x32(x_ref, rows, row_ok, g0, gt, g_end):
+    """x viewed [M, G, 32] -> [bm, gt, 32] (or [gt, 32] for a single row); rows with ``row_ok``
+    false and blocks >= ``g_end`` read 0."""
     g_ok = (g0 + _iota(gt)) < g_end
-    if row_ok is None:                                                      # single row
-        return pltriton.load(x_ref.at[_ix(rows), pl.ds(g0, gt), _ix(half), pl.ds(0, 16)],
+    if row_ok is None:
+        return pltriton.load(x_ref.at[_ix(rows), pl.ds(g0, gt), pl.ds(0, QK)],
                              mask=g_ok[:, None], other=0)
     ok = row_ok[:, None, None] & g_ok[None, :, None]
-    return pltriton.load(x_ref.at[rows, pl.ds(g0, gt), _ix(half), pl.ds(0, 16)], mask=ok, other=0)
+    return pltriton.load(x_ref.at[rows, pl.ds(g0, gt), pl.ds(0, QK)], mask=ok, other=0)
 
 
 def _dot_nt(a, b, interpret):
@@ -392,39 +427,31 @@ def _dot_nt(a, b, interpret):
 def _mxfp4_step_dot(acc, w: _W, w_refs, lead, x_ref, x_rows, x_ok, row0, bn, g0, gt, cdt,
                     interpret):
     qs, e = _load_w_tile(w, w_refs, lead, row0, bn, g0, gt)
-    w_lo, w_hi = _decode_tile(qs, e)                                        # [bn, gt, 16] f32
-    k2 = gt * 16
+    wt = _decode_words(qs, e).astype(cdt).reshape(bn, gt * QK)             # exact, then cdt
     bm = x_ok.shape[0]
-    for half, wt in ((0, w_lo), (1, w_hi)):
-        xt = _load_x_half(x_ref, x_rows, x_ok, g0, gt, w.G, half).reshape(bm, k2)
-        acc = _dot_nt(xt, wt.astype(cdt).reshape(bn, k2), interpret) + acc
-    return acc
+    xt = load_x32(x_ref, x_rows, x_ok, g0, gt, w.G).reshape(bm, gt * QK)
+    return _dot_nt(xt, wt, interpret) + acc
 
 
 def _mxfp4_gemv_load(w: _W, w_refs, lead, x_ref, rows, row0, bn, g0, gt, g_end):
-    """Everything one GEMV step reads: (code bytes, scale bytes, ((x_lo, x_hi) per row))."""
+    """Everything one GEMV step reads: (code words, scale bytes, (x tile [gt, 32] per row))."""
     qs, e = _load_w_tile(w, w_refs, lead, row0, bn, g0, gt, g_end)
-    xs = tuple((_load_x_half(x_ref, r, None, g0, gt, g_end, 0),
-                _load_x_half(x_ref, r, None, g0, gt, g_end, 1)) for r in rows)
-    return qs, e, xs
+    return qs, e, tuple(load_x32(x_ref, r, None, g0, gt, g_end) for r in rows)
 
 
 def _mxfp4_gemv_compute(accs, tile):
     """GEMV arithmetic of one step.  accs: one float32 [bn, gt] accumulator per x row.  Per
-    block and row, ``s = sum_j FP4[c_j] 2^-14 x_j`` over the block's 32 inputs (the 16 code bytes
+    block and row, ``s = sum_r FP4[c_r] 2^-14 x_r`` over the block's 32 inputs (the 4 code words
     of a block are in one thread: an in-register reduction), then the block's exact power-of-two
-    scale ``2^(e - 113)`` is applied to ``s``.  The same value as summing ``w_j x_j`` with the
+    scale ``2^(e - 113)`` is applied to ``s``.  The same value as summing ``w_r x_r`` with the
     exact weights (a power of two factors out of a sum); only the float32 rounding order differs.
     Two multiplies per weight fewer than dequantize-then-multiply.
     """
     qs, e, xs = tile
-    h_lo, h_hi = _fp4_scaled_pair(qs)                                       # [bn, gt, 16]
+    h = _words_fp4(qs)                                                      # [bn, gt, 32]
     d1, d2 = _e8m0_split(e)                                                 # [bn, gt]
-    out = []
-    for acc, (x_lo, x_hi) in zip(accs, xs):                                 # x: [gt, 16] f32
-        part = jnp.sum(h_lo * x_lo[None] + h_hi * x_hi[None], axis=2)      # [bn, gt]
-        out.append(acc + part * d1 * d2)
-    return tuple(out)
+    return tuple(acc + jnp.sum(h * xr.astype(F32)[None], axis=2) * d1 * d2
+                 for acc, xr in zip(accs, xs))
 
 
 def _gemv_loop(load, compute, accs, g_first, gt, steps, g_end, prefetch=True):
@@ -679,9 +706,9 @@ def _mxfp4_dense_gemv_load(w, w_refs, *args):
     return _mxfp4_gemv_load(w, w_refs, (), *args)
 
 
-#: The MXFP4 pieces of the dense matmul; x is read as [M, G, 2, 16] (the halves of each block).
+#: The MXFP4 pieces of the dense matmul; x is read as [M, G, 32].
 MXFP4_OPS = DenseOps(_mxfp4_dense_step_dot, _mxfp4_dense_gemv_load, _mxfp4_gemv_compute,
-                     lambda x2, G: x2.reshape(x2.shape[0], G, 2, 16), "mxfp4_matmul")
+                     lambda x2, G: x2.reshape(x2.shape[0], G, QK), "mxfp4_matmul")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -874,7 +901,7 @@ def mxfp4_moe_matmul(x, w, expert_ids, bias=None, *, mode=None, block_m=None, bl
     b = None if bias is None else jnp.asarray(bias, F32).reshape(E, wp.O)
     flat = expert_ids.reshape(R).astype(jnp.int32)
     if p.mode == "pairs":
-        args = [x.astype(F32).reshape(T, wp.G, 2, 16), flat, *wp.arrays]    # f32: see mxfp4_matmul
+        args = [x.astype(F32).reshape(T, wp.G, QK), flat, *wp.arrays]       # f32: see mxfp4_matmul
         args += [b] if b is not None else []
         shape = (p.k_splits, R, wp.O) if p.k_splits > 1 else (R, wp.O)
         kernel = functools.partial(_pairs_kernel, w=wp.static(), p=p, k=k, has_bias=b is not None,
@@ -889,7 +916,7 @@ def mxfp4_moe_matmul(x, w, expert_ids, bias=None, *, mode=None, block_m=None, bl
                 y = y + jnp.take(b, jnp.clip(flat, 0, E - 1), axis=0)
         return y.reshape(T, k, wp.O)
     order, tiles = moe_tiles(flat, E, p.block_m)
-    xs = jnp.take(x, order // k, axis=0).reshape(R, wp.G, 2, 16)            # expert-sorted rows
+    xs = jnp.take(x, order // k, axis=0).reshape(R, wp.G, QK)               # expert-sorted rows
     args = [xs, tiles, *wp.arrays] + ([b] if b is not None else [])
     kernel = functools.partial(_grouped_kernel, w=wp.static(), p=p, has_bias=b is not None,
                                cdt=x.dtype, interpret=interpret)

@@ -73,6 +73,7 @@ from pallas_kernels.mxfp4_matmul import (
     _dot_nt,
     _iota,
     _ix,
+    load_x32,
     use_kernel,
 )
 
@@ -198,29 +199,18 @@ def _load_tile(w: _W, w_refs, lead, row0, bn, g0, gt, g_end=None):
     return qs, d
 
 
-def _load_x(x_ref, rows, row_ok, g0, gt, g_end):
-    """x viewed [M, G, 32] -> [bm, gt, 32] (or [gt, 32] for a single row); rows with ``row_ok``
-    false and blocks >= ``g_end`` read 0."""
-    g_ok = (g0 + _iota(gt)) < g_end
-    if row_ok is None:
-        return pltriton.load(x_ref.at[_ix(rows), pl.ds(g0, gt), pl.ds(0, QK)],
-                             mask=g_ok[:, None], other=0)
-    ok = row_ok[:, None, None] & g_ok[None, :, None]
-    return pltriton.load(x_ref.at[rows, pl.ds(g0, gt), pl.ds(0, QK)], mask=ok, other=0)
-
-
 def _step_dot(acc, w: _W, w_refs, x_ref, x_rows, x_ok, row0, bn, g0, gt, cdt, interpret):
     qs, d = _load_tile(w, w_refs, (), row0, bn, g0, gt)
     wt = (q8_values(qs) * d[:, :, None]).astype(cdt).reshape(bn, gt * QK)  # exact, one rounding
     bm = x_ok.shape[0]
-    xt = _load_x(x_ref, x_rows, x_ok, g0, gt, w.G).reshape(bm, gt * QK)
+    xt = load_x32(x_ref, x_rows, x_ok, g0, gt, w.G).reshape(bm, gt * QK)
     return _dot_nt(xt, wt, interpret) + acc
 
 
 def _gemv_load(w: _W, w_refs, x_ref, rows, row0, bn, g0, gt, g_end):
     """Everything one GEMV step reads: (quant bytes, scales, x tile per row)."""
     qs, d = _load_tile(w, w_refs, (), row0, bn, g0, gt, g_end)
-    return qs, d, tuple(_load_x(x_ref, r, None, g0, gt, g_end) for r in rows)
+    return qs, d, tuple(load_x32(x_ref, r, None, g0, gt, g_end) for r in rows)
 
 
 def _gemv_compute(accs, tile):

@@ -143,9 +143,9 @@ def test_mxfp4_decode_every_code_and_scale():
     blocks[..., 0] = e[:, None]
     blocks[..., 1:] = np.arange(256, dtype=np.uint8).reshape(16, 16)
     want = oracle(blocks.reshape(e.size, -1), T.MXFP4).astype(np.float32)   # [254, 512]
-    qs, sc = jnp.asarray(blocks[..., 1:]), jnp.asarray(blocks[..., 0])
-    lo, hi = jax.jit(mx._decode_tile)(qs, sc)                   # [254, 16, 16] each
-    got = np.concatenate([np.asarray(lo), np.asarray(hi)], axis=-1).reshape(e.size, -1)
+    r = mx.repack_mxfp4(blocks.reshape(e.size, -1))            # words [254, 16, 4]
+    got = np.asarray(jax.jit(mx._decode_words)(jnp.asarray(r.qs), jnp.asarray(r.scales)))
+    got = got.reshape(e.size, -1)                                # [254, 16, 32] -> [254, 512]
     with np.errstate(invalid="ignore"):
         same_numbers_and_bits(got, want)
     assert np.isinf(want).any()                                  # e = 254, 255 overflow like ggml
@@ -157,8 +157,8 @@ def test_mxfp4_decode_denormal_scales_flush_or_exact():
     blocks[:, 0] = [0, 1]
     blocks[:, 1:] = np.arange(16, dtype=np.uint8) * 17            # all codes in both nibbles
     want = oracle(blocks, T.MXFP4).astype(np.float32)
-    lo, hi = mx._decode_tile(jnp.asarray(blocks[:, 1:]), jnp.asarray(blocks[:, 0]))
-    got = np.concatenate([np.asarray(lo), np.asarray(hi)], axis=-1)
+    r = mx.repack_mxfp4(blocks)
+    got = np.asarray(mx._decode_words(jnp.asarray(r.qs), jnp.asarray(r.scales))).reshape(2, 32)
     assert np.all((got == want) | (got == 0)) and np.abs(want).max() <= 12 * 2.0 ** -127
 
 
@@ -180,8 +180,17 @@ def test_repack_roundtrip_and_exact():
     rng = np.random.default_rng(1)
     raw = mxfp4_bytes(rng, (3, 5, 64), 0, 255)
     r = mx.repack_mxfp4(raw)
-    assert r.qs.shape == (3, 5, 2, 16) and r.scales.shape == (3, 5, 2)
+    assert r.qs.shape == (3, 5, 2, 4) and r.qs.dtype == np.uint32 and r.scales.shape == (3, 5, 2)
     np.testing.assert_array_equal(mx.unpack_mxfp4(r), raw)
+    np.testing.assert_array_equal(r.scales, raw.reshape(3, 5, 2, 17)[..., 0])
+    # the documented nibble positions, against the file's codes (element j: low nibble of byte
+    # j, element j + 16: high nibble)
+    b = raw.reshape(3, 5, 2, 17)[..., 1:]
+    codes = np.concatenate([b & 15, b >> 4], axis=-1)             # [3, 5, 2, 32] by element
+    for el in (0, 1, 5, 6, 9, 16, 23, 31):
+        q, lane, s1, s2 = el // 8, (el // 4) % 2, (el // 2) % 2, el % 2
+        np.testing.assert_array_equal((r.qs[..., q] >> mx.NIBBLE_SHIFTS[lane, s1, s2]) & 15,
+                                      codes[..., el])
     np.testing.assert_array_equal(np.asarray(mx.unpack_mxfp4(mx.repack_mxfp4(jnp.asarray(raw)))),
                                   raw)
     rq = q8_bytes(rng, (7, 96))
