@@ -9,8 +9,7 @@ Graph (MODEL_FORMATS.md §1, §2.5; OpenAI gpt_oss/torch/model.py; transformers
         q, k, v = h @ attn_{q,k,v}.T + b                           GQA: head n uses kv n // G
         q, k = RoPE_neox_yarn(q), RoPE_neox_yarn(k)                half-split pairs, YaRN
         x = x + Attention(q, k, v; sinks, window if l sliding) @ attn_output.T + b
-        h = RMSNorm(x; post_attention_norm)
-        x = x + MoE(h)                                             models/moe.py
+        x = x + MoE(RMSNorm(x; post_attention_norm))               models/moe.py moe_block
     logits = RMSNorm(x; output_norm) @ output.T                    untied, no bias
 
 Attention (gptjax.models.layers.cache_attention: Pallas flash kernels on GPU, the plain-jnp
@@ -50,9 +49,9 @@ import jax
 from flax import linen as nn
 
 from gptjax.fusion import split_linear
-from gptjax.models.layers import (Norm, apply_rope, cache_attention, norm_linear, rms_norm,
+from gptjax.models.layers import (Norm, apply_rope, cache_attention, norm_linear,
                                   rope_decoder_forward, unembed)
-from gptjax.models.moe import moe
+from gptjax.models.moe import moe_block
 
 __all__ = ["param_shapes", "forward", "unembed", "GptOss"]
 
@@ -107,9 +106,9 @@ def _block(p, x, cache, layer, positions, lengths, cos, sin, config, dtype):
                         p["attn_output"]["bias"], dtype=dtype, residual=x)  # [B, T, D] f32
 
     with jax.named_scope("moe"):
-        h = rms_norm(x, p["post_attention_norm"]["weight"], config.norm_eps, out_dtype=dtype)
-        m = moe(h.reshape(B * T, D), p, config)                            # [BT, D] f32
-    return x + m.reshape(B, T, D), cache
+        norm = Norm("rms", p["post_attention_norm"]["weight"], eps=config.norm_eps)
+        x = moe_block(x.reshape(B * T, D), p, config, norm, dtype)        # [BT, D] f32, + x
+    return x.reshape(B, T, D), cache
 
 
 def forward(params, tokens, start, cache, config, *, return_hidden=False, lengths=None):

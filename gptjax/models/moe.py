@@ -60,7 +60,7 @@ from gptjax.packed import PackedWeight
 
 __all__ = [
     "GATHER_MAX_ROWS", "route", "swiglu_oai", "experts_gather", "experts_sorted", "moe",
-    "expert_weights", "gate_up",
+    "moe_block", "expert_weights", "gate_up",
 ]
 
 #: Use the gather path when the routed rows R = M*U are at most this many (decode of a few rows).
@@ -254,3 +254,33 @@ def moe(x, p, config, *, path=None):
     if path == "sorted":
         return experts_sorted(x, ids, weights, p, config)
     raise ValueError(f"moe path {path!r}: expected 'gather', 'sorted' or None")
+
+
+def moe_block(x, p, config, norm, dtype):
+    """The residual MoE block: ``x + moe(norm(x))``. x: float32 [M, D] (the residual stream);
+    norm: the block's ``layers.Norm`` (gpt-oss: RMSNorm post_attention_norm); dtype: the compute
+    dtype → float32 [M, D].
+
+    Decode (M <= ``moe_decode.MAX_ROWS`` tokens) with the kernels on and MXFP4 experts runs as
+    three Pallas kernels (pallas_kernels/moe_decode.py): the norm + router GEMV
+    (``layers.norm_linear``), then gate/up with top-k, norm and SwiGLU inside, then down with
+    the weighted sum and the residual add inside.  Everything else: the XLA composition."""
+    from pallas_kernels import kernel_mode
+    from pallas_kernels import moe_decode as md
+
+    mode = kernel_mode()
+    if (mode != "ref" and x.shape[0] <= md.MAX_ROWS and norm.kind == "rms"
+            and _use_moe_kernel(p)):
+        from gptjax.models.layers import norm_linear
+
+        interpret = mode == "interpret"
+        kw = dict(n_used=config.n_experts_used, eps=float(norm.eps), alpha=config.swiglu_alpha,
+                  limit=config.swiglu_limit, cdt=jnp.dtype(dtype), interpret=interpret)
+        logits = norm_linear(x, p["ffn_gate_inp"]["weight"], p["ffn_gate_inp"]["bias"],
+                             norm=norm, dtype=dtype)                         # [M, E] f32
+        firsts = [(p[n]["weight"].data, p[n]["bias"]) for n in _first_names(p)]
+        (wg, bg), (wu, bu) = firsts if len(firsts) == 2 else (firsts[0], (None, None))
+        h = md.moe_gate_up_swiglu(x, norm.weight, logits, wg, bg, wu, bu, **kw)  # [M*U, F]
+        pd = p["ffn_down_exps"]
+        return md.moe_down_combine(h, logits, pd["weight"].data, pd["bias"], x, **kw)
+    return x + moe(norm(x, out_dtype=dtype), p, config)

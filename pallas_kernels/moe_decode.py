@@ -1,0 +1,318 @@
+"""The gpt-oss MoE block at decode (one or two tokens) in two Pallas kernels after the router.
+
+Why.  At batch 1 the MoE block was ten XLA kernels around the two expert GEMVs (RMSNorm, the
+router reduce, top-k as a sort, softmax, the f32 copy of x, SwiGLU, the weighted sum, the
+residual add): ~10 µs of a ~52 µs layer in small kernels and their launch gaps (RESULTS.md,
+third session).  Here the router logits come from the fused norm+GEMV kernel
+(``layers.norm_linear``) and everything else rides in the expert kernels:
+
+* :func:`moe_gate_up_swiglu`: one program per (token t, slot u, block of ``block_n`` expert
+  features).  It finds expert ``e = top_k(logits[t])[u]`` itself (U rounds of max / lowest index
+  over the E logits in registers), RMS-normalises x[t] (statistics and per-tile normalisation of
+  ``fused_gemv``), streams the gate rows and the up rows of expert e (two accumulators, the MXFP4
+  GEMV of ``mxfp4_matmul``), adds the biases and applies the clamped SwiGLU.  Out: float32
+  ``[M*U, F]`` holding compute-dtype values (what the down projection reads).
+* :func:`moe_down_combine`: one program per (token t, block of ``block_n`` model features): the
+  U experts of t one after the other (down rows of expert e_u against h[t, u]), each sum plus its
+  bias weighted by the softmax of the U selected logits, plus the residual.  Out: float32
+  ``[M, D]``, the residual stream after the block.  No partials, no atomics: deterministic.
+
+Math (``gptjax.models.moe``; OpenAI ``MLPBlock``; transformers ``GptOssTopKRouter`` /
+``GptOssExperts``)::
+
+    ids, top = top_k(logits[t], U)             ties: lower expert id first (lax.top_k)
+    w = softmax(top)                           over the U selected logits
+    n = round_c(RMSNorm(x[t]; g))
+    h[t, u] = round_c(swiglu(n @ gate_e.T + bg_e, n @ up_e.T + bu_e))       e = ids[u]
+    out[t] = x[t] + sum_u w_u (h[t, u] @ down_e.T + bd_e)
+
+Weights: MXFP4 expert stacks ``[E, O, I]`` in any layout ``mxfp4_matmul`` parses (the kernel
+layout on the GPU).  The first projection is either one fused stack ``[E, 2F, D]`` (gate rows
+then up rows; ``gptjax.fusion``) or two stacks; biases float ``[E, O]``.
+
+``*_ref`` twins: the XLA composition (``lax.top_k``, ``jax.nn.softmax``, the routed experts
+decoded exactly by ``mxfp4_moe_matmul_ref``, ``moe.swiglu_oai``), same signatures.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from gptjax.errors import WeightsError
+from gptjax.models.layers import rms_norm
+from gptjax.models.moe import swiglu_oai
+from pallas_kernels import fused_gemv as fg
+from pallas_kernels import mxfp4_matmul as mx
+from pallas_kernels.mxfp4_matmul import QK, _iota, _ix, cdiv
+
+__all__ = ["moe_gate_up_swiglu", "moe_gate_up_swiglu_ref", "moe_down_combine",
+           "moe_down_combine_ref", "MAX_ROWS", "Plan", "plan"]
+
+F32 = jnp.float32
+#: Tokens the decode kernels take (GEMV math; more tokens go to the grouped kernel).
+MAX_ROWS = 2
+_STATIC = ("n_used", "eps", "alpha", "limit", "cdt", "block_n", "block_k", "num_warps",
+           "interpret")
+
+
+class Plan(NamedTuple):
+    block_n: int
+    block_k: int
+    num_warps: int
+
+
+def plan(stage: str, *, block_n=None, block_k=None, num_warps=None) -> Plan:
+    """Tiles.  H100, gpt-oss-20b, one token (benchmarks/mxfp4_words_proto.py, moe_decode_sweep):
+    gate/up 16 rows x 1024 inputs, 4 warps; down 8 rows (the program runs all U experts, so
+    fewer rows keep ~2.7 waves of programs) x 512, 4 warps."""
+    d = {"gate_up": Plan(16, 1024, 4), "down": Plan(8, 512, 4)}[stage]
+    p = Plan(block_n or d.block_n, block_k or d.block_k, num_warps or d.num_warps)
+    for name, v in zip(p._fields, p):
+        if not mx._pow2(v):
+            raise ValueError(f"moe_decode: {name}={v} must be a power of two")
+    if p.block_k % QK:
+        raise ValueError(f"moe_decode: block_k={p.block_k} must be a multiple of {QK}")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# In-kernel routing
+# ---------------------------------------------------------------------------------------------
+
+def _route(logits_ref, t, E: int, U: int):
+    """The U experts of token t and their weights, in registers: ([U int32 scalars], [U float32
+    scalars]).  Round i takes the largest remaining logit, the lowest expert id among equals (as
+    ``lax.top_k``), and removes it; the weights are the softmax of the U picked logits."""
+    Ep = 1 << (E - 1).bit_length()
+    idx = _iota(Ep)
+    lg = pltriton.load(logits_ref.at[_ix(t), pl.ds(0, Ep)], mask=idx < E, other=-jnp.inf)
+    ids, top = [], []
+    for _ in range(U):
+        m = jnp.max(lg)
+        i = jnp.min(jnp.where(lg == m, idx, Ep))
+        ids.append(jnp.minimum(i, E - 1))                   # NaN logits: stay in range
+        top.append(m)
+        lg = jnp.where(idx == i, -jnp.inf, lg)
+    ex = [jnp.exp(v - top[0]) for v in top]                 # top[0] is the max
+    total = functools.reduce(lambda a, b: a + b, ex)
+    return ids, [v / total for v in ex]
+
+
+def _pick(u, values):
+    """values[u] for a traced slot index u (a select chain over the static list)."""
+    out = values[0]
+    for j, v in enumerate(values[1:], 1):
+        out = jnp.where(u == j, v, out)
+    return out
+
+
+def _expert_gemv(w, w_refs, e, row0, bn, gt, x_tile):
+    """float32 [bn] = rows ``row0 + [0, bn)`` of expert e (rows past ``w.O`` read 0) times the
+    input given tile by tile by ``x_tile(g0) -> [gt, 32]``."""
+    def step(s, acc):
+        g0 = s * gt
+        qs, sc = mx._load_w_tile(w, w_refs, (e,), row0, bn, g0, gt)
+        (acc,) = mx._mxfp4_gemv_compute((acc,), (qs, sc, (x_tile(g0),)))
+        return acc
+
+    return jnp.sum(lax.fori_loop(0, cdiv(w.G, gt), step, jnp.zeros((bn, gt), F32)), axis=1)
+
+
+def _load_row(ref, e, n0, bn, n_out, col0=0):
+    ok = (n0 + _iota(bn)) < n_out
+    return pltriton.load(ref.at[e, pl.ds(col0 + n0, bn)], mask=ok, other=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+def _gate_up_kernel(x_ref, g_ref, logits_ref, *refs, wg, wu, up_row0, F, U, E, p, eps, cdt,
+                    alpha, limit):
+    n_g = len(wg.arrays)
+    wg_refs, bg_ref = refs[:n_g], refs[n_g]
+    wu_refs, bu_ref = refs[n_g + 1:2 * n_g + 1], refs[2 * n_g + 1]
+    out_ref = refs[-1]
+    r, i_n = pl.program_id(0), pl.program_id(1)
+    t, u = lax.div(r, np.int32(U)), lax.rem(r, np.int32(U))
+    ids, _ = _route(logits_ref, t, E, U)
+    e = _pick(u, ids)
+    gt, bn = p.block_k // QK, p.block_n
+    n0 = i_n * bn
+    stats = fg.row_stats(x_ref, t, wg.G, gt, wg.I, "rms", eps)
+
+    def x_tile(g0):
+        return fg.normed_x(x_ref, g_ref, None, t, stats, g0, gt, wg.G, "rms", cdt)
+
+    gate = _expert_gemv(wg, wg_refs, e, n0, bn, gt, x_tile) + _load_row(bg_ref, e, n0, bn, F)
+    up = _expert_gemv(wu, wu_refs, e, up_row0 + n0, bn, gt, x_tile) \
+        + _load_row(bu_ref, e, n0, bn, F, up_row0)
+    h = swiglu_oai(gate, up, alpha=alpha, limit=limit).astype(cdt).astype(F32)
+    pltriton.store(out_ref.at[r, pl.ds(n0, bn)], h, mask=(n0 + _iota(bn)) < F)
+
+
+def _down_kernel(h_ref, logits_ref, *refs, w, U, E, p):
+    n_w = len(w.arrays)
+    w_refs, b_ref, res_ref, out_ref = refs[:n_w], refs[n_w], refs[n_w + 1], refs[-1]
+    t, i_n = pl.program_id(0), pl.program_id(1)
+    ids, weights = _route(logits_ref, t, E, U)
+    gt, bn = p.block_k // QK, p.block_n
+    n0 = i_n * bn
+    n_ok = (n0 + _iota(bn)) < w.O
+    y = pltriton.load(res_ref.at[t, pl.ds(n0, bn)], mask=n_ok, other=0.0)
+    terms = []
+    for u in range(U):
+        row = t * U + u
+
+        def x_tile(g0, row=row):
+            return mx.load_x32(h_ref, row, None, g0, gt, w.G).astype(F32)
+
+        yu = _expert_gemv(w, w_refs, ids[u], n0, bn, gt, x_tile) + _load_row(b_ref, ids[u], n0, bn, w.O)
+        terms.append(weights[u] * yu)
+    y = y + functools.reduce(lambda a, b: a + b, terms)
+    pltriton.store(out_ref.at[t, pl.ds(n0, bn)], y, mask=n_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrappers
+# ---------------------------------------------------------------------------------------------
+
+def _first(w_gate, b_gate, w_up, b_up, fn):
+    """Parsed (gate weight, up weight, up row offset, F) of the first projection: one fused
+    stack [E, 2F, D] (``w_up`` None: up rows start at F) or two stacks [E, F, D]."""
+    wg = mx._parse_weights(w_gate, 1, fn)
+    if w_up is None:
+        if wg.O % 2 or b_gate.shape != (wg.lead[0], wg.O):
+            raise WeightsError(f"{fn}: a fused gate/up stack needs [E, 2F, D] weights and an "
+                               f"[E, 2F] bias, got O={wg.O}, bias {list(b_gate.shape)}")
+        F = wg.O // 2
+        return wg, wg, b_gate, F, F
+    wu = mx._parse_weights(w_up, 1, fn)
+    if (wu.lead, wu.O, wu.G) != (wg.lead, wg.O, wg.G):
+        raise WeightsError(f"{fn}: gate {[*wg.lead, wg.O, wg.I]} and up {[*wu.lead, wu.O, wu.I]} "
+                           f"stacks differ")
+    return wg, wu, b_up, 0, wg.O
+
+
+def _check_route(x, logits, n_used, E, fn):
+    M = x.shape[0]
+    if x.ndim != 2 or M > MAX_ROWS:
+        raise ValueError(f"{fn}: x must be [M <= {MAX_ROWS}, D], got {list(x.shape)}")
+    if logits.shape != (M, E):
+        raise WeightsError(f"{fn}: logits must be [M={M}, E={E}], got {list(logits.shape)}")
+    if not 1 <= n_used <= E:
+        raise ValueError(f"{fn}: n_used={n_used} must be in [1, E={E}]")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def moe_gate_up_swiglu(x, norm_weight, logits, w_gate, b_gate, w_up=None, b_up=None, *,
+                       n_used, eps, alpha, limit, cdt=jnp.bfloat16, block_n=None, block_k=None,
+                       num_warps=None, interpret=False):
+    """``h[t, u] = round_cdt(swiglu(n_t @ gate_e.T + bg_e, n_t @ up_e.T + bu_e))`` with ``n_t =
+    round_cdt(RMSNorm(x[t]))`` and ``e = top_k(logits[t], n_used)[u]`` -> float32 ``[M*U, F]``
+    (row t*U + u).  x: float32 ``[M, D]`` (the residual stream, M <= MAX_ROWS); norm_weight
+    ``[D]``; logits float32 ``[M, E]``; w_gate MXFP4 ``[E, F, D]`` with w_up ``[E, F, D]``, or
+    the fused ``[E, 2F, D]`` with w_up None; biases float ``[E, F]`` (fused: ``[E, 2F]``)."""
+    fn = "moe_gate_up_swiglu"
+    wg, wu, bu, up_row0, F = _first(w_gate, b_gate, w_up, b_up, fn)
+    E, M, D = wg.lead[0], x.shape[0], x.shape[-1]
+    _check_route(x, logits, n_used, E, fn)
+    if D != wg.I or norm_weight.shape != (D,):
+        raise WeightsError(f"{fn}: x [.., {D}] / norm weight {list(norm_weight.shape)} do not "
+                           f"match experts of input size {wg.I}")
+    p = plan("gate_up", block_n=block_n, block_k=block_k, num_warps=num_warps)
+    view = functools.partial(jnp.reshape, shape=(-1, wg.G, QK))
+    args = [view(x.astype(F32)), view(jnp.asarray(norm_weight, F32)), logits.astype(F32),
+            *wg.arrays, jnp.asarray(b_gate, F32), *wu.arrays, jnp.asarray(bu, F32)]
+    # Row bounds for the masks: gate rows [0, F), up rows [up_row0, up_row0 + F).
+    kernel = functools.partial(
+        _gate_up_kernel, wg=dataclasses.replace(wg.static(), O=F),
+        wu=dataclasses.replace(wu.static(), O=up_row0 + F), up_row0=up_row0, F=F, U=n_used, E=E, p=p,
+        eps=float(eps), cdt=jnp.dtype(cdt), alpha=float(alpha), limit=float(limit))
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((M * n_used, F), F32),
+                          grid=(M * n_used, cdiv(F, p.block_n)),
+                          compiler_params=pltriton.CompilerParams(num_warps=p.num_warps,
+                                                                  num_stages=1),
+                          interpret=interpret, name="moe_gate_up_swiglu")(*args)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def moe_down_combine(h, logits, w_down, b_down, residual, *, n_used, eps=None, alpha=None,
+                     limit=None, cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None,
+                     interpret=False):
+    """``out[t] = residual[t] + sum_u w_u (h[t*U + u] @ down_e.T + bd_e)``, ``e, w`` from
+    ``top_k`` / softmax of ``logits[t]`` -> float32 ``[M, D]``.  h: float ``[M*U, F]``; logits
+    float32 ``[M, E]``; w_down MXFP4 ``[E, D, F]``; b_down float ``[E, D]``; residual float
+    ``[M, D]``.  (eps, alpha, limit, cdt: accepted for a signature shared with the first stage.)"""
+    del eps, alpha, limit, cdt
+    fn = "moe_down_combine"
+    w = mx._parse_weights(w_down, 1, fn)
+    E, M = w.lead[0], residual.shape[0]
+    _check_route(residual, logits, n_used, E, fn)
+    if h.shape != (M * n_used, w.I) or residual.shape != (M, w.O) or b_down.shape != (E, w.O):
+        raise WeightsError(f"{fn}: h {list(h.shape)}, residual {list(residual.shape)}, bias "
+                           f"{list(b_down.shape)} do not fit experts [E={E}, D={w.O}, F={w.I}] "
+                           f"with n_used={n_used}")
+    p = plan("down", block_n=block_n, block_k=block_k, num_warps=num_warps)
+    args = [h.astype(F32).reshape(M * n_used, w.G, QK), logits.astype(F32), *w.arrays,
+            jnp.asarray(b_down, F32), residual.astype(F32)]
+    kernel = functools.partial(_down_kernel, w=w.static(), U=n_used, E=E, p=p)
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((M, w.O), F32),
+                          grid=(M, cdiv(w.O, p.block_n)),
+                          compiler_params=pltriton.CompilerParams(num_warps=p.num_warps,
+                                                                  num_stages=1),
+                          interpret=interpret, name="moe_down_combine")(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# References
+# ---------------------------------------------------------------------------------------------
+
+def _route_ref(logits, n_used):
+    top, ids = lax.top_k(logits.astype(F32), n_used)
+    return ids.astype(jnp.int32), jax.nn.softmax(top, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def moe_gate_up_swiglu_ref(x, norm_weight, logits, w_gate, b_gate, w_up=None, b_up=None, *,
+                           n_used, eps, alpha, limit, cdt=jnp.bfloat16, block_n=None,
+                           block_k=None, num_warps=None, interpret=False):
+    """Plain-jnp twin of :func:`moe_gate_up_swiglu` (tiling arguments ignored)."""
+    del block_n, block_k, num_warps, interpret
+    fn = "moe_gate_up_swiglu_ref"
+    wg, wu, bu, up_row0, F = _first(w_gate, b_gate, w_up, b_up, fn)
+    _check_route(x, logits, n_used, wg.lead[0], fn)
+    ids, _ = _route_ref(logits, n_used)                                    # [M, U]
+    n = rms_norm(x, norm_weight, eps, out_dtype=cdt)                       # [M, D]
+    y1 = mx.mxfp4_moe_matmul_ref(n, mx.Mxfp4Weights(*wg.arrays), ids, b_gate)   # [M, U, O]
+    if up_row0:
+        gate, up = y1[..., :F], y1[..., F:]
+    else:
+        gate = y1
+        up = mx.mxfp4_moe_matmul_ref(n, mx.Mxfp4Weights(*wu.arrays), ids, bu)
+    h = swiglu_oai(gate, up, alpha=alpha, limit=limit).astype(cdt).astype(F32)
+    return h.reshape(-1, F)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def moe_down_combine_ref(h, logits, w_down, b_down, residual, *, n_used, eps=None, alpha=None,
+                         limit=None, cdt=jnp.bfloat16, block_n=None, block_k=None,
+                         num_warps=None, interpret=False):
+    """Plain-jnp twin of :func:`moe_down_combine` (tiling arguments ignored)."""
+    del eps, alpha, limit, cdt, block_n, block_k, num_warps, interpret
+    w = mx._parse_weights(w_down, 1, "moe_down_combine_ref")
+    M = residual.shape[0]
+    _check_route(residual, logits, n_used, w.lead[0], "moe_down_combine_ref")
+    ids, weights = _route_ref(logits, n_used)
+    hr = h.astype(F32).reshape(M * n_used, w.I)
+    y = mx.mxfp4_moe_matmul_ref(hr, mx.Mxfp4Weights(*w.arrays), ids.reshape(-1, 1), b_down)
+    y = y.reshape(M, n_used, w.O)
+    return residual.astype(F32) + jnp.einsum("mu,mud->md", weights, y)
