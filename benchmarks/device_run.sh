@@ -51,6 +51,9 @@ for step in "$@"; do
     profile-oss) timeout 240 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --new 32 --top 45 --hlo-dump /tmp/hlo_oss ;;
     profile-oss-long) timeout 300 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --prompt-len 4096 --new 32 --top 45 ;;
     profile-oss-b64) timeout 300 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --batch 64 --new 16 --top 45 ;;
+    moe-tests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_moe_decode.py \
+               tests/test_matmul_kernels.py tests/test_fused_gemv.py tests/test_kernels_e2e.py 2>&1 | tail -25 ;;
+    moe-sweep) timeout 300 python3 benchmarks/moe_decode_sweep.py ;;
     words-proto) timeout 400 python3 benchmarks/mxfp4_words_proto.py ;;
     profile-gpt2) timeout 120 python3 benchmarks/profile_decode.py --gpt2 --new 64 --top 30 --hlo-dump /tmp/hlo_gpt2 ;;
     gpu-tests) python3 -m pytest -q -m gpu tests 2>&1 | tail -30 ;;

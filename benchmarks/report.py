@@ -10,6 +10,10 @@ def emit(table: str, out: str | None) -> None:
             f.write(table)
 
 
+#: Filled by :func:`device_us_per_call`: {fn name: {kernel name: µs per call}}.
+BY_KERNEL: dict = {}
+
+
 def device_us_per_call(fns: dict, reps: int = 20) -> dict:
     """Device time per call (µs) of jitted functions, from one profiler trace: the sum of the
     durations of every GPU kernel each function's module launches (so a Pallas kernel plus any
@@ -36,15 +40,22 @@ def device_us_per_call(fns: dict, reps: int = 20) -> dict:
     files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     data = jax.profiler.ProfileData.from_file(files[0])
     per_module = collections.defaultdict(int)
+    per_kernel = collections.defaultdict(lambda: collections.defaultdict(int))
     for plane in data.planes:
         if not plane.name.startswith("/device:"):
             continue
         for line in plane.lines:
             for ev in line.events:
-                per_module[str(dict(ev.stats).get("hlo_module", ""))] += ev.duration_ns
+                module = str(dict(ev.stats).get("hlo_module", ""))
+                per_module[module] += ev.duration_ns
+                per_kernel[module][ev.name] += ev.duration_ns
     # jit names the module "jit_<fn name>" (a trailing underscore is dropped): match it exactly,
     # so that "f_1" does not also collect "f_10".
     out = {name: per_module.get(f"jit_{name.rstrip('_')}", 0) / (reps + 1) / 1e3 for name in fns}
+    BY_KERNEL.clear()
+    for name in fns:
+        ks = per_kernel.get(f"jit_{name.rstrip('_')}", {})
+        BY_KERNEL[name] = {k: v / (reps + 1) / 1e3 for k, v in ks.items()}
     if not any(out.values()):
         print(f"device_us_per_call: no kernel matched; modules in the trace: "
               f"{sorted(per_module)[:20]}")

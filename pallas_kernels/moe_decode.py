@@ -114,16 +114,21 @@ def _pick(u, values):
     return out
 
 
-def _expert_gemv(w, w_refs, e, row0, bn, gt, x_tile):
-    """float32 [bn] = rows ``row0 + [0, bn)`` of expert e (rows past ``w.O`` read 0) times the
-    input given tile by tile by ``x_tile(g0) -> [gt, 32]``."""
-    def step(s, acc):
+def _expert_gemvs(streams, G: int, gt: int, bn: int):
+    """Several expert GEMVs in one K loop: ``streams`` is a list of ``(w, w_refs, e, row0,
+    x_tile)`` (rows ``row0 + [0, bn)`` of expert e, rows past ``w.O`` read 0, against the input
+    given tile by tile by ``x_tile(g0) -> [gt, 32]``) -> a float32 [bn] sum per stream.  Each
+    step issues every stream's loads before any arithmetic, so the streams' memory latencies
+    overlap (one loop per stream would run them back to back: a program's chain of dependent
+    steps is what limits these small grids)."""
+    def step(s, accs):
         g0 = s * gt
-        qs, sc = mx._load_w_tile(w, w_refs, (e,), row0, bn, g0, gt)
-        (acc,) = mx._mxfp4_gemv_compute((acc,), (qs, sc, (x_tile(g0),)))
-        return acc
+        tiles = [(*mx._load_w_tile(w, w_refs, (e,), row0, bn, g0, gt), (x_tile(g0),))
+                 for w, w_refs, e, row0, x_tile in streams]
+        return tuple(mx._mxfp4_gemv_compute((acc,), tile)[0] for acc, tile in zip(accs, tiles))
 
-    return jnp.sum(lax.fori_loop(0, cdiv(w.G, gt), step, jnp.zeros((bn, gt), F32)), axis=1)
+    accs = lax.fori_loop(0, cdiv(G, gt), step, tuple(jnp.zeros((bn, gt), F32) for _ in streams))
+    return [jnp.sum(acc, axis=1) for acc in accs]
 
 
 def _load_row(ref, e, n0, bn, n_out, col0=0):
@@ -152,9 +157,10 @@ def _gate_up_kernel(x_ref, g_ref, logits_ref, *refs, wg, wu, up_row0, F, U, E, p
     def x_tile(g0):
         return fg.normed_x(x_ref, g_ref, None, t, stats, g0, gt, wg.G, "rms", cdt)
 
-    gate = _expert_gemv(wg, wg_refs, e, n0, bn, gt, x_tile) + _load_row(bg_ref, e, n0, bn, F)
-    up = _expert_gemv(wu, wu_refs, e, up_row0 + n0, bn, gt, x_tile) \
-        + _load_row(bu_ref, e, n0, bn, F, up_row0)
+    gate, up = _expert_gemvs([(wg, wg_refs, e, n0, x_tile), (wu, wu_refs, e, up_row0 + n0, x_tile)],
+                             wg.G, gt, bn)
+    gate = gate + _load_row(bg_ref, e, n0, bn, F)
+    up = up + _load_row(bu_ref, e, n0, bn, F, up_row0)
     h = swiglu_oai(gate, up, alpha=alpha, limit=limit).astype(cdt).astype(F32)
     pltriton.store(out_ref.at[r, pl.ds(n0, bn)], h, mask=(n0 + _iota(bn)) < F)
 
@@ -168,15 +174,12 @@ def _down_kernel(h_ref, logits_ref, *refs, w, U, E, p):
     n0 = i_n * bn
     n_ok = (n0 + _iota(bn)) < w.O
     y = pltriton.load(res_ref.at[t, pl.ds(n0, bn)], mask=n_ok, other=0.0)
-    terms = []
-    for u in range(U):
-        row = t * U + u
 
-        def x_tile(g0, row=row):
-            return mx.load_x32(h_ref, row, None, g0, gt, w.G).astype(F32)
+    def x_tile(u):
+        return lambda g0: mx.load_x32(h_ref, t * U + u, None, g0, gt, w.G).astype(F32)
 
-        yu = _expert_gemv(w, w_refs, ids[u], n0, bn, gt, x_tile) + _load_row(b_ref, ids[u], n0, bn, w.O)
-        terms.append(weights[u] * yu)
+    ys = _expert_gemvs([(w, w_refs, ids[u], n0, x_tile(u)) for u in range(U)], w.G, gt, bn)
+    terms = [wu * (yu + _load_row(b_ref, e, n0, bn, w.O)) for wu, yu, e in zip(weights, ys, ids)]
     y = y + functools.reduce(lambda a, b: a + b, terms)
     pltriton.store(out_ref.at[t, pl.ds(n0, bn)], y, mask=n_ok)
 

@@ -123,7 +123,8 @@ def test_kernel_wiring_in_interpret_mode(tmp_path, monkeypatch):
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_oss"])
 def test_fused_decode_gemv_wiring_in_interpret_mode(tmp_path, monkeypatch, arch):
     """Every projection of a decode step goes through the fused GEMV kernel (norm prologue,
-    bias / GELU / residual epilogue: ``layers.norm_linear``) when the dims are multiples of 32;
+    bias / GELU / residual epilogue: ``layers.norm_linear``) when the dims are multiples of 32,
+    and gpt-oss's MoE through the two decode MoE kernels (pallas_kernels/moe_decode.py);
     run in Pallas interpret mode on CPU, the decode logits equal the reference path's (float32,
     so no rounding differs; batch 2 and batch 1 rows)."""
     from gptjax.cache import init_cache
@@ -147,9 +148,14 @@ def test_fused_decode_gemv_wiring_in_interpret_mode(tmp_path, monkeypatch, arch)
     gf = read_gguf(path)
     config = ModelConfig.from_gguf(gf)
     params = load_params_gguf(gf, config, jnp.float32, dequantize_at_load=False)
-    calls = []
+    from pallas_kernels import moe_decode as md
+
+    calls, moe_calls = [], []
     real = fg.fused_gemv
     monkeypatch.setattr(fg, "fused_gemv", lambda *a, **k: calls.append(k) or real(*a, **k))
+    for name in ("moe_gate_up_swiglu", "moe_down_combine"):       # gpt-oss: the MoE kernels
+        fn = getattr(md, name)
+        monkeypatch.setattr(md, name, lambda *a, fn=fn, **k: moe_calls.append(k) or fn(*a, **k))
     rng = np.random.default_rng(1)
     toks = jnp.asarray(rng.integers(0, config.vocab_size, (2, 9)), jnp.int32)
 
@@ -168,6 +174,8 @@ def test_fused_decode_gemv_wiring_in_interpret_mode(tmp_path, monkeypatch, arch)
         ref = decode("ref", rows)
         n0 = len(calls)
         got = decode("interpret", rows)
-        per_layer = {"gpt2": 4, "llama": 4, "gpt_oss": 2}[arch]
+        per_layer = {"gpt2": 4, "llama": 4, "gpt_oss": 3}[arch]     # gpt-oss: + the router
         assert len(calls) - n0 == per_layer * config.n_layers
+        assert len(moe_calls) == (2 * config.n_layers if arch == "gpt_oss" else 0)
+        moe_calls.clear()
         assert rel_err(got, ref) < F32_RTOL
