@@ -74,12 +74,11 @@ def main():
 
     def new(x, p, g=None, d=None):
         norm = norm_of(p)
-        kw = dict(n_used=4, eps=1e-5, alpha=1.702, limit=7.0, cdt=bf)
-        logits = norm_linear(x, p["ffn_gate_inp"]["weight"], p["ffn_gate_inp"]["bias"], norm=norm,
-                             dtype=bf)
+        kw = dict(n_used=4, alpha=1.702, limit=7.0, cdt=bf)
+        logits, n = norm_linear(x, p["ffn_gate_inp"]["weight"], p["ffn_gate_inp"]["bias"],
+                                norm=norm, dtype=bf, return_normed=True)
         pg = p["ffn_gate_up_exps"]
-        h = md.moe_gate_up_swiglu(x, norm.weight, logits, pg["weight"].data, pg["bias"], **kw,
-                                  **(g or {}))
+        h = md.moe_gate_up_swiglu(n, logits, pg["weight"].data, pg["bias"], **kw, **(g or {}))
         pd = p["ffn_down_exps"]
         return md.moe_down_combine(h, logits, pd["weight"].data, pd["bias"], x, **kw, **(d or {}))
 

@@ -71,8 +71,10 @@ ACTS = (None, "gelu_tanh")
 #: Rows of at most this many 32-blocks get their norm statistics from one load.
 STATS_ONE_LOAD_BLOCKS = 128
 NORMS = (None, "rms", "layer")
-_STATIC = ("norm", "eps", "act", "round_to", "cdt", "block_n", "block_k", "num_warps",
-           "interpret")
+#: Weights with at most this many output rows get whole-row K steps (:func:`plan`).
+FEW_ROWS = 256
+_STATIC = ("norm", "eps", "act", "round_to", "cdt", "norm_out", "block_n", "block_k",
+           "num_warps", "interpret")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,12 +174,16 @@ def plan(kind: str, O: int, I: int, *, block_n=None, block_k=None, num_warps=Non
     ``block_n`` output rows per program, as many as keep >= 2 programs per SM (132 SMs), 2 to
     16; plain weights: ``block_k`` 256 inputs per step for rows of <= 1024 (GPT-2 124M's
     768-wide projections), else 512, 8 warps from 8 rows up; Q8_0 / MXFP4: 1024 inputs per step,
-    4 warps (gpt-oss-20b q/k/v 8.2 -> 7.7 µs, attention output 5.8 -> 5.1 µs)."""
+    4 warps (gpt-oss-20b q/k/v 8.2 -> 7.7 µs, attention output 5.8 -> 5.1 µs).  At most
+    :data:`FEW_ROWS` outputs (gpt-oss's 32-expert router): up to 4096 inputs per step, so each
+    of the few programs is one step, not a chain of latency-bound ones (5.2 µs with 512)."""
     bn = block_n or max(2, min(16, 1 << max(0, (O // (2 * mx.SM_COUNT)).bit_length() - 1)))
     if kind == "plain":
         bk, nw = (256 if I <= 1024 else 512), (8 if bn >= 8 else 4)
     else:
         bk, nw = 1024, 4
+    if O <= FEW_ROWS:
+        bk = 4096        # a handful of programs: one long step each, not a chain of short ones
     bk = block_k or min(bk, 1 << (max(QK, I) - 1).bit_length())
     nw = num_warps or nw
     for name, v in (("block_n", bn), ("block_k", bk)):
@@ -243,7 +249,7 @@ def _gelu(y, act):
 
 
 def _kernel(*refs, kind: str, w: _W, M: int, p: Plan, norm, eps, act, round_to, cdt,
-            has_bias: bool, has_res: bool):
+            has_bias: bool, has_res: bool, norm_out: bool):
     ops = _OPS[kind]
     it = iter(refs)
     x_ref = next(it)
@@ -253,16 +259,26 @@ def _kernel(*refs, kind: str, w: _W, M: int, p: Plan, norm, eps, act, round_to, 
     bias_ref = next(it) if has_bias else None
     res_ref = next(it) if has_res else None
     out_ref = next(it)
+    h_ref = next(it) if norm_out else None
 
     gt, bn = p.block_k // QK, p.block_n
     n0 = pl.program_id(0) * bn
     rows = tuple(range(M))
     stats = tuple(row_stats(x_ref, r, w.G, gt, w.I, norm, eps) for r in rows) if norm else None
 
+    first = pl.program_id(0) == 0            # read outside the loop (interpret mode needs that)
+
     def step(t, accs):
         g0 = t * gt
         xs = tuple(normed_x(x_ref, g_ref, b_ref, r, stats and stats[r], g0, gt, w.G, norm, cdt)
                    for r in rows)
+        if norm_out:                                   # program 0 keeps the normalised rows
+            g_ok = ((g0 + _iota(gt)) < w.G)[:, None]
+
+            @pl.when(first)
+            def _():
+                for r, xt in zip(rows, xs):
+                    pltriton.store(h_ref.at[_ix(r), pl.ds(g0, gt), pl.ds(0, QK)], xt, mask=g_ok)
         return ops.compute(accs, (*ops.w_tile(w, w_refs, n0, bn, g0, gt, w.G), xs))
 
     accs = lax.fori_loop(0, cdiv(w.G, gt), step, tuple(jnp.zeros((bn, gt), F32) for _ in rows))
@@ -302,10 +318,12 @@ def _check(x, kind, wp: _W, norm, act, norm_weight, norm_bias, residual, fn):
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def fused_gemv(x, w, bias=None, norm_weight=None, norm_bias=None, residual=None, *, norm=None,
-               eps=1e-5, act=None, round_to=None, cdt=jnp.bfloat16, block_n=None, block_k=None,
-               num_warps=None, interpret=False):
+               eps=1e-5, act=None, round_to=None, cdt=jnp.bfloat16, norm_out=False, block_n=None,
+               block_k=None, num_warps=None, interpret=False):
     """``act(norm(x) @ w^T + bias)`` rounded to ``round_to``, plus ``residual`` -> float32
-    ``[..., O]`` in one kernel (module docstring).
+    ``[..., O]`` in one kernel (module docstring).  ``norm_out=True`` (needs a norm): returns
+    ``(y, h)`` with h float32 ``[..., I]``, the normalised rows rounded to ``cdt`` that the
+    matmul consumed (written by program 0), for a next kernel that needs the same input.
 
     x: float ``[..., I]`` with at most MAX_ROWS rows; w: plain float ``[O, I]``, or Q8_0 /
     MXFP4 weights; bias: ``[O]`` or None; norm: None, "rms" (needs ``norm_weight [I]``) or
@@ -333,16 +351,21 @@ def fused_gemv(x, w, bias=None, norm_weight=None, norm_bias=None, residual=None,
         args.append(jnp.asarray(bias, F32).reshape(wp.O))
     if residual is not None:
         args.append(residual.reshape(M, wp.O))
+    if norm_out and not norm:
+        raise ValueError(f"{fn}: norm_out=True needs a norm")
     kernel = functools.partial(
         _kernel, kind=kind, w=wp.static(), M=M, p=p, norm=norm, eps=float(eps), act=act,
         round_to=None if round_to is None else jnp.dtype(round_to), cdt=jnp.dtype(cdt),
-        has_bias=bias is not None, has_res=residual is not None)
-    y = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((M, wp.O), F32),
-                       grid=(cdiv(wp.O, p.block_n),),
-                       compiler_params=pltriton.CompilerParams(num_warps=p.num_warps,
-                                                               num_stages=3),
-                       interpret=interpret, name=f"fused_gemv_{kind}")(*args)
-    return y.reshape(*lead, wp.O)
+        has_bias=bias is not None, has_res=residual is not None, norm_out=norm_out)
+    shapes = [jax.ShapeDtypeStruct((M, wp.O), F32)]
+    if norm_out:
+        shapes.append(jax.ShapeDtypeStruct((M, wp.G, QK), F32))
+    outs = pl.pallas_call(kernel, out_shape=shapes, grid=(cdiv(wp.O, p.block_n),),
+                          compiler_params=pltriton.CompilerParams(num_warps=p.num_warps,
+                                                                  num_stages=3),
+                          interpret=interpret, name=f"fused_gemv_{kind}")(*args)
+    y = outs[0].reshape(*lead, wp.O)
+    return (y, outs[1].reshape(*lead, wp.I)) if norm_out else y
 
 
 def _dense(kind: str, wp: _W):
@@ -358,8 +381,8 @@ def _dense(kind: str, wp: _W):
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def fused_gemv_ref(x, w, bias=None, norm_weight=None, norm_bias=None, residual=None, *,
-                   norm=None, eps=1e-5, act=None, round_to=None, cdt=jnp.bfloat16, block_n=None,
-                   block_k=None, num_warps=None, interpret=False):
+                   norm=None, eps=1e-5, act=None, round_to=None, cdt=jnp.bfloat16, norm_out=False,
+                   block_n=None, block_k=None, num_warps=None, interpret=False):
     """Plain-jnp twin of :func:`fused_gemv` (tiling arguments ignored): the norm in float32
     (``gptjax.models.layers`` formulas), the row rounded to ``cdt``, packed weights decoded
     exactly and rounded to ``cdt`` as the XLA reference path does (plain ones as they are), one
@@ -389,4 +412,4 @@ def fused_gemv_ref(x, w, bias=None, norm_weight=None, norm_bias=None, residual=N
         y = y.astype(round_to).astype(F32)
     if residual is not None:
         y = y + residual.astype(F32)
-    return y
+    return (y, h) if norm_out else y

@@ -6,12 +6,14 @@ residual add): ~10 µs of a ~52 µs layer in small kernels and their launch gaps
 third session).  Here the router logits come from the fused norm+GEMV kernel
 (``layers.norm_linear``) and everything else rides in the expert kernels:
 
+* the router: ``fused_gemv`` with the RMSNorm folded in and ``norm_out=True``, so that it also
+  hands over the normalised row it consumed (written once, by its first program).
 * :func:`moe_gate_up_swiglu`: one program per (token t, slot u, block of ``block_n`` expert
   features).  It finds expert ``e = top_k(logits[t])[u]`` itself (U rounds of max / lowest index
-  over the E logits in registers), RMS-normalises x[t] (statistics and per-tile normalisation of
-  ``fused_gemv``), streams the gate rows and the up rows of expert e (two accumulators, the MXFP4
-  GEMV of ``mxfp4_matmul``), adds the biases and applies the clamped SwiGLU.  Out: float32
-  ``[M*U, F]`` holding compute-dtype values (what the down projection reads).
+  over the E logits in registers), streams the gate rows and the up rows of expert e against the
+  normalised row (two accumulators in one K loop, the MXFP4 GEMV of ``mxfp4_matmul``), adds the
+  biases and applies the clamped SwiGLU.  Out: float32 ``[M*U, F]`` holding compute-dtype
+  values (what the down projection reads).
 * :func:`moe_down_combine`: one program per (token t, block of ``block_n`` model features): the
   U experts of t one after the other (down rows of expert e_u against h[t, u]), each sum plus its
   bias weighted by the softmax of the U selected logits, plus the residual.  Out: float32
@@ -22,7 +24,7 @@ Math (``gptjax.models.moe``; OpenAI ``MLPBlock``; transformers ``GptOssTopKRoute
 
     ids, top = top_k(logits[t], U)             ties: lower expert id first (lax.top_k)
     w = softmax(top)                           over the U selected logits
-    n = round_c(RMSNorm(x[t]; g))
+    n = round_c(RMSNorm(x[t]; g))             the router kernel's second output
     h[t, u] = round_c(swiglu(n @ gate_e.T + bg_e, n @ up_e.T + bu_e))       e = ids[u]
     out[t] = x[t] + sum_u w_u (h[t, u] @ down_e.T + bd_e)
 
@@ -47,9 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from gptjax.errors import WeightsError
-from gptjax.models.layers import rms_norm
 from gptjax.models.moe import swiglu_oai
-from pallas_kernels import fused_gemv as fg
 from pallas_kernels import mxfp4_matmul as mx
 from pallas_kernels.mxfp4_matmul import QK, _iota, _ix, cdiv
 
@@ -59,8 +59,7 @@ __all__ = ["moe_gate_up_swiglu", "moe_gate_up_swiglu_ref", "moe_down_combine",
 F32 = jnp.float32
 #: Tokens the decode kernels take (GEMV math; more tokens go to the grouped kernel).
 MAX_ROWS = 2
-_STATIC = ("n_used", "eps", "alpha", "limit", "cdt", "block_n", "block_k", "num_warps",
-           "interpret")
+_STATIC = ("n_used", "alpha", "limit", "cdt", "block_n", "block_k", "num_warps", "interpret")
 
 
 class Plan(NamedTuple):
@@ -140,8 +139,7 @@ def _load_row(ref, e, n0, bn, n_out, col0=0):
 # Kernels
 # ---------------------------------------------------------------------------------------------
 
-def _gate_up_kernel(x_ref, g_ref, logits_ref, *refs, wg, wu, up_row0, F, U, E, p, eps, cdt,
-                    alpha, limit):
+def _gate_up_kernel(h_ref, logits_ref, *refs, wg, wu, up_row0, F, U, E, p, cdt, alpha, limit):
     n_g = len(wg.arrays)
     wg_refs, bg_ref = refs[:n_g], refs[n_g]
     wu_refs, bu_ref = refs[n_g + 1:2 * n_g + 1], refs[2 * n_g + 1]
@@ -152,10 +150,9 @@ def _gate_up_kernel(x_ref, g_ref, logits_ref, *refs, wg, wu, up_row0, F, U, E, p
     e = _pick(u, ids)
     gt, bn = p.block_k // QK, p.block_n
     n0 = i_n * bn
-    stats = fg.row_stats(x_ref, t, wg.G, gt, wg.I, "rms", eps)
 
     def x_tile(g0):
-        return fg.normed_x(x_ref, g_ref, None, t, stats, g0, gt, wg.G, "rms", cdt)
+        return mx.load_x32(h_ref, t, None, g0, gt, wg.G).astype(F32)
 
     gate, up = _expert_gemvs([(wg, wg_refs, e, n0, x_tile), (wu, wu_refs, e, up_row0 + n0, x_tile)],
                              wg.G, gt, bn)
@@ -216,30 +213,29 @@ def _check_route(x, logits, n_used, E, fn):
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def moe_gate_up_swiglu(x, norm_weight, logits, w_gate, b_gate, w_up=None, b_up=None, *,
-                       n_used, eps, alpha, limit, cdt=jnp.bfloat16, block_n=None, block_k=None,
-                       num_warps=None, interpret=False):
-    """``h[t, u] = round_cdt(swiglu(n_t @ gate_e.T + bg_e, n_t @ up_e.T + bu_e))`` with ``n_t =
-    round_cdt(RMSNorm(x[t]))`` and ``e = top_k(logits[t], n_used)[u]`` -> float32 ``[M*U, F]``
-    (row t*U + u).  x: float32 ``[M, D]`` (the residual stream, M <= MAX_ROWS); norm_weight
-    ``[D]``; logits float32 ``[M, E]``; w_gate MXFP4 ``[E, F, D]`` with w_up ``[E, F, D]``, or
-    the fused ``[E, 2F, D]`` with w_up None; biases float ``[E, F]`` (fused: ``[E, 2F]``)."""
+def moe_gate_up_swiglu(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_used, alpha, limit,
+                       cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None,
+                       interpret=False):
+    """``out[t*U + u] = round_cdt(swiglu(h_t @ gate_e.T + bg_e, h_t @ up_e.T + bu_e))`` with
+    ``e = top_k(logits[t], n_used)[u]`` -> float32 ``[M*U, F]``.  h: float ``[M, D]``, the
+    normalised block input in compute-dtype values (M <= MAX_ROWS; ``fused_gemv(...,
+    norm_out=True)`` of the router gives it); logits float32 ``[M, E]``; w_gate MXFP4
+    ``[E, F, D]`` with w_up ``[E, F, D]``, or the fused ``[E, 2F, D]`` with w_up None; biases
+    float ``[E, F]`` (fused: ``[E, 2F]``)."""
     fn = "moe_gate_up_swiglu"
     wg, wu, bu, up_row0, F = _first(w_gate, b_gate, w_up, b_up, fn)
-    E, M, D = wg.lead[0], x.shape[0], x.shape[-1]
-    _check_route(x, logits, n_used, E, fn)
-    if D != wg.I or norm_weight.shape != (D,):
-        raise WeightsError(f"{fn}: x [.., {D}] / norm weight {list(norm_weight.shape)} do not "
-                           f"match experts of input size {wg.I}")
+    E, M, D = wg.lead[0], h.shape[0], h.shape[-1]
+    _check_route(h, logits, n_used, E, fn)
+    if D != wg.I:
+        raise WeightsError(f"{fn}: h [.., {D}] does not match experts of input size {wg.I}")
     p = plan("gate_up", block_n=block_n, block_k=block_k, num_warps=num_warps)
-    view = functools.partial(jnp.reshape, shape=(-1, wg.G, QK))
-    args = [view(x.astype(F32)), view(jnp.asarray(norm_weight, F32)), logits.astype(F32),
+    args = [h.astype(F32).reshape(M, wg.G, QK), logits.astype(F32),
             *wg.arrays, jnp.asarray(b_gate, F32), *wu.arrays, jnp.asarray(bu, F32)]
     # Row bounds for the masks: gate rows [0, F), up rows [up_row0, up_row0 + F).
     kernel = functools.partial(
         _gate_up_kernel, wg=dataclasses.replace(wg.static(), O=F),
         wu=dataclasses.replace(wu.static(), O=up_row0 + F), up_row0=up_row0, F=F, U=n_used, E=E, p=p,
-        eps=float(eps), cdt=jnp.dtype(cdt), alpha=float(alpha), limit=float(limit))
+        cdt=jnp.dtype(cdt), alpha=float(alpha), limit=float(limit))
     return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((M * n_used, F), F32),
                           grid=(M * n_used, cdiv(F, p.block_n)),
                           compiler_params=pltriton.CompilerParams(num_warps=p.num_warps,
@@ -248,14 +244,14 @@ def moe_gate_up_swiglu(x, norm_weight, logits, w_gate, b_gate, w_up=None, b_up=N
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def moe_down_combine(h, logits, w_down, b_down, residual, *, n_used, eps=None, alpha=None,
-                     limit=None, cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None,
+def moe_down_combine(h, logits, w_down, b_down, residual, *, n_used, alpha=None, limit=None,
+                     cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None,
                      interpret=False):
     """``out[t] = residual[t] + sum_u w_u (h[t*U + u] @ down_e.T + bd_e)``, ``e, w`` from
     ``top_k`` / softmax of ``logits[t]`` -> float32 ``[M, D]``.  h: float ``[M*U, F]``; logits
     float32 ``[M, E]``; w_down MXFP4 ``[E, D, F]``; b_down float ``[E, D]``; residual float
-    ``[M, D]``.  (eps, alpha, limit, cdt: accepted for a signature shared with the first stage.)"""
-    del eps, alpha, limit, cdt
+    ``[M, D]``.  (alpha, limit, cdt: accepted for a signature shared with the first stage.)"""
+    del alpha, limit, cdt
     fn = "moe_down_combine"
     w = mx._parse_weights(w_down, 1, fn)
     E, M = w.lead[0], residual.shape[0]
@@ -285,32 +281,32 @@ def _route_ref(logits, n_used):
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def moe_gate_up_swiglu_ref(x, norm_weight, logits, w_gate, b_gate, w_up=None, b_up=None, *,
-                           n_used, eps, alpha, limit, cdt=jnp.bfloat16, block_n=None,
-                           block_k=None, num_warps=None, interpret=False):
+def moe_gate_up_swiglu_ref(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_used, alpha,
+                           limit, cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None,
+                           interpret=False):
     """Plain-jnp twin of :func:`moe_gate_up_swiglu` (tiling arguments ignored)."""
     del block_n, block_k, num_warps, interpret
     fn = "moe_gate_up_swiglu_ref"
     wg, wu, bu, up_row0, F = _first(w_gate, b_gate, w_up, b_up, fn)
-    _check_route(x, logits, n_used, wg.lead[0], fn)
+    _check_route(h, logits, n_used, wg.lead[0], fn)
     ids, _ = _route_ref(logits, n_used)                                    # [M, U]
-    n = rms_norm(x, norm_weight, eps, out_dtype=cdt)                       # [M, D]
+    n = h.astype(cdt)                                                      # exact: cdt values
     y1 = mx.mxfp4_moe_matmul_ref(n, mx.Mxfp4Weights(*wg.arrays), ids, b_gate)   # [M, U, O]
     if up_row0:
         gate, up = y1[..., :F], y1[..., F:]
     else:
         gate = y1
         up = mx.mxfp4_moe_matmul_ref(n, mx.Mxfp4Weights(*wu.arrays), ids, bu)
-    h = swiglu_oai(gate, up, alpha=alpha, limit=limit).astype(cdt).astype(F32)
-    return h.reshape(-1, F)
+    out = swiglu_oai(gate, up, alpha=alpha, limit=limit).astype(cdt).astype(F32)
+    return out.reshape(-1, F)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def moe_down_combine_ref(h, logits, w_down, b_down, residual, *, n_used, eps=None, alpha=None,
-                         limit=None, cdt=jnp.bfloat16, block_n=None, block_k=None,
-                         num_warps=None, interpret=False):
+def moe_down_combine_ref(h, logits, w_down, b_down, residual, *, n_used, alpha=None, limit=None,
+                         cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None,
+                         interpret=False):
     """Plain-jnp twin of :func:`moe_down_combine` (tiling arguments ignored)."""
-    del eps, alpha, limit, cdt, block_n, block_k, num_warps, interpret
+    del alpha, limit, cdt, block_n, block_k, num_warps, interpret
     w = mx._parse_weights(w_down, 1, "moe_down_combine_ref")
     M = residual.shape[0]
     _check_route(residual, logits, n_used, w.lead[0], "moe_down_combine_ref")

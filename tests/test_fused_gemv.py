@@ -199,9 +199,9 @@ def test_fused_norm_values_through_one_hot_rows(norm, I, interpret):
     x = (rng.standard_normal((1, I)) * 3 + 3).astype(np.float32)
     g = (rng.standard_normal(I) * 0.5 + 1).astype(np.float32)
     b = (rng.standard_normal(I) * 0.1).astype(np.float32)
-    y = fg.fused_gemv(jnp.asarray(x), jnp.asarray(w), None, jnp.asarray(g),
-                      jnp.asarray(b) if norm == "layer" else None, norm=norm, cdt=jnp.float32,
-                      interpret=interpret)
+    y, hout = fg.fused_gemv(jnp.asarray(x), jnp.asarray(w), None, jnp.asarray(g),
+                            jnp.asarray(b) if norm == "layer" else None, norm=norm,
+                            cdt=jnp.float32, norm_out=True, interpret=interpret)
     x64 = x.astype(np.float64)
     if norm == "rms":
         h = x64 / np.sqrt(np.mean(x64 ** 2) + 1e-5) * g
@@ -213,3 +213,28 @@ def test_fused_norm_values_through_one_hot_rows(norm, I, interpret):
     scaled = np.abs(h - (b if norm == "layer" else 0))[0, cols]
     bound = (2 * (I + 8) + 16) * U32 * (scaled + np.abs(b[cols]))
     np.testing.assert_array_less(np.abs(np.asarray(y[0], np.float64) - h[0, cols]), bound + 1e-30)
+    # norm_out: the whole normalised row the matmul consumed, every element
+    full = np.abs(h - (b if norm == "layer" else 0))[0]
+    bound = (2 * (I + 8) + 16) * U32 * (full + np.abs(b))
+    np.testing.assert_array_less(np.abs(np.asarray(hout[0], np.float64) - h[0]), bound + 1e-30)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_norm_out_two_rows_bf16(interpret):
+    """norm_out with two rows and a bf16 compute dtype: y is the plain call's, h the twin's
+    normalised rows (bf16 values; one bf16 ulp apart at most where float32 statistics of kernel
+    and twin straddle a rounding boundary)."""
+    rng = np.random.default_rng(11)
+    w, _ = _weights(rng, "mxfp4_split", 40, 2880)
+    x = jnp.asarray((rng.standard_normal((2, 2880)) * 3).astype(np.float32))
+    g = jnp.asarray((rng.standard_normal(2880) * 0.5 + 1).astype(np.float32))
+    kw = dict(norm="rms", norm_weight=g, cdt=jnp.bfloat16)
+    y, h = fg.fused_gemv(x, w, norm_out=True, interpret=interpret, **kw)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(fg.fused_gemv(x, w, interpret=interpret,
+                                                                           **kw)))
+    _, hr = fg.fused_gemv_ref(x, w, norm_out=True, **kw)
+    h, hr = np.asarray(h, np.float64), np.asarray(hr, np.float64)
+    np.testing.assert_array_equal(h, _round(h, ml_dtypes.bfloat16))
+    assert np.all(np.abs(h - hr) <= 2.0 ** -8 * np.abs(hr))
+    with pytest.raises(ValueError, match="norm_out"):
+        fg.fused_gemv(x, w, norm_out=True, interpret=True)

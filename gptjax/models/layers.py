@@ -143,7 +143,7 @@ class Norm(NamedTuple):
 
 
 def norm_linear(x, w, b=None, *, norm: Norm | None = None, dtype, out_dtype=F32, act=None,
-                residual=None):
+                residual=None, return_normed=False):
     """A projection with its neighbours: ``act(norm(x) @ w.T + b)`` in ``out_dtype``, plus
     ``residual``.
 
@@ -157,7 +157,8 @@ def norm_linear(x, w, b=None, *, norm: Norm | None = None, dtype, out_dtype=F32,
     ride in the GEMV instead of 3-5 small XLA kernels); they return float32 arrays holding
     ``out_dtype`` values (the next kernel reads them without a conversion).  Everything else is
     the composition of :func:`layer_norm` / :func:`rms_norm`, :func:`linear`, :func:`gelu`, and
-    returns ``out_dtype`` (float32 with a residual).
+    returns ``out_dtype`` (float32 with a residual).  ``return_normed=True`` (with a norm):
+    returns ``(y, h)``, h = the normalised input in float32 holding ``dtype`` values.
     """
     from pallas_kernels import kernel_mode
     from pallas_kernels import fused_gemv as fg
@@ -170,12 +171,13 @@ def norm_linear(x, w, b=None, *, norm: Norm | None = None, dtype, out_dtype=F32,
             None if norm is None else norm.weight, None if norm is None else norm.bias,
             residual, norm=None if norm is None else norm.kind,
             eps=1e-5 if norm is None else float(norm.eps), act=act, round_to=round_to, cdt=dtype,
-            interpret=mode == "interpret")
+            norm_out=return_normed, interpret=mode == "interpret")
     h = x if norm is None else norm(x, out_dtype=dtype)
     y = linear(h, w, b, out_dtype=F32 if act else out_dtype)
     if act:
         y = gelu(y, approximate=act == "gelu_tanh").astype(out_dtype)
-    return y if residual is None else residual + y.astype(F32)
+    y = y if residual is None else residual + y.astype(F32)
+    return (y, h.astype(F32)) if return_normed else y
 
 
 def unembed(params, hidden):

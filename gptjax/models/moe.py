@@ -263,8 +263,8 @@ def moe_block(x, p, config, norm, dtype):
 
     Decode (M <= ``moe_decode.MAX_ROWS`` tokens) with the kernels on and MXFP4 experts runs as
     three Pallas kernels (pallas_kernels/moe_decode.py): the norm + router GEMV
-    (``layers.norm_linear``), then gate/up with top-k, norm and SwiGLU inside, then down with
-    the weighted sum and the residual add inside.  Everything else: the XLA composition."""
+    (``layers.norm_linear``, which also returns the normalised row), then gate/up with top-k and
+    SwiGLU inside, then down with the weighted sum and the residual add inside.  Everything else: the XLA composition."""
     from pallas_kernels import kernel_mode
     from pallas_kernels import moe_decode as md
 
@@ -274,13 +274,13 @@ def moe_block(x, p, config, norm, dtype):
         from gptjax.models.layers import norm_linear
 
         interpret = mode == "interpret"
-        kw = dict(n_used=config.n_experts_used, eps=float(norm.eps), alpha=config.swiglu_alpha,
+        kw = dict(n_used=config.n_experts_used, alpha=config.swiglu_alpha,
                   limit=config.swiglu_limit, cdt=jnp.dtype(dtype), interpret=interpret)
-        logits = norm_linear(x, p["ffn_gate_inp"]["weight"], p["ffn_gate_inp"]["bias"],
-                             norm=norm, dtype=dtype)                         # [M, E] f32
-        firsts = [(p[n]["weight"].data, p[n]["bias"]) for n in _first_names(p)]
+        logits, n = norm_linear(x, p["ffn_gate_inp"]["weight"], p["ffn_gate_inp"]["bias"],
+                                norm=norm, dtype=dtype, return_normed=True)  # [M, E], [M, D] f32
+        firsts = [(p[n_]["weight"].data, p[n_]["bias"]) for n_ in _first_names(p)]
         (wg, bg), (wu, bu) = firsts if len(firsts) == 2 else (firsts[0], (None, None))
-        h = md.moe_gate_up_swiglu(x, norm.weight, logits, wg, bg, wu, bu, **kw)  # [M*U, F]
+        h = md.moe_gate_up_swiglu(n, logits, wg, bg, wu, bu, **kw)            # [M*U, F] f32
         pd = p["ffn_down_exps"]
         return md.moe_down_combine(h, logits, pd["weight"].data, pd["bias"], x, **kw)
     return x + moe(norm(x, out_dtype=dtype), p, config)
