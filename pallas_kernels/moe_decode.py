@@ -69,10 +69,10 @@ class Plan(NamedTuple):
 
 
 def plan(stage: str, *, block_n=None, block_k=None, num_warps=None) -> Plan:
-    """Tiles.  H100, gpt-oss-20b, one token (benchmarks/mxfp4_words_proto.py, moe_decode_sweep):
-    gate/up 16 rows x 1024 inputs, 4 warps; down 8 rows (the program runs all U experts, so
-    fewer rows keep ~2.7 waves of programs) x 512, 4 warps."""
-    d = {"gate_up": Plan(16, 1024, 4), "down": Plan(8, 512, 4)}[stage]
+    """Tiles.  H100, gpt-oss-20b, one token (benchmarks/moe_decode_sweep.py): gate/up 8 rows x
+    512 inputs, 4 warps; down 8 rows (the program runs all U experts, so few rows keep ~2.7
+    waves of programs) x 1024, 4 warps."""
+    d = {"gate_up": Plan(8, 512, 4), "down": Plan(8, 1024, 4)}[stage]
     p = Plan(block_n or d.block_n, block_k or d.block_k, num_warps or d.num_warps)
     for name, v in zip(p._fields, p):
         if not mx._pow2(v):
