@@ -278,7 +278,8 @@ def _kernel(*refs, kind: str, w: _W, M: int, p: Plan, norm, eps, act, round_to, 
             @pl.when(first)
             def _():
                 for r, xt in zip(rows, xs):
-                    pltriton.store(h_ref.at[_ix(r), pl.ds(g0, gt), pl.ds(0, QK)], xt, mask=g_ok)
+                    pltriton.store(h_ref.at[_ix(r), pl.ds(g0, gt), pl.ds(0, QK)], xt.astype(cdt),
+                                   mask=g_ok)
         return ops.compute(accs, (*ops.w_tile(w, w_refs, n0, bn, g0, gt, w.G), xs))
 
     accs = lax.fori_loop(0, cdiv(w.G, gt), step, tuple(jnp.zeros((bn, gt), F32) for _ in rows))
@@ -322,8 +323,8 @@ def fused_gemv(x, w, bias=None, norm_weight=None, norm_bias=None, residual=None,
                block_k=None, num_warps=None, interpret=False):
     """``act(norm(x) @ w^T + bias)`` rounded to ``round_to``, plus ``residual`` -> float32
     ``[..., O]`` in one kernel (module docstring).  ``norm_out=True`` (needs a norm): returns
-    ``(y, h)`` with h float32 ``[..., I]``, the normalised rows rounded to ``cdt`` that the
-    matmul consumed (written by program 0), for a next kernel that needs the same input.
+    ``(y, h)`` with h ``cdt [..., I]``, the normalised rows that the matmul consumed (written by
+    program 0), for a next kernel that needs the same input.
 
     x: float ``[..., I]`` with at most MAX_ROWS rows; w: plain float ``[O, I]``, or Q8_0 /
     MXFP4 weights; bias: ``[O]`` or None; norm: None, "rms" (needs ``norm_weight [I]``) or
@@ -359,7 +360,7 @@ def fused_gemv(x, w, bias=None, norm_weight=None, norm_bias=None, residual=None,
         has_bias=bias is not None, has_res=residual is not None, norm_out=norm_out)
     shapes = [jax.ShapeDtypeStruct((M, wp.O), F32)]
     if norm_out:
-        shapes.append(jax.ShapeDtypeStruct((M, wp.G, QK), F32))
+        shapes.append(jax.ShapeDtypeStruct((M, wp.G, QK), cdt))
     outs = pl.pallas_call(kernel, out_shape=shapes, grid=(cdiv(wp.O, p.block_n),),
                           compiler_params=pltriton.CompilerParams(num_warps=p.num_warps,
                                                                   num_stages=3),
@@ -412,4 +413,4 @@ def fused_gemv_ref(x, w, bias=None, norm_weight=None, norm_bias=None, residual=N
         y = y.astype(round_to).astype(F32)
     if residual is not None:
         y = y + residual.astype(F32)
-    return (y, h) if norm_out else y
+    return (y, h.astype(cdt)) if norm_out else y

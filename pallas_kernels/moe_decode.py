@@ -12,8 +12,8 @@ third session).  Here the router logits come from the fused norm+GEMV kernel
   features).  It finds expert ``e = top_k(logits[t])[u]`` itself (U rounds of max / lowest index
   over the E logits in registers), streams the gate rows and the up rows of expert e against the
   normalised row (two accumulators in one K loop, the MXFP4 GEMV of ``mxfp4_matmul``), adds the
-  biases and applies the clamped SwiGLU.  Out: float32 ``[M*U, F]`` holding compute-dtype
-  values (what the down projection reads).
+  biases and applies the clamped SwiGLU.  Out: ``[M*U, F]`` in the compute dtype (what the down
+  projection reads; bf16 halves the bytes every down program re-reads from L2).
 * :func:`moe_down_combine`: one program per (token t, block of ``block_n`` model features): the
   U experts of t one after the other (down rows of expert e_u against h[t, u]), each sum plus its
   bias weighted by the softmax of the U selected logits, plus the residual.  Out: float32
@@ -158,7 +158,7 @@ def _gate_up_kernel(h_ref, logits_ref, *refs, wg, wu, up_row0, F, U, E, p, cdt, 
                              wg.G, gt, bn)
     gate = gate + _load_row(bg_ref, e, n0, bn, F)
     up = up + _load_row(bu_ref, e, n0, bn, F, up_row0)
-    h = swiglu_oai(gate, up, alpha=alpha, limit=limit).astype(cdt).astype(F32)
+    h = swiglu_oai(gate, up, alpha=alpha, limit=limit).astype(cdt)
     pltriton.store(out_ref.at[r, pl.ds(n0, bn)], h, mask=(n0 + _iota(bn)) < F)
 
 
@@ -217,7 +217,7 @@ def moe_gate_up_swiglu(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_use
                        cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None,
                        interpret=False):
     """``out[t*U + u] = round_cdt(swiglu(h_t @ gate_e.T + bg_e, h_t @ up_e.T + bu_e))`` with
-    ``e = top_k(logits[t], n_used)[u]`` -> float32 ``[M*U, F]``.  h: float ``[M, D]``, the
+    ``e = top_k(logits[t], n_used)[u]`` -> ``cdt [M*U, F]``.  h: float ``[M, D]``, the
     normalised block input in compute-dtype values (M <= MAX_ROWS; ``fused_gemv(...,
     norm_out=True)`` of the router gives it); logits float32 ``[M, E]``; w_gate MXFP4
     ``[E, F, D]`` with w_up ``[E, F, D]``, or the fused ``[E, 2F, D]`` with w_up None; biases
@@ -229,14 +229,14 @@ def moe_gate_up_swiglu(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_use
     if D != wg.I:
         raise WeightsError(f"{fn}: h [.., {D}] does not match experts of input size {wg.I}")
     p = plan("gate_up", block_n=block_n, block_k=block_k, num_warps=num_warps)
-    args = [h.astype(F32).reshape(M, wg.G, QK), logits.astype(F32),
+    args = [h.reshape(M, wg.G, QK), logits.astype(F32),
             *wg.arrays, jnp.asarray(b_gate, F32), *wu.arrays, jnp.asarray(bu, F32)]
     # Row bounds for the masks: gate rows [0, F), up rows [up_row0, up_row0 + F).
     kernel = functools.partial(
         _gate_up_kernel, wg=dataclasses.replace(wg.static(), O=F),
         wu=dataclasses.replace(wu.static(), O=up_row0 + F), up_row0=up_row0, F=F, U=n_used, E=E, p=p,
         cdt=jnp.dtype(cdt), alpha=float(alpha), limit=float(limit))
-    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((M * n_used, F), F32),
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((M * n_used, F), cdt),
                           grid=(M * n_used, cdiv(F, p.block_n)),
                           compiler_params=pltriton.CompilerParams(num_warps=p.num_warps,
                                                                   num_stages=1),
@@ -261,7 +261,7 @@ def moe_down_combine(h, logits, w_down, b_down, residual, *, n_used, alpha=None,
                            f"{list(b_down.shape)} do not fit experts [E={E}, D={w.O}, F={w.I}] "
                            f"with n_used={n_used}")
     p = plan("down", block_n=block_n, block_k=block_k, num_warps=num_warps)
-    args = [h.astype(F32).reshape(M * n_used, w.G, QK), logits.astype(F32), *w.arrays,
+    args = [h.reshape(M * n_used, w.G, QK), logits.astype(F32), *w.arrays,
             jnp.asarray(b_down, F32), residual.astype(F32)]
     kernel = functools.partial(_down_kernel, w=w.static(), U=n_used, E=E, p=p)
     return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((M, w.O), F32),
@@ -297,8 +297,7 @@ def moe_gate_up_swiglu_ref(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n
     else:
         gate = y1
         up = mx.mxfp4_moe_matmul_ref(n, mx.Mxfp4Weights(*wu.arrays), ids, bu)
-    out = swiglu_oai(gate, up, alpha=alpha, limit=limit).astype(cdt).astype(F32)
-    return out.reshape(-1, F)
+    return swiglu_oai(gate, up, alpha=alpha, limit=limit).astype(cdt).reshape(-1, F)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)

@@ -158,7 +158,7 @@ def norm_linear(x, w, b=None, *, norm: Norm | None = None, dtype, out_dtype=F32,
     ``out_dtype`` values (the next kernel reads them without a conversion).  Everything else is
     the composition of :func:`layer_norm` / :func:`rms_norm`, :func:`linear`, :func:`gelu`, and
     returns ``out_dtype`` (float32 with a residual).  ``return_normed=True`` (with a norm):
-    returns ``(y, h)``, h = the normalised input in float32 holding ``dtype`` values.
+    returns ``(y, h)``, h = the normalised input in ``dtype``.
     """
     from pallas_kernels import kernel_mode
     from pallas_kernels import fused_gemv as fg
@@ -177,7 +177,7 @@ def norm_linear(x, w, b=None, *, norm: Norm | None = None, dtype, out_dtype=F32,
     if act:
         y = gelu(y, approximate=act == "gelu_tanh").astype(out_dtype)
     y = y if residual is None else residual + y.astype(F32)
-    return (y, h.astype(F32)) if return_normed else y
+    return (y, h) if return_normed else y
 
 
 def unembed(params, hidden):

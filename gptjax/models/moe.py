@@ -277,7 +277,7 @@ def moe_block(x, p, config, norm, dtype):
         kw = dict(n_used=config.n_experts_used, alpha=config.swiglu_alpha,
                   limit=config.swiglu_limit, cdt=jnp.dtype(dtype), interpret=interpret)
         logits, n = norm_linear(x, p["ffn_gate_inp"]["weight"], p["ffn_gate_inp"]["bias"],
-                                norm=norm, dtype=dtype, return_normed=True)  # [M, E], [M, D] f32
+                                norm=norm, dtype=dtype, return_normed=True)  # [M, E] f32, [M, D] dtype
         firsts = [(p[n_]["weight"].data, p[n_]["bias"]) for n_ in _first_names(p)]
         (wg, bg), (wu, bu) = firsts if len(firsts) == 2 else (firsts[0], (None, None))
         h = md.moe_gate_up_swiglu(n, logits, wg, bg, wu, bu, **kw)            # [M*U, F] f32
