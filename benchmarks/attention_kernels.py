@@ -177,13 +177,15 @@ def prefill_row(case, runs, tiling=None, label=None):
                 rate=f"{flops / tk / 1e12:,.1f} TFLOP/s")
 
 
-def sweep_jobs(decode_case, prefill_case, runs):
+def sweep_jobs(decode_case, prefill_case, runs, decode_only=False):
     """(label, thunk) pairs timing a grid of tilings."""
     jobs = []
     for bk, ns, nw in itertools.product((32, 64, 128), (8, 16, 32, 64), (2, 4)):
         t = dict(block_k=bk, num_splits=ns, num_warps=nw)
         jobs.append((f"sweep {t}", functools.partial(decode_row, decode_case, runs, t,
                                                      label=f"sweep: {decode_case[0]}")))
+    if decode_only:
+        return jobs
     for bq, bk, nw, st in itertools.product((8, 16, 32), (32, 64, 128), (4, 8), (2, 3)):
         t = dict(block_q=bq, block_k=bk, num_warps=nw, num_stages=st)
         jobs.append((f"sweep {t}", functools.partial(prefill_row, prefill_case, runs, t,
@@ -203,6 +205,8 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=20, help="timed calls per measurement (median)")
     ap.add_argument("--sweep", action="store_true", help="also time a grid of tile sizes")
     ap.add_argument("--out", default=None, help="append the markdown table to this file")
+    ap.add_argument("--decode-sweep", action="store_true",
+                    help="only the decode cases and the decode tile grid")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes in interpret mode on CPU: checks that the script runs")
     args = ap.parse_args(argv)
@@ -220,9 +224,11 @@ def main(argv=None):
     jobs = [(c[0], functools.partial(decode_row, c, args.runs)) for c in decode_cases]
     jobs.append((f"{decode_cases[0][0]} (layer stack)",
                  functools.partial(decode_stack_rows, decode_cases[0], args.runs)))
-    jobs += [(c[0], functools.partial(prefill_row, c, args.runs)) for c in prefill_cases]
-    if args.sweep:
-        jobs += sweep_jobs(decode_cases[0], prefill_cases[-1 if args.smoke else 2], args.runs)
+    if not args.decode_sweep:
+        jobs += [(c[0], functools.partial(prefill_row, c, args.runs)) for c in prefill_cases]
+    if args.sweep or args.decode_sweep:
+        jobs += sweep_jobs(decode_cases[0], prefill_cases[-1 if args.smoke else 2], args.runs,
+                           decode_only=args.decode_sweep)
 
     rows, failures = [], []
     for label, job in jobs:
