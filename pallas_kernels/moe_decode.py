@@ -9,8 +9,8 @@ third session).  Here the router logits come from the fused norm+GEMV kernel
 * the router: ``fused_gemv`` with the RMSNorm folded in and ``norm_out=True``, so that it also
   hands over the normalised row it consumed (written once, by its first program).
 * :func:`moe_gate_up_swiglu`: one program per (token t, slot u, block of ``block_n`` expert
-  features).  It finds expert ``e = top_k(logits[t])[u]`` itself (U rounds of max / lowest index
-  over the E logits in registers), streams the gate rows and the up rows of expert e against the
+  features).  It finds expert ``e = top_k(logits[t])[u]`` itself (the rank of each of the E
+  logits from one [E, E] comparison, in registers), streams the gate rows and the up rows of expert e against the
   normalised row (two accumulators in one K loop, the MXFP4 GEMV of ``mxfp4_matmul``), adds the
   biases and applies the clamped SwiGLU.  Out: ``[M*U, F]`` in the compute dtype (what the down
   projection reads; bf16 halves the bytes every down program re-reads from L2).
@@ -86,31 +86,34 @@ def plan(stage: str, *, block_n=None, block_k=None, num_warps=None) -> Plan:
 # In-kernel routing
 # ---------------------------------------------------------------------------------------------
 
-def _route(logits_ref, t, E: int, U: int):
-    """The U experts of token t and their weights, in registers: ([U int32 scalars], [U float32
-    scalars]).  Round i takes the largest remaining logit, the lowest expert id among equals (as
-    ``lax.top_k``), and removes it; the weights are the softmax of the U picked logits."""
+def _ranks(logits_ref, t, E: int):
+    """(expert ids [Ep], logits [Ep], rank [Ep]) of token t, Ep = pow2 >= E: ``rank[i]`` = how
+    many experts come before i in ``lax.top_k`` order (a larger logit, or an equal one with a
+    lower id).  One [Ep, Ep] comparison and one reduction (not U rounds of max-then-argmin:
+    a chain of dependent cross-warp reductions at the start of every program)."""
     Ep = 1 << (E - 1).bit_length()
     idx = _iota(Ep)
     lg = pltriton.load(logits_ref.at[_ix(t), pl.ds(0, Ep)], mask=idx < E, other=-jnp.inf)
-    ids, top = [], []
-    for _ in range(U):
-        m = jnp.max(lg)
-        i = jnp.min(jnp.where(lg == m, idx, Ep))
-        ids.append(jnp.minimum(i, E - 1))                   # NaN logits: stay in range
-        top.append(m)
-        lg = jnp.where(idx == i, -jnp.inf, lg)
-    ex = [jnp.exp(v - top[0]) for v in top]                 # top[0] is the max
+    li, lj = lg[:, None], lg[None, :]
+    before = (lj > li) | ((lj == li) & (idx[None, :] < idx[:, None]))      # [Ep, Ep]: j before i
+    return idx, lg, jnp.sum(before.astype(jnp.int32), axis=1)
+
+
+def _slot(idx, lg, rank, u, E: int):
+    """(expert id, logit) of top-k slot u (traced or static)."""
+    sel = rank == u
+    e = jnp.sum(jnp.where(sel, idx, 0))
+    return jnp.minimum(e, E - 1), jnp.sum(jnp.where(sel, lg, 0.0))      # NaN logits: in range
+
+
+def _route(logits_ref, t, E: int, U: int):
+    """The U experts of token t and their weights: ([U int32 scalars], [U float32 scalars]), the
+    softmax over the U selected logits (slot 0 holds the largest)."""
+    idx, lg, rank = _ranks(logits_ref, t, E)
+    ids, top = zip(*(_slot(idx, lg, rank, u, E) for u in range(U)))
+    ex = [jnp.exp(v - top[0]) for v in top]
     total = functools.reduce(lambda a, b: a + b, ex)
-    return ids, [v / total for v in ex]
-
-
-def _pick(u, values):
-    """values[u] for a traced slot index u (a select chain over the static list)."""
-    out = values[0]
-    for j, v in enumerate(values[1:], 1):
-        out = jnp.where(u == j, v, out)
-    return out
+    return list(ids), [v / total for v in ex]
 
 
 def _expert_gemvs(streams, G: int, gt: int, bn: int):
@@ -146,8 +149,7 @@ def _gate_up_kernel(h_ref, logits_ref, *refs, wg, wu, up_row0, F, U, E, p, cdt, 
     out_ref = refs[-1]
     r, i_n = pl.program_id(0), pl.program_id(1)
     t, u = lax.div(r, np.int32(U)), lax.rem(r, np.int32(U))
-    ids, _ = _route(logits_ref, t, E, U)
-    e = _pick(u, ids)
+    e, _ = _slot(*_ranks(logits_ref, t, E), u, E)
     gt, bn = p.block_k // QK, p.block_n
     n0 = i_n * bn
 
