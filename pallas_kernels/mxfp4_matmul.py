@@ -133,6 +133,9 @@ TARGET_PROGRAMS = 2 * SM_COUNT
 #: (SASS instruction counts per weight, MXFP4 / Q8_0: GEMV 6.3 / 5.6 at 1 row, 13.3 / 11.5 at 4
 #: rows; the 16-row dot kernel 10.9 / 8.8 for all 16 rows.)
 GEMV_MAX_ROWS = 2
+#: K splits at most for 64..255-row dot tiles: each split writes an f32 partial of M x O, which
+#: costs as much as the weights from ~8 splits on (the sweep measured 4).
+MAX_SPLITS_BATCH = 4
 #: GEMV grids with fewer programs than this prefetch the next K step in software.
 PREFETCH_MAX_PROGRAMS = 4 * SM_COUNT
 
@@ -549,8 +552,9 @@ def plan_dense(M: int, O: int, I: int, *, mode=None, block_m=None, block_n=None,
     asked for: 16 output rows x 512 inputs per step, 8 warps, no split, no prefetch (the H100
     sweep's best, benchmarks/tile_sweep.py).  Otherwise 32 x 256, 4 warps, software prefetch when
     the grid is small (the prefetch costs ~40 registers and ~13 % more instructions, in SASS).
-    dot, decode-sized M (< 64): 16 x 32 x 128.  dot, prefill: 64 x 64 x 64 (M < 256) or
-    128 x 64 x 64 with 8 warps.  Split K (decode only) up to TARGET_PROGRAMS programs.  Starting
+    dot, decode-sized M (< 64): 16 x 32 x 128.  dot, batch decode (M < 256): 64 x 128 x 64, K
+    split (at most :data:`MAX_SPLITS_BATCH`) up to TARGET_PROGRAMS programs; prefill (M >= 256):
+    128 x 64 x 64 with 8 warps, no split.  Split K up to TARGET_PROGRAMS programs for decode.  Starting
     points for benchmarks/matmul_kernels.py, which sweeps alternatives on the GPU.
     """
     mode = mode or ("gemv" if M <= GEMV_MAX_ROWS else "dot")
@@ -567,7 +571,11 @@ def plan_dense(M: int, O: int, I: int, *, mode=None, block_m=None, block_n=None,
     elif M < 64:
         d = dict(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=3)
     elif M < 256:
-        d = dict(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3)
+        # Batch decode (64 rows: gpt-oss-20b batch 64), H100 sweep of the Q8_0 kernel
+        # (benchmarks/dense_rows_sweep.py): 64 x 128 x 64 and K split in 4 for the small
+        # attention projections, q/k/v 36.7 -> 24.9 µs, output 48.7 -> 21.7 µs; the vocab head
+        # (no split) 742 -> 423 µs against 64 x 64 x 64 without split.
+        d = dict(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
     else:
         d = dict(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3)
     for k, v in dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
@@ -581,7 +589,8 @@ def plan_dense(M: int, O: int, I: int, *, mode=None, block_m=None, block_n=None,
     if k_splits is not None:
         s = int(k_splits)
     else:   # decode only: prefill tiles are big enough, and partials would cost a write of M x O
-        s = _split_k(tiles, n_steps) if (mode == "gemv" or M < 64) else 1
+        s = _split_k(tiles, n_steps) if (mode == "gemv" or M < 64) else \
+            min(MAX_SPLITS_BATCH, _split_k(tiles, n_steps)) if M < 256 else 1
     s = -(-n_steps // -(-n_steps // max(1, min(s, n_steps))))      # no empty splits
     if prefetch is None:
         prefetch = mode == "gemv" and tiles * s < PREFETCH_MAX_PROGRAMS

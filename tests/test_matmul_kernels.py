@@ -434,6 +434,9 @@ def test_plan_fills_the_gpu():
     assert mx.plan_dense(1, 201088, 2880).k_splits == 1
     p = mx.plan_dense(512, 2880, 2880)
     assert p.mode == "dot" and p.block_m >= 64 and p.k_splits == 1
+    p = mx.plan_dense(64, 2880, 4096)                       # batch decode: K split, capped
+    assert p.mode == "dot" and 1 < p.k_splits <= mx.MAX_SPLITS_BATCH
+    assert mx.plan_dense(64, 201088, 2880).k_splits == 1
 
 
 @pytest.mark.parametrize("t", [T.MXFP4, T.Q8_0], ids=lambda t: t.name)
