@@ -166,12 +166,9 @@ def _check(q, k_cache, v_cache, lengths, layer, window, sinks, name):
     return B, N, K, S, H
 
 
-def default_num_splits(B: int, K: int, S: int, block_k: int, target_programs: int = 64) -> int:
-    """Splits so that B * K * splits is about ``target_programs``, a power of two, at most one
-    split per ``block_k`` keys of the cache.  H100, gpt-oss-20b full layer at 4096 tokens
-    (benchmarks/decode_attention_sweep.py, kernel + combine): 8 splits of 128-key blocks
-    8.8 µs, against 11.0 µs for 32 splits of 64 keys (the partials and their combine grow with
-    the splits)."""
+def default_num_splits(B: int, K: int, S: int, block_k: int, target_programs: int = 256) -> int:
+    """Splits so that B * K * splits is about ``target_programs`` (2 waves of an H100's 132 SMs),
+    a power of two, at most one split per ``block_k`` keys of the cache."""
     want = next_pow2(max(1, -(-target_programs // (B * K))))
     return max(1, min(want, next_pow2(-(-S // block_k))))
 
@@ -179,7 +176,7 @@ def default_num_splits(B: int, K: int, S: int, block_k: int, target_programs: in
 @functools.partial(jax.jit, static_argnames=("window", "scale", "block_k", "num_splits",
                                              "num_warps", "num_stages", "layer", "interpret"))
 def decode_attention(q, k_cache, v_cache, lengths, *, window=None, sinks=None, scale,
-                     block_k=128, num_splits=None, num_warps=4, num_stages=2, layer=None,
+                     block_k=64, num_splits=None, num_warps=4, num_stages=2, layer=None,
                      interpret=False):
     """Attention of one new query per row over the KV cache (flash-decoding, Pallas-Triton).
 
@@ -273,7 +270,7 @@ def _einsum_f32(eq, a, b):
 @functools.partial(jax.jit, static_argnames=("window", "scale", "block_k", "num_splits",
                                              "num_warps", "num_stages", "layer", "interpret"))
 def decode_attention_ref(q, k_cache, v_cache, lengths, *, window=None, sinks=None, scale,
-                         block_k=128, num_splits=None, num_warps=4, num_stages=2, layer=None,
+                         block_k=64, num_splits=None, num_warps=4, num_stages=2, layer=None,
                          interpret=False):
     """Plain-jnp twin of :func:`decode_attention` (same signature; tiling arguments ignored).
 
