@@ -430,10 +430,31 @@ def _dot_nt(a, b, interpret):
 def _mxfp4_step_dot(acc, w: _W, w_refs, lead, x_ref, x_rows, x_ok, row0, bn, g0, gt, cdt,
                     interpret):
     qs, e = _load_w_tile(w, w_refs, lead, row0, bn, g0, gt)
-    wt = _decode_words(qs, e).astype(cdt).reshape(bn, gt * QK)             # exact, then cdt
     bm = x_ok.shape[0]
-    xt = load_x32(x_ref, x_rows, x_ok, g0, gt, w.G).reshape(bm, gt * QK)
-    return _dot_nt(xt, wt, interpret) + acc
+    variant = os.environ.get("GPTJAX_MXFP4_DOT", "join")
+    if variant == "join":
+        wt = _decode_words(qs, e).astype(cdt).reshape(bn, gt * QK)         # exact, then cdt
+        xt = load_x32(x_ref, x_rows, x_ok, g0, gt, w.G).reshape(bm, gt * QK)
+        return _dot_nt(xt, wt, interpret) + acc
+    d1, d2 = _e8m0_split(e)
+    d = (d1 * d2)[..., None]                                                # [bn, gt, 1]
+    ok = x_ok[:, None, None] & ((g0 + _iota(gt)) < w.G)[None, :, None]     # [bm, gt, 1]
+    g = pl.ds(g0, gt)
+    for (s1, s2), p in _word_pairs(qs).items():
+        c = _ix(2 * s1 + s2)                                                # x view [M, G, 4, 2, 4]
+        lo, hi = _lanes(p)                                                  # [bn, gt, 4] each
+        if variant == "lanes":                                              # elements 8q + 4l + c
+            wt = (jnp.stack([lo, hi], axis=-1) * d[..., None]).astype(cdt)  # [bn, gt, 4, 2]
+            xt = pltriton.load(x_ref.at[x_rows, g, pl.ds(0, 4), pl.ds(0, 2), c],
+                               mask=ok[..., None], other=0)                 # [bm, gt, 4, 2]
+            acc = _dot_nt(xt.reshape(bm, gt * 8), wt.reshape(bn, gt * 8), interpret) + acc
+        else:                                                               # "split"
+            for lane, h in enumerate((lo, hi)):
+                wt = (h * d).astype(cdt).reshape(bn, gt * 4)
+                xt = pltriton.load(x_ref.at[x_rows, g, pl.ds(0, 4), _ix(lane), c], mask=ok,
+                                   other=0)                                 # [bm, gt, 4]
+                acc = _dot_nt(xt.reshape(bm, gt * 4), wt, interpret) + acc
+    return acc
 
 
 def _mxfp4_gemv_load(w: _W, w_refs, lead, x_ref, rows, row0, bn, g0, gt, g_end):
@@ -694,7 +715,7 @@ def dense_matmul(x, wp: _W, bias, ops: DenseOps, fn: str, tiling: dict, interpre
     # GEMV math is float32 anyway; converting x once here (a few KB) saves a conversion per
     # weight in the kernel (each thread would convert its own copy of the broadcast x tile).
     xk = x.astype(F32) if p.mode == "gemv" else x
-    args = [ops.x_view(xk.reshape(M, i), wp.G), *wp.arrays]
+    args = [ops.x_view(xk.reshape(M, i), wp.G, p.mode), *wp.arrays]
     if bias is not None:
         args.append(jnp.asarray(bias, F32).reshape(wp.O))
     shape = (p.k_splits, M, wp.O) if p.k_splits > 1 else (M, wp.O)
@@ -716,8 +737,14 @@ def _mxfp4_dense_gemv_load(w, w_refs, *args):
 
 
 #: The MXFP4 pieces of the dense matmul; x is read as [M, G, 32].
+def _mxfp4_x_view(x2, G, mode):
+    if mode == "dot" and os.environ.get("GPTJAX_MXFP4_DOT", "join") != "join":
+        return x2.reshape(x2.shape[0], G, 4, 2, 4)                         # [M, G, q, lane, c]
+    return x2.reshape(x2.shape[0], G, QK)
+
+
 MXFP4_OPS = DenseOps(_mxfp4_dense_step_dot, _mxfp4_dense_gemv_load, _mxfp4_gemv_compute,
-                     lambda x2, G: x2.reshape(x2.shape[0], G, QK), "mxfp4_matmul")
+                     _mxfp4_x_view, "mxfp4_matmul")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -925,7 +952,7 @@ def mxfp4_moe_matmul(x, w, expert_ids, bias=None, *, mode=None, block_m=None, bl
                 y = y + jnp.take(b, jnp.clip(flat, 0, E - 1), axis=0)
         return y.reshape(T, k, wp.O)
     order, tiles = moe_tiles(flat, E, p.block_m)
-    xs = jnp.take(x, order // k, axis=0).reshape(R, wp.G, QK)               # expert-sorted rows
+    xs = _mxfp4_x_view(jnp.take(x, order // k, axis=0), wp.G, "dot")      # expert-sorted rows
     args = [xs, tiles, *wp.arrays] + ([b] if b is not None else [])
     kernel = functools.partial(_grouped_kernel, w=wp.static(), p=p, has_bias=b is not None,
                                cdt=x.dtype, interpret=interpret)

@@ -1,0 +1,84 @@
+"""MXFP4 "dot" mode (prefill, batch decode): three ways to feed the word-decoded weights to the
+tensor cores (env GPTJAX_MXFP4_DOT at trace time): "join" (all eight pieces joined into element
+order, one dot per K step), "lanes" (lanes joined, four dots against x read as [M, G, 4, 2, 4]),
+"split" (eight dots).  Device time per call (profiler), gpt-oss-20b shapes.
+
+    python benchmarks/mxfp4_dot_variants.py
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels import mxfp4_matmul as mx  # noqa: E402
+from report import device_us_per_call  # noqa: E402
+
+
+def main():
+    rng = np.random.default_rng(0)
+    E, D = 32, 2880
+
+    def stack(*shape):
+        b = rng.integers(0, 256, (*shape[:-1], shape[-1] // 32, 17), dtype=np.uint8)
+        b[..., 0] = rng.integers(118, 128, b.shape[:-1])
+        return mx.repack_mxfp4(jnp.asarray(b.reshape(*shape[:-1], -1)))
+
+    w_dense = stack(D, D)
+    w_moe = stack(E, 2 * D, D)
+    bf = jnp.bfloat16
+    x512 = jnp.asarray(rng.standard_normal((512, D)), bf)
+    ids = {T: jnp.asarray(rng.integers(0, E, (T, 4)), jnp.int32) for T in (64, 512)}
+    cases = {
+        "dense 512x2880x2880": (lambda x, w, i, t: mx.mxfp4_matmul.__wrapped__(x, w, **t),
+                                x512, w_dense, None),
+        "moe gate_up T=64 (b64)": (lambda x, w, i, t: mx.mxfp4_moe_matmul.__wrapped__(x, w, i, **t),
+                                   x512[:64], w_moe, ids[64]),
+        "moe gate_up T=512 (pp512)": (lambda x, w, i, t: mx.mxfp4_moe_matmul.__wrapped__(x, w, i, **t),
+                                      x512, w_moe, ids[512]),
+    }
+    tilings = [("default", {}), ("bk128", dict(block_k=128))]
+    fns, meta = {}, {}
+    for cname, (f, x, w, i) in cases.items():
+        want = None
+        for v in ("join", "lanes", "split"):
+            for tname, t in tilings:
+                os.environ["GPTJAX_MXFP4_DOT"] = v
+                name = f"mdv{len(fns)}z"
+
+                def fn(x, w, i, f=f, t=t):
+                    return f(x, w, i, t)
+                fn.__name__ = name
+                jf = jax.jit(fn)
+                try:
+                    y = np.asarray(jax.block_until_ready(jf(x, w, i)))
+                except Exception as e:                                       # report, go on
+                    print(f"{cname} {v} {tname}: {type(e).__name__}: {str(e)[:160]}")
+                    continue
+                want = y if want is None else want
+                err = float(np.max(np.abs(y - want)) / np.max(np.abs(want)))
+                if err > 1e-2:
+                    print(f"{cname} {v} {tname}: WRONG {err:.2e}")
+                    continue
+                fns[name] = (jf, (x, w, i))
+                meta[name] = (cname, f"{v} {tname}")
+    os.environ["GPTJAX_MXFP4_DOT"] = "join"
+    times = device_us_per_call(fns, reps=10)
+    by = {}
+    for n, us in times.items():
+        by.setdefault(meta[n][0], []).append((us, meta[n][1]))
+    for cname, rs in by.items():
+        rs.sort()
+        print(f"\n### {cname}")
+        for us, lab in rs:
+            print(f"| {us:.1f} µs | {lab} |")
+
+
+if __name__ == "__main__":
+    main()
