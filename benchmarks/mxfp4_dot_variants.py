@@ -47,7 +47,7 @@ def main():
     fns, meta = {}, {}
     for cname, (f, x, w, i) in cases.items():
         want = None
-        for v in ("join", "lanes", "split"):
+        for v in ("join", "lanes", "bytes"):
             for tname, t in tilings:
                 os.environ["GPTJAX_MXFP4_DOT"] = v
                 name = f"mdv{len(fns)}z"

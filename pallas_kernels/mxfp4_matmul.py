@@ -320,6 +320,16 @@ def _lanes(p):
     return lo.astype(F32), hi.astype(F32)
 
 
+def _byte_pair(qs):
+    """Code bytes uint8 [...] -> float32 (low nibble, high nibble) ``FP4[c] * 2^-14``: the same
+    bits as :func:`_word_pairs` for the two nibbles of one byte, built from one uint32 per byte
+    (``b * (2^9 + 2^21)`` puts copies of the byte at bits 9 and 21, no carries; ``b * (2^12 +
+    2^24)`` the signs at 15 and 31).  The dot mode reads the words as bytes (a byte view of the
+    same buffer) and uses this: no joins, two dots per step."""
+    b = qs.astype(jnp.uint32)
+    return _lanes(((b * np.uint32(0x00200200)) & _MAG) | ((b * np.uint32(0x01001000)) & _SGN))
+
+
 def _words_fp4(words):
     """Code words uint32 ``[..., 4]`` (one block) -> float32 ``[..., 32]``: ``FP4[c_r] * 2^-14``
     for the block's elements r = 0..31 in order.  The eight pieces are joined (Triton ``join``:
@@ -398,8 +408,9 @@ def _load_w_tile(w: _W, w_refs, lead, row0, bn, g0, gt, g_end=None):
     g_end = w.G if g_end is None else g_end
     ok = ((row0 + _iota(bn)) < w.O)[:, None] & ((g0 + _iota(gt)) < g_end)[None, :]  # [bn, gt]
     r, g = pl.ds(row0, bn), pl.ds(g0, gt)
-    qs_ref, sc_ref = w_refs                                     # [.., O, G, 4], [.., O, G]
-    qs = pltriton.load(qs_ref.at[(*lead, r, g, pl.ds(0, 4))], mask=ok[:, :, None], other=0)
+    qs_ref, sc_ref = w_refs                     # [.., O, G, 4] words (or 16 bytes), [.., O, G]
+    width = qs_ref.shape[-1]
+    qs = pltriton.load(qs_ref.at[(*lead, r, g, pl.ds(0, width))], mask=ok[:, :, None], other=0)
     e = pltriton.load(sc_ref.at[(*lead, r, g)], mask=ok, other=128)
     return qs, e
 
@@ -439,6 +450,16 @@ def _mxfp4_step_dot(acc, w: _W, w_refs, lead, x_ref, x_rows, x_ok, row0, bn, g0,
     d1, d2 = _e8m0_split(e)
     d = (d1 * d2)[..., None]                                                # [bn, gt, 1]
     ok = x_ok[:, None, None] & ((g0 + _iota(gt)) < w.G)[None, :, None]     # [bm, gt, 1]
+    if variant == "bytes":
+        # qs: bytes [bn, gt, 16] (byte 4q + k of the words).  Byte k = 2 lane + s2 holds
+        # element 8q + 4 lane + s2 (low nibble, s1 = 0) and that + 2 (high nibble, s1 = 1);
+        # x is viewed [M, G, q, lane, s1, s2], so x[.., s1] is [bm, gt, 4, 2, 2] in byte order.
+        for s1, h in enumerate(_byte_pair(qs)):                             # [bn, gt, 16] each
+            wt = (h * d1[..., None] * d2[..., None]).astype(cdt).reshape(bn, gt * 16)
+            xt = pltriton.load(x_ref.at[x_rows, pl.ds(g0, gt), pl.ds(0, 4), pl.ds(0, 2), _ix(s1),
+                                        pl.ds(0, 2)], mask=ok[..., None, None], other=0)
+            acc = _dot_nt(xt.reshape(bm, gt * 16), wt, interpret) + acc
+        return acc
     g = pl.ds(g0, gt)
     for (s1, s2), p in _word_pairs(qs).items():
         c = _ix(2 * s1 + s2)                                                # x view [M, G, 4, 2, 4]
@@ -715,7 +736,8 @@ def dense_matmul(x, wp: _W, bias, ops: DenseOps, fn: str, tiling: dict, interpre
     # GEMV math is float32 anyway; converting x once here (a few KB) saves a conversion per
     # weight in the kernel (each thread would convert its own copy of the broadcast x tile).
     xk = x.astype(F32) if p.mode == "gemv" else x
-    args = [ops.x_view(xk.reshape(M, i), wp.G, p.mode), *wp.arrays]
+    arrays = _dot_arrays(wp) if (p.mode == "dot" and ops.name == "mxfp4_matmul") else wp.arrays
+    args = [ops.x_view(xk.reshape(M, i), wp.G, p.mode), *arrays]
     if bias is not None:
         args.append(jnp.asarray(bias, F32).reshape(wp.O))
     shape = (p.k_splits, M, wp.O) if p.k_splits > 1 else (M, wp.O)
@@ -738,9 +760,21 @@ def _mxfp4_dense_gemv_load(w, w_refs, *args):
 
 #: The MXFP4 pieces of the dense matmul; x is read as [M, G, 32].
 def _mxfp4_x_view(x2, G, mode):
-    if mode == "dot" and os.environ.get("GPTJAX_MXFP4_DOT", "join") != "join":
+    v = os.environ.get("GPTJAX_MXFP4_DOT", "join")
+    if mode == "dot" and v == "bytes":
+        return x2.reshape(x2.shape[0], G, 4, 2, 2, 2)                      # [M, G, q, lane, s1, s2]
+    if mode == "dot" and v != "join":
         return x2.reshape(x2.shape[0], G, 4, 2, 4)                         # [M, G, q, lane, c]
     return x2.reshape(x2.shape[0], G, QK)
+
+
+def _dot_arrays(wp: _W):
+    """The weight arrays a dot-mode kernel reads: the words, or (GPTJAX_MXFP4_DOT=bytes) a byte
+    view of them [..., O, G, 16] for the per-byte decode."""
+    if os.environ.get("GPTJAX_MXFP4_DOT", "join") != "bytes" or wp.arrays[0].dtype != jnp.uint32:
+        return wp.arrays
+    qs, sc = wp.arrays
+    return (lax.bitcast_convert_type(qs, jnp.uint8).reshape(*qs.shape[:-1], 16), sc)
 
 
 MXFP4_OPS = DenseOps(_mxfp4_dense_step_dot, _mxfp4_dense_gemv_load, _mxfp4_gemv_compute,
@@ -953,7 +987,7 @@ def mxfp4_moe_matmul(x, w, expert_ids, bias=None, *, mode=None, block_m=None, bl
         return y.reshape(T, k, wp.O)
     order, tiles = moe_tiles(flat, E, p.block_m)
     xs = _mxfp4_x_view(jnp.take(x, order // k, axis=0), wp.G, "dot")      # expert-sorted rows
-    args = [xs, tiles, *wp.arrays] + ([b] if b is not None else [])
+    args = [xs, tiles, *_dot_arrays(wp)] + ([b] if b is not None else [])
     kernel = functools.partial(_grouped_kernel, w=wp.static(), p=p, has_bias=b is not None,
                                cdt=x.dtype, interpret=interpret)
     ys = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((R, wp.O), F32),
