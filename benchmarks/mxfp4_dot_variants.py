@@ -1,9 +1,13 @@
-"""MXFP4 "dot" mode (prefill, batch decode): three ways to feed the word-decoded weights to the
-tensor cores (env GPTJAX_MXFP4_DOT at trace time): "join" (all eight pieces joined into element
-order, one dot per K step), "lanes" (lanes joined, four dots against x read as [M, G, 4, 2, 4]),
-"split" (eight dots).  Device time per call (profiler), gpt-oss-20b shapes.
+"""MXFP4 "dot" mode (prefill, batch decode) at gpt-oss-20b shapes: the dense matmul and the
+grouped MoE kernel (64 tokens: byte view of the words; 512 tokens: word decode), device time per
+call (profiler); ``--grouped-sweep`` times a grid of grouped tiles.
 
-    python benchmarks/mxfp4_dot_variants.py
+The comparison that chose the two decodes (this session, H100; the script then switched variants
+with an environment variable, since removed): gate/up [32, 5760, 2880], words joined into
+element order / lanes joined, four dots / byte view, two dots: 64 tokens 369 / 323 / 293 µs,
+512 tokens 801 / 939 / 2,018 µs, dense 512 x 2880 x 2880 67 / 112 / 216 µs.
+
+    python benchmarks/mxfp4_dot_variants.py [--grouped-sweep]
 """
 from __future__ import annotations
 
@@ -51,19 +55,16 @@ def main():
                                       x512, w_moe, ids[512]),
     }
     tilings = [("default", {}), ("bk128", dict(block_k=128))]
-    variants = ("join", "lanes", "bytes")
     if args.grouped_sweep:
         del cases["dense 512x2880x2880"]
-        variants = ("join",)
         tilings = [("default", {})] + [
             (f"{bm}x{bn}x{bk} w{w}", dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w))
             for bm, bn, bk, w in itertools.product((16, 32, 64, 128), (64, 128), (64, 128), (4, 8))]
     fns, meta = {}, {}
     for cname, (f, x, w, i) in cases.items():
         want = None
-        for v in variants:
+        for v in ("current",):
             for tname, t in tilings:
-                os.environ["GPTJAX_MXFP4_DOT"] = v
                 name = f"mdv{len(fns)}z"
 
                 def fn(x, w, i, f=f, t=t):
@@ -82,7 +83,6 @@ def main():
                     continue
                 fns[name] = (jf, (x, w, i))
                 meta[name] = (cname, f"{v} {tname}")
-    os.environ["GPTJAX_MXFP4_DOT"] = "join"
     times = device_us_per_call(fns, reps=10)
     by = {}
     for n, us in times.items():

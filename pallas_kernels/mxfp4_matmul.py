@@ -136,6 +136,8 @@ GEMV_MAX_ROWS = 2
 #: K splits at most for 64..255-row dot tiles: each split writes an f32 partial of M x O, which
 #: costs as much as the weights from ~8 splits on (the sweep measured 4).
 MAX_SPLITS_BATCH = 4
+#: Grouped MoE calls with at most this many routed rows decode bytes (:func:`_mxfp4_step_dot`).
+BYTE_VIEW_MAX_ROWS = 256
 #: GEMV grids with fewer programs than this prefetch the next K step in software.
 PREFETCH_MAX_PROGRAMS = 4 * SM_COUNT
 
@@ -440,41 +442,31 @@ def _dot_nt(a, b, interpret):
 
 def _mxfp4_step_dot(acc, w: _W, w_refs, lead, x_ref, x_rows, x_ok, row0, bn, g0, gt, cdt,
                     interpret):
+    """One K step of the dot mode: the weight tile decoded exactly, rounded to ``cdt``, against
+    the x rows.  Two ways, told apart by the x view the wrapper passed:
+
+    * x ``[M, G, 32]`` (default): the code words decoded into element order (:func:`_decode_words`,
+      three levels of ``join``), one dot;
+    * x ``[M, G, q, lane, s1, s2]`` with a byte view of the words (:func:`byte_view`; the grouped
+      MoE kernel for few rows per expert): byte k = 2 lane + s2 of word q holds element
+      ``8q + 4 lane + s2`` (low nibble, s1 = 0) and that + 2 (high nibble, s1 = 1), so each
+      nibble half of the byte tile meets x[.., s1] in byte order: two dots, no joins.
+    H100 (benchmarks/mxfp4_dot_variants.py, gpt-oss-20b gate/up): 64 tokens x top-4, byte view
+    293 µs vs words 345 µs (best tiles each); 512 tokens the words 604 µs vs 2,018 (the
+    six-dimensional x loads stop scaling)."""
     qs, e = _load_w_tile(w, w_refs, lead, row0, bn, g0, gt)
     bm = x_ok.shape[0]
-    variant = os.environ.get("GPTJAX_MXFP4_DOT", "join")
-    if variant == "join":
+    if len(x_ref.shape) == 3:
         wt = _decode_words(qs, e).astype(cdt).reshape(bn, gt * QK)         # exact, then cdt
         xt = load_x32(x_ref, x_rows, x_ok, g0, gt, w.G).reshape(bm, gt * QK)
         return _dot_nt(xt, wt, interpret) + acc
     d1, d2 = _e8m0_split(e)
-    d = (d1 * d2)[..., None]                                                # [bn, gt, 1]
-    ok = x_ok[:, None, None] & ((g0 + _iota(gt)) < w.G)[None, :, None]     # [bm, gt, 1]
-    if variant == "bytes":
-        # qs: bytes [bn, gt, 16] (byte 4q + k of the words).  Byte k = 2 lane + s2 holds
-        # element 8q + 4 lane + s2 (low nibble, s1 = 0) and that + 2 (high nibble, s1 = 1);
-        # x is viewed [M, G, q, lane, s1, s2], so x[.., s1] is [bm, gt, 4, 2, 2] in byte order.
-        for s1, h in enumerate(_byte_pair(qs)):                             # [bn, gt, 16] each
-            wt = (h * d1[..., None] * d2[..., None]).astype(cdt).reshape(bn, gt * 16)
-            xt = pltriton.load(x_ref.at[x_rows, pl.ds(g0, gt), pl.ds(0, 4), pl.ds(0, 2), _ix(s1),
-                                        pl.ds(0, 2)], mask=ok[..., None, None], other=0)
-            acc = _dot_nt(xt.reshape(bm, gt * 16), wt, interpret) + acc
-        return acc
-    g = pl.ds(g0, gt)
-    for (s1, s2), p in _word_pairs(qs).items():
-        c = _ix(2 * s1 + s2)                                                # x view [M, G, 4, 2, 4]
-        lo, hi = _lanes(p)                                                  # [bn, gt, 4] each
-        if variant == "lanes":                                              # elements 8q + 4l + c
-            wt = (jnp.stack([lo, hi], axis=-1) * d[..., None]).astype(cdt)  # [bn, gt, 4, 2]
-            xt = pltriton.load(x_ref.at[x_rows, g, pl.ds(0, 4), pl.ds(0, 2), c],
-                               mask=ok[..., None], other=0)                 # [bm, gt, 4, 2]
-            acc = _dot_nt(xt.reshape(bm, gt * 8), wt.reshape(bn, gt * 8), interpret) + acc
-        else:                                                               # "split"
-            for lane, h in enumerate((lo, hi)):
-                wt = (h * d).astype(cdt).reshape(bn, gt * 4)
-                xt = pltriton.load(x_ref.at[x_rows, g, pl.ds(0, 4), _ix(lane), c], mask=ok,
-                                   other=0)                                 # [bm, gt, 4]
-                acc = _dot_nt(xt.reshape(bm, gt * 4), wt, interpret) + acc
+    ok = x_ok[:, None, None, None, None] & ((g0 + _iota(gt)) < w.G)[None, :, None, None, None]
+    for s1, h in enumerate(_byte_pair(qs)):                                 # [bn, gt, 16] each
+        wt = (h * d1[..., None] * d2[..., None]).astype(cdt).reshape(bn, gt * 16)
+        xt = pltriton.load(x_ref.at[x_rows, pl.ds(g0, gt), pl.ds(0, 4), pl.ds(0, 2), _ix(s1),
+                                    pl.ds(0, 2)], mask=ok, other=0)        # [bm, gt, 4, 2, 2]
+        acc = _dot_nt(xt.reshape(bm, gt * 16), wt, interpret) + acc
     return acc
 
 
@@ -736,8 +728,7 @@ def dense_matmul(x, wp: _W, bias, ops: DenseOps, fn: str, tiling: dict, interpre
     # GEMV math is float32 anyway; converting x once here (a few KB) saves a conversion per
     # weight in the kernel (each thread would convert its own copy of the broadcast x tile).
     xk = x.astype(F32) if p.mode == "gemv" else x
-    arrays = _dot_arrays(wp) if (p.mode == "dot" and ops.name == "mxfp4_matmul") else wp.arrays
-    args = [ops.x_view(xk.reshape(M, i), wp.G, p.mode), *arrays]
+    args = [ops.x_view(xk.reshape(M, i), wp.G), *wp.arrays]
     if bias is not None:
         args.append(jnp.asarray(bias, F32).reshape(wp.O))
     shape = (p.k_splits, M, wp.O) if p.k_splits > 1 else (M, wp.O)
@@ -759,26 +750,16 @@ def _mxfp4_dense_gemv_load(w, w_refs, *args):
 
 
 #: The MXFP4 pieces of the dense matmul; x is read as [M, G, 32].
-def _mxfp4_x_view(x2, G, mode):
-    v = os.environ.get("GPTJAX_MXFP4_DOT", "join")
-    if mode == "dot" and v == "bytes":
-        return x2.reshape(x2.shape[0], G, 4, 2, 2, 2)                      # [M, G, q, lane, s1, s2]
-    if mode == "dot" and v != "join":
-        return x2.reshape(x2.shape[0], G, 4, 2, 4)                         # [M, G, q, lane, c]
-    return x2.reshape(x2.shape[0], G, QK)
-
-
-def _dot_arrays(wp: _W):
-    """The weight arrays a dot-mode kernel reads: the words, or (GPTJAX_MXFP4_DOT=bytes) a byte
-    view of them [..., O, G, 16] for the per-byte decode."""
-    if os.environ.get("GPTJAX_MXFP4_DOT", "join") != "bytes" or wp.arrays[0].dtype != jnp.uint32:
-        return wp.arrays
+def byte_view(wp: _W) -> _W:
+    """The weight with its code words viewed as bytes ``[..., O, G, 16]`` (a bitcast: XLA does
+    not copy it) for the byte-wise dot decode of :func:`_mxfp4_step_dot`."""
     qs, sc = wp.arrays
-    return (lax.bitcast_convert_type(qs, jnp.uint8).reshape(*qs.shape[:-1], 16), sc)
+    return dataclasses.replace(
+        wp, arrays=(lax.bitcast_convert_type(qs, jnp.uint8).reshape(*qs.shape[:-1], 16), sc))
 
 
 MXFP4_OPS = DenseOps(_mxfp4_dense_step_dot, _mxfp4_dense_gemv_load, _mxfp4_gemv_compute,
-                     _mxfp4_x_view, "mxfp4_matmul")
+                     lambda x2, G: x2.reshape(x2.shape[0], G, QK), "mxfp4_matmul")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -929,11 +910,12 @@ def plan_moe(T: int, k: int, O: int, I: int, *, mode=None, block_m=None, block_n
         return dataclasses.replace(base, mode="pairs", k_splits=s, prefetch=bool(prefetch))
     if mode != "grouped":
         raise ValueError(f"mxfp4_moe_matmul: mode={mode!r}: expected 'pairs' or 'grouped'")
-    # H100 sweep (gate_up [32, 5760, 2880], top-4 random routing): 64 tokens 378 -> 271 µs with
-    # 16 x 128 x 64, 8 warps; 512 tokens 1774 -> 577 µs with 128 x 64 x 64, 4 warps.
+    # H100 sweep (benchmarks/mxfp4_dot_variants.py --grouped-sweep; gate_up [32, 5760, 2880],
+    # top-4 random routing): 64 tokens 16 x 128 x 64, 8 warps (byte view, 293 µs); 512 tokens
+    # 64 x 128 x 64, 4 warps (words, 604 µs; 801 with the 128 x 64 x 64 of the byte layout).
     small = R <= 256
     d = dict(block_m=16, block_n=128, block_k=64, num_warps=8) if small else \
-        dict(block_m=128, block_n=64, block_k=64, num_warps=4)
+        dict(block_m=64, block_n=128, block_k=64, num_warps=4)
     base = plan_dense(max(R, 64), O, I, mode="dot", block_m=block_m or d["block_m"],
                       block_n=block_n or d["block_n"], block_k=block_k or d["block_k"], k_splits=1,
                       num_warps=num_warps or d["num_warps"], num_stages=num_stages or 3)
@@ -986,8 +968,12 @@ def mxfp4_moe_matmul(x, w, expert_ids, bias=None, *, mode=None, block_m=None, bl
                 y = y + jnp.take(b, jnp.clip(flat, 0, E - 1), axis=0)
         return y.reshape(T, k, wp.O)
     order, tiles = moe_tiles(flat, E, p.block_m)
-    xs = _mxfp4_x_view(jnp.take(x, order // k, axis=0), wp.G, "dot")      # expert-sorted rows
-    args = [xs, tiles, *_dot_arrays(wp)] + ([b] if b is not None else [])
+    xs = jnp.take(x, order // k, axis=0)                                    # expert-sorted rows
+    if R <= BYTE_VIEW_MAX_ROWS:                                             # byte-wise decode
+        xs, wp = xs.reshape(R, wp.G, 4, 2, 2, 2), byte_view(wp)
+    else:
+        xs = xs.reshape(R, wp.G, QK)
+    args = [xs, tiles, *wp.arrays] + ([b] if b is not None else [])
     kernel = functools.partial(_grouped_kernel, w=wp.static(), p=p, has_bias=b is not None,
                                cdt=x.dtype, interpret=interpret)
     ys = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((R, wp.O), F32),

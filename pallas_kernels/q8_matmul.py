@@ -222,8 +222,7 @@ def _gemv_compute(accs, tile):
 
 #: The Q8_0 pieces of the shared dense matmul (pallas_kernels.mxfp4_matmul.dense_matmul); x is
 #: read as [M, G, 32].
-Q8_OPS = DenseOps(_step_dot, _gemv_load, _gemv_compute,
-                  lambda x2, G, mode: x2.reshape(x2.shape[0], G, QK),
+Q8_OPS = DenseOps(_step_dot, _gemv_load, _gemv_compute, lambda x2, G: x2.reshape(x2.shape[0], G, QK),
                   "q8_0_matmul")
 
 

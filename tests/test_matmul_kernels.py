@@ -345,6 +345,7 @@ MOE_CASES = [
     (2, 4, 5, 24, 96, jnp.bfloat16, "split", False, None),       # pairs, k = 4
     (9, 4, 5, 40, 64, jnp.float32, "split", True, None),         # grouped (R = 36)
     (5, 4, 3, 24, 64, jnp.bfloat16, "ggml", True, "grouped"),    # grouped, few experts
+    (70, 4, 6, 40, 96, jnp.bfloat16, "split", True, None),       # grouped, R = 280: word decode
 ]
 
 
