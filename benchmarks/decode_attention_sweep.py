@@ -14,12 +14,11 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
-from report import device_us_per_call  # noqa: E402
+from report import add_candidate, device_us_per_call  # noqa: E402
 
 
 def main():
@@ -43,23 +42,12 @@ def main():
                                                                    (4, 8))]
     fns, meta = {}, {}
     for label, c in cands:
-        name = f"das{len(fns)}z"
-
         def fn(q, kc, vc, lengths, sinks, c=c):
             return decode_attention(q, kc, vc, lengths, sinks=sinks, scale=H ** -0.5, layer=1, **c)
-        fn.__name__ = name
-        jf = jax.jit(fn)
-        try:
-            y = np.asarray(jax.block_until_ready(jf(q, kc, vc, lengths, sinks)), np.float32)
-        except Exception as e:                                               # report, go on
-            print(f"{label}: {type(e).__name__}: {str(e)[:200]}")
-            continue
-        err = float(np.max(np.abs(y - ref)) / np.max(np.abs(ref)))
-        if err > 2e-2:
-            print(f"{label}: WRONG rel err {err:.2e}")
-            continue
-        fns[name] = (jf, (q, kc, vc, lengths, sinks))
-        meta[name] = label
+        name, _ = add_candidate(fns, label, fn, (q, kc, vc, lengths, sinks), ref, rtol=2e-2,
+                                prefix="das")
+        if name:
+            meta[name] = label
     times = device_us_per_call(fns)
     nbytes = 2 * B * K * args.ctx * H * 2
     rows = sorted((us, meta[n]) for n, us in times.items() if us > 0)

@@ -14,13 +14,12 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels import q8_matmul as q8  # noqa: E402
 from pallas_kernels.mxfp4_matmul import plan_dense  # noqa: E402
-from report import device_us_per_call  # noqa: E402
+from report import add_candidate, device_us_per_call, print_ranked  # noqa: E402
 
 
 def q8w(rng, O, I):
@@ -50,37 +49,13 @@ def main():
             cands = [("default", {})] + [(str(c), c) for c in grid
                                          if not (sname.startswith("head") and c["k_splits"] > 1)]
             for label, c in cands:
-                name = f"drs{len(fns)}z"
-
-                def fn(x, w, c=c):
-                    return q8.q8_0_matmul(x, w, **c)
-                fn.__name__ = name
-                jf = jax.jit(fn)
-                try:
-                    y = np.asarray(jax.block_until_ready(jf(x, w)))
-                except Exception as e:                                       # report, go on
-                    print(f"{sname} M={M} {label}: {type(e).__name__}: {str(e)[:200]}")
-                    continue
-                err = float(np.max(np.abs(y - ref)) / np.max(np.abs(ref)))
-                if err > 2e-2:
-                    print(f"{sname} M={M} {label}: WRONG rel err {err:.2e}")
-                    continue
-                fns[name] = (jf, (x, w))
-                meta[name] = (f"{sname} M={M}", label, nbytes)
+                name, _ = add_candidate(fns, f"{sname} M={M} {label}",
+                                        lambda x, w, c=c: q8.q8_0_matmul(x, w, **c), (x, w), ref,
+                                        rtol=2e-2, prefix="drs")
+                if name:
+                    meta[name] = (f"{sname} M={M}", label, nbytes)
             print(f"{sname} M={M}: default plan {plan_dense(M, O, I)}")
-    times = device_us_per_call(fns, reps=10)
-    by = {}
-    for name, us in times.items():
-        by.setdefault(meta[name][0], []).append((us, meta[name][1], meta[name][2]))
-    for key, rs in by.items():
-        rs = [r for r in rs if r[0] > 0]
-        base = next((us for us, lab, _ in rs if lab == "default"), float("nan"))
-        rs.sort()
-        print(f"\n### {key}: default {base:.2f} µs")
-        print("| µs | vs default | TB/s | config |\n|---|---|---|---|")
-        for us, lab, nb in rs[:6] + [r for r in rs[6:] if r[1] == "default"]:
-            print(f"| {us:.2f} | {base / us:.2f}x | {nb / (us * 1e-6) / 1e12:.2f} | {lab} |")
-
+    print_ranked(device_us_per_call(fns, reps=10), meta, "default", top=6)
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,6 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -94,25 +93,11 @@ def main():
     fns, meta = {}, {}
     os.environ["GPTJAX_KERNELS"] = "pallas"
     want = None
-    for i, (label, f) in enumerate(cands):
-        name = f"mds{i}z"
-
-        def fn(x, p, f=f):
-            return f(x, p)
-        fn.__name__ = name
-        jf = jax.jit(fn)
-        try:
-            y = np.asarray(jax.block_until_ready(jf(x, p)))
-        except Exception as e:                                               # report, go on
-            print(f"{label}: {type(e).__name__}: {str(e)[:300]}")
-            continue
-        want = y if want is None else want
-        err = float(np.max(np.abs(y - want)) / np.max(np.abs(want)))
-        if err > 1e-2:
-            print(f"{label}: WRONG vs old, rel err {err:.2e}")
-            continue
-        fns[name] = (jf, (x, p))
-        meta[name] = label
+    for label, f in cands:
+        name, y = report.add_candidate(fns, label, f, (x, p), want, prefix="mds")
+        if name:
+            want = y if want is None else want
+            meta[name] = label
     times = device_us_per_call(fns)
     rows = sorted((us, meta[n]) for n, us in times.items() if us > 0)
     base = next((us for us, lab in rows if lab.startswith("old")), float("nan"))

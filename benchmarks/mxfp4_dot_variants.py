@@ -17,12 +17,11 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels import mxfp4_matmul as mx  # noqa: E402
-from report import device_us_per_call  # noqa: E402
+from report import add_candidate, device_us_per_call  # noqa: E402
 
 
 def main():
@@ -63,26 +62,13 @@ def main():
     fns, meta = {}, {}
     for cname, (f, x, w, i) in cases.items():
         want = None
-        for v in ("current",):
-            for tname, t in tilings:
-                name = f"mdv{len(fns)}z"
-
-                def fn(x, w, i, f=f, t=t):
-                    return f(x, w, i, t)
-                fn.__name__ = name
-                jf = jax.jit(fn)
-                try:
-                    y = np.asarray(jax.block_until_ready(jf(x, w, i)))
-                except Exception as e:                                       # report, go on
-                    print(f"{cname} {v} {tname}: {type(e).__name__}: {str(e)[:160]}")
-                    continue
+        for tname, t in tilings:
+            name, y = add_candidate(fns, f"{cname} {tname}",
+                                    lambda x, w, i, f=f, t=t: f(x, w, i, t), (x, w, i), want,
+                                    prefix="mdv")
+            if name:
                 want = y if want is None else want
-                err = float(np.max(np.abs(y - want)) / np.max(np.abs(want)))
-                if err > 1e-2:
-                    print(f"{cname} {v} {tname}: WRONG {err:.2e}")
-                    continue
-                fns[name] = (jf, (x, w, i))
-                meta[name] = (cname, f"{v} {tname}")
+                meta[name] = (cname, tname)
     times = device_us_per_call(fns, reps=10)
     by = {}
     for n, us in times.items():

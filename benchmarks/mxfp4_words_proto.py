@@ -120,7 +120,7 @@ def words_pairs(x, qw, sc, ids, *, bn=32, bk=512, warps=4, variant="joined", int
 
 def check():
     rng = np.random.default_rng(0)
-    E, O, I, U = 3, 40, 320, 2
+    E, O, I = 3, 40, 320
     data = rng.integers(0, 256, (E, O, I // 32 * 17), dtype=np.uint8)
     data.reshape(E, O, -1, 17)[..., 0] = rng.integers(110, 135, (E, O, I // 32))
     x = jnp.asarray(rng.standard_normal((1, I)), F32)
@@ -138,7 +138,7 @@ def check():
 
 
 def sweep():
-    from report import device_us_per_call
+    from report import add_candidate, device_us_per_call, print_ranked
 
     rng = np.random.default_rng(0)
     E, U, D, F = 32, 4, 2880, 2880
@@ -162,36 +162,13 @@ def sweep():
             cands.append((f"{variant} bn{bn} bk{bk} w{warps}",
                           lambda x, i, q, s, o, c=(bn, bk, warps, variant): words_pairs(
                               x, q, s, i, bn=c[0], bk=c[1], warps=c[2], variant=c[3])))
-        for ci, (label, f) in enumerate(cands):
-            name = f"wp{len(fns)}z"
-
-            def fn(x, i, q, s, o, f=f):
-                return f(x, i, q, s, o)
-            fn.__name__ = name
-            jf = jax.jit(fn)
-            try:
-                y = jax.block_until_ready(jf(x, ids, qw, sc, old)).reshape(U, O)
-            except Exception as ex:                                             # report, go on
-                print(f"{sname} {label}: {type(ex).__name__}: {str(ex)[:300]}")
-                continue
-            err = float(jnp.max(jnp.abs(y - ref)) / jnp.max(jnp.abs(ref)))
-            if err > 1e-2:
-                print(f"{sname} {label}: WRONG, rel err {err:.2e}")
-                continue
-            fns[name] = (jf, (x, ids, qw, sc, old))
-            meta[name] = (sname, label, nbytes)
-    times = device_us_per_call(fns)
-    by = {}
-    for name, us in times.items():
-        by.setdefault(meta[name][0], []).append((us, meta[name][1], meta[name][2]))
-    for sname, rs in by.items():
-        base = next(us for us, lab, _ in rs if lab == "old default") or float("nan")
-        rs.sort()
-        print(f"\n### {sname}: old default {base:.2f} µs")
-        print("| µs | vs old | TB/s | config |\n|---|---|---|---|")
-        for us, lab, nb in rs[:12] + [t for t in rs[12:] if t[1] == "old default"]:
-            print(f"| {us:.2f} | {base / us:.2f}x | {nb / (us * 1e-6) / 1e12:.2f} | {lab} |")
-
+        for label, f in cands:
+            name, _ = add_candidate(fns, f"{sname} {label}",
+                                    lambda x, i, q, s, o, f=f: f(x, i, q, s, o).reshape(U, O),
+                                    (x, ids, qw, sc, old), np.asarray(ref), prefix="wp")
+            if name:
+                meta[name] = (sname, label, nbytes)
+    print_ranked(device_us_per_call(fns), meta, "old default", top=12)
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()

@@ -60,3 +60,49 @@ def device_us_per_call(fns: dict, reps: int = 20) -> dict:
         print(f"device_us_per_call: no kernel matched; modules in the trace: "
               f"{sorted(per_module)[:20]}")
     return out
+
+
+def add_candidate(fns: dict, label: str, f, args: tuple, want=None, rtol: float = 1e-2,
+                  prefix: str = "c"):
+    """Jit ``f`` under a unique module name, run it on ``args`` (compiles), check the result
+    against ``want`` (max |error| / max |want| <= rtol) and register it in ``fns`` for
+    :func:`device_us_per_call`.  Returns (name, float32 result), or (None, None) after printing
+    why when it does not build or is wrong.  Weights belong in ``args``: arrays a function
+    closes over become HLO constants, and the profiler serialises every module."""
+    import jax
+    import numpy as np
+
+    name = f"{prefix}{len(fns)}z"          # module names lose a trailing underscore
+
+    def fn(*a):
+        return f(*a)
+    fn.__name__ = name
+    jf = jax.jit(fn)
+    try:
+        y = np.asarray(jax.block_until_ready(jf(*args)), np.float32)
+    except Exception as e:                                                   # report, go on
+        print(f"{label}: {type(e).__name__}: {str(e)[:300]}")
+        return None, None
+    if want is not None:
+        err = float(np.max(np.abs(y - want)) / np.max(np.abs(want)))
+        if err > rtol:
+            print(f"{label}: WRONG, rel err {err:.2e}")
+            return None, None
+    fns[name] = (jf, args)
+    return name, y
+
+
+def print_ranked(times: dict, meta: dict, base_label: str, top: int = 8) -> None:
+    """Markdown tables of :func:`device_us_per_call` results grouped by case, fastest first,
+    against the ``base_label`` row of each case.  meta: {name: (case, label, bytes read)}."""
+    by: dict = {}
+    for name, us in times.items():
+        if us > 0:
+            by.setdefault(meta[name][0], []).append((us, meta[name][1], meta[name][2]))
+    for case, rs in by.items():
+        base = next((us for us, lab, _ in rs if lab == base_label), float("nan"))
+        rs.sort()
+        print(f"\n### {case}: {base_label} {base:.2f} µs")
+        print(f"| µs | vs {base_label} | TB/s | config |\n|---|---|---|---|")
+        for us, lab, nb in rs[:top] + [r for r in rs[top:] if r[1] == base_label]:
+            print(f"| {us:.2f} | {base / us:.2f}x | {nb / (us * 1e-6) / 1e12:.2f} | {lab} |")
