@@ -30,7 +30,11 @@ The expert matrices are either dense arrays or :class:`gptjax.packed.PackedWeigh
 keep the file's MXFP4 (or other ggml) blocks, ``uint8[E, O, row_bytes]``. Packed stacks are
 never dequantized whole: both paths below decode only the experts they use.
 
-Two ways to run the experts (plain JAX; Pallas kernels can replace them later):
+The block as the models call it is :func:`moe_block` (``x + moe(norm(x))``); at decode (<= 2
+tokens, MXFP4 experts, kernels on) it is three Pallas kernels instead: the router GEMV with the
+RMSNorm in (``layers.norm_linear``), then pallas_kernels/moe_decode.py's gate/up (top-k and
+SwiGLU inside) and down (weighted sum and residual inside).  Otherwise :func:`moe` runs the
+experts one of two ways (plain JAX, or the MXFP4 "pairs"/"grouped" kernels where noted):
 
 * **gather** (:func:`experts_gather`, decode): gathers the blocks of the U experts of each token
   (``PackedWeight.take`` on the packed bytes), dequantizes those, and applies them with batched
