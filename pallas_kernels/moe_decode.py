@@ -188,8 +188,9 @@ def _down_kernel(h_ref, logits_ref, *refs, w, U, E, p):
 # ---------------------------------------------------------------------------------------------
 
 def _first(w_gate, b_gate, w_up, b_up, fn):
-    """Parsed (gate weight, up weight, up row offset, F) of the first projection: one fused
-    stack [E, 2F, D] (``w_up`` None: up rows start at F) or two stacks [E, F, D]."""
+    """(gate weight, up weight, up bias, up row offset, F) of the first projection, parsed: one
+    fused stack [E, 2F, D] (``w_up`` None: up rows start at F, the bias is the fused one) or two
+    stacks [E, F, D]."""
     wg = mx._parse_weights(w_gate, 1, fn)
     if w_up is None:
         if wg.O % 2 or b_gate.shape != (wg.lead[0], wg.O):
