@@ -152,6 +152,7 @@ CASES = [
     (2, 6, 2, 96, 96, True, True, jnp.float32, dict(block_n=64, block_k=32)),  # ragged rows, ties
     (1, 32, 4, 128, 96, True, False, jnp.bfloat16, {}),
     (2, 5, 5, 64, 32, False, True, jnp.bfloat16, dict(block_n=4, block_k=128)),  # U = E
+    (1, 128, 4, 64, 32, True, True, jnp.float32, {}),                    # gpt-oss-120b's E
 ]
 
 
