@@ -21,7 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels import mxfp4_matmul as mx  # noqa: E402
-from report import add_candidate, device_us_per_call  # noqa: E402
+from report import add_candidate, device_us_per_call, print_ranked  # noqa: E402
 
 
 def main():
@@ -30,7 +30,7 @@ def main():
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--grouped-sweep", action="store_true",
-                    help="only the grouped MoE kernel (join variant) over a grid of tiles")
+                    help="only the grouped MoE kernel, over a grid of tiles")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     E, D = 32, 2880
@@ -46,11 +46,11 @@ def main():
     x512 = jnp.asarray(rng.standard_normal((512, D)), bf)
     ids = {T: jnp.asarray(rng.integers(0, E, (T, 4)), jnp.int32) for T in (64, 512)}
     cases = {
-        "dense 512x2880x2880": (lambda x, w, i, t: mx.mxfp4_matmul.__wrapped__(x, w, **t),
+        "dense 512x2880x2880": (lambda x, w, i, t: mx.mxfp4_matmul(x, w, **t),
                                 x512, w_dense, None),
-        "moe gate_up T=64 (b64)": (lambda x, w, i, t: mx.mxfp4_moe_matmul.__wrapped__(x, w, i, **t),
+        "moe gate_up T=64 (b64)": (lambda x, w, i, t: mx.mxfp4_moe_matmul(x, w, i, **t),
                                    x512[:64], w_moe, ids[64]),
-        "moe gate_up T=512 (pp512)": (lambda x, w, i, t: mx.mxfp4_moe_matmul.__wrapped__(x, w, i, **t),
+        "moe gate_up T=512 (pp512)": (lambda x, w, i, t: mx.mxfp4_moe_matmul(x, w, i, **t),
                                       x512, w_moe, ids[512]),
     }
     tilings = [("default", {}), ("bk128", dict(block_k=128))]
@@ -68,16 +68,9 @@ def main():
                                     prefix="mdv")
             if name:
                 want = y if want is None else want
-                meta[name] = (cname, tname)
-    times = device_us_per_call(fns, reps=10)
-    by = {}
-    for n, us in times.items():
-        by.setdefault(meta[n][0], []).append((us, meta[n][1]))
-    for cname, rs in by.items():
-        rs.sort()
-        print(f"\n### {cname}")
-        for us, lab in rs[:10] + [r for r in rs[10:] if "default" in r[1]]:
-            print(f"| {us:.1f} µs | {lab} |")
+                # bytes: the whole weight (64 tokens x top-4 already route to all 32 experts)
+                meta[name] = (cname, tname, w.qs.size * 4 + w.scales.size)
+    print_ranked(device_us_per_call(fns, reps=10), meta, "default", top=10)
 
 
 if __name__ == "__main__":

@@ -198,7 +198,7 @@ def plan(kind: str, O: int, I: int, *, block_n=None, block_k=None, num_warps=Non
 # Kernel
 # ---------------------------------------------------------------------------------------------
 
-def row_stats(x_ref, row, G: int, gt: int, I: int, norm: str, eps: float):
+def _row_stats(x_ref, row, G: int, gt: int, I: int, norm: str, eps: float):
     """(mean, rstd) of one x row in float32 (mean 0 for RMSNorm), summed over all G blocks."""
     if G <= STATS_ONE_LOAD_BLOCKS:
         # The whole row in one load (<= 4096 values): both passes reduce registers, no second
@@ -228,9 +228,9 @@ def row_stats(x_ref, row, G: int, gt: int, I: int, norm: str, eps: float):
     return mean, lax.rsqrt(var + np.float32(eps))
 
 
-def normed_x(x_ref, g_ref, b_ref, row, stats, g0, gt, g_end, norm, cdt):
+def _normed_x(x_ref, g_ref, b_ref, row, stats, g0, gt, g_end, norm, cdt):
     """x tile [gt, 32] (float32) of row ``row``, blocks ``g0 + [0, gt)`` (0 from ``g_end`` on):
-    as stored (``norm`` None), or normalised with ``stats`` (:func:`row_stats`) and the norm
+    as stored (``norm`` None), or normalised with ``stats`` (:func:`_row_stats`) and the norm
     weights (``g_ref``, and ``b_ref`` for LayerNorm, viewed [1, G, 32]), rounded to ``cdt``."""
     xt = _x32(x_ref, row, g0, gt, g_end)
     if not norm:
@@ -264,13 +264,13 @@ def _kernel(*refs, kind: str, w: _W, M: int, p: Plan, norm, eps, act, round_to, 
     gt, bn = p.block_k // QK, p.block_n
     n0 = pl.program_id(0) * bn
     rows = tuple(range(M))
-    stats = tuple(row_stats(x_ref, r, w.G, gt, w.I, norm, eps) for r in rows) if norm else None
+    stats = tuple(_row_stats(x_ref, r, w.G, gt, w.I, norm, eps) for r in rows) if norm else None
 
     first = pl.program_id(0) == 0            # read outside the loop (interpret mode needs that)
 
     def step(t, accs):
         g0 = t * gt
-        xs = tuple(normed_x(x_ref, g_ref, b_ref, r, stats and stats[r], g0, gt, w.G, norm, cdt)
+        xs = tuple(_normed_x(x_ref, g_ref, b_ref, r, stats and stats[r], g0, gt, w.G, norm, cdt)
                    for r in rows)
         if norm_out:                                   # program 0 keeps the normalised rows
             g_ok = ((g0 + _iota(gt)) < w.G)[:, None]

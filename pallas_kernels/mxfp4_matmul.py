@@ -586,10 +586,10 @@ def plan_dense(M: int, O: int, I: int, *, mode=None, block_m=None, block_n=None,
     asked for: 16 output rows x 512 inputs per step, 8 warps, no split, no prefetch (the H100
     sweep's best, benchmarks/tile_sweep.py).  Otherwise 32 x 256, 4 warps, software prefetch when
     the grid is small (the prefetch costs ~40 registers and ~13 % more instructions, in SASS).
-    dot, decode-sized M (< 64): 16 x 32 x 128.  dot, batch decode (M < 256): 64 x 128 x 64, K
-    split (at most :data:`MAX_SPLITS_BATCH`) up to TARGET_PROGRAMS programs; prefill (M >= 256):
-    128 x 64 x 64 with 8 warps, no split.  Split K up to TARGET_PROGRAMS programs for decode.  Starting
-    points for benchmarks/matmul_kernels.py, which sweeps alternatives on the GPU.
+    dot, decode-sized M (< 64): 16 x 32 x 128, K split up to TARGET_PROGRAMS programs.  dot,
+    batch decode (M < 256): 64 x 128 x 64, K split likewise but at most :data:`MAX_SPLITS_BATCH`
+    times.  dot, prefill (M >= 256): 128 x 64 x 64 with 8 warps, no split.  Starting points for
+    benchmarks/matmul_kernels.py, which sweeps alternatives on the GPU.
     """
     mode = mode or ("gemv" if M <= GEMV_MAX_ROWS else "dot")
     small = mode == "gemv" and -(-O // 32) < PREFETCH_MAX_PROGRAMS and k_splits is None
@@ -749,7 +749,6 @@ def _mxfp4_dense_gemv_load(w, w_refs, *args):
     return _mxfp4_gemv_load(w, w_refs, (), *args)
 
 
-#: The MXFP4 pieces of the dense matmul; x is read as [M, G, 32].
 def byte_view(wp: _W) -> _W:
     """The weight with its code words viewed as bytes ``[..., O, G, 16]`` (a bitcast: XLA does
     not copy it) for the byte-wise dot decode of :func:`_mxfp4_step_dot`."""
@@ -758,6 +757,7 @@ def byte_view(wp: _W) -> _W:
         wp, arrays=(lax.bitcast_convert_type(qs, jnp.uint8).reshape(*qs.shape[:-1], 16), sc))
 
 
+#: The MXFP4 pieces of the dense matmul; x is read as [M, G, 32].
 MXFP4_OPS = DenseOps(_mxfp4_dense_step_dot, _mxfp4_dense_gemv_load, _mxfp4_gemv_compute,
                      lambda x2, G: x2.reshape(x2.shape[0], G, QK), "mxfp4_matmul")
 
@@ -913,7 +913,7 @@ def plan_moe(T: int, k: int, O: int, I: int, *, mode=None, block_m=None, block_n
     # H100 sweep (benchmarks/mxfp4_dot_variants.py --grouped-sweep; gate_up [32, 5760, 2880],
     # top-4 random routing): 64 tokens 16 x 128 x 64, 8 warps (byte view, 293 µs); 512 tokens
     # 64 x 128 x 64, 4 warps (words, 604 µs; 801 with the 128 x 64 x 64 of the byte layout).
-    small = R <= 256
+    small = R <= BYTE_VIEW_MAX_ROWS                          # the byte view's tiles (see above)
     d = dict(block_m=16, block_n=128, block_k=64, num_warps=8) if small else \
         dict(block_m=64, block_n=128, block_k=64, num_warps=4)
     base = plan_dense(max(R, 64), O, I, mode="dot", block_m=block_m or d["block_m"],

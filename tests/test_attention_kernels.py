@@ -15,7 +15,6 @@ Errors are relative norms ||a - b|| / ||b||.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,16 +23,11 @@ from gptjax.errors import GptjaxError
 from gptjax.models.layers import attention
 from pallas_kernels.decode_attention import decode_attention, decode_attention_ref
 from pallas_kernels.prefill_attention import prefill_attention, prefill_attention_ref
+from kernel_modes import MODES
 
 F32_RTOL = 2e-6     # float32 inputs (observed <= 4e-7 in interpret mode)
 BF16_RTOL = 2e-2    # bfloat16 inputs and cache (observed ~3e-3)
 
-HAS_GPU = jax.default_backend() == "gpu"
-MODES = [
-    pytest.param(True, id="interpret"),
-    pytest.param(False, id="gpu", marks=[pytest.mark.gpu,
-                                         pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")]),
-]
 
 
 def rel_err(a, b):

@@ -21,7 +21,6 @@ import math
 import warnings
 
 import gguf
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -31,14 +30,9 @@ from gguf import GGMLQuantizationType as T
 from gptjax.errors import WeightsError
 from gptjax.packed import PackedWeight
 from pallas_kernels import fused_gemv as fg
+from kernel_modes import MODES
 
 U32 = 2.0 ** -24
-HAS_GPU = jax.default_backend() == "gpu"
-MODES = [
-    pytest.param(True, id="interpret"),
-    pytest.param(False, id="gpu", marks=[pytest.mark.gpu,
-                                         pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")]),
-]
 
 
 def _weights(rng, kind, O, I):

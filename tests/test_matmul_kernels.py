@@ -40,16 +40,11 @@ from gptjax.errors import WeightsError
 from gptjax.packed import PackedWeight
 from pallas_kernels import mxfp4_matmul as mx
 from pallas_kernels import q8_matmul as q8
+from kernel_modes import HAS_GPU, MODES
 
 U32 = 2.0 ** -24
 BF16_WEIGHT_ROUNDING = 2.0 ** -8
 
-HAS_GPU = jax.default_backend() == "gpu"
-MODES = [
-    pytest.param(True, id="interpret"),
-    pytest.param(False, id="gpu", marks=[pytest.mark.gpu,
-                                         pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")]),
-]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from __future__ import annotations
 import warnings
 
 import gguf
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -30,13 +29,8 @@ from gguf import GGMLQuantizationType as T
 from gptjax.errors import WeightsError
 from pallas_kernels import moe_decode as md
 from pallas_kernels.mxfp4_matmul import repack_mxfp4
+from kernel_modes import MODES
 
-HAS_GPU = jax.default_backend() == "gpu"
-MODES = [
-    pytest.param(True, id="interpret"),
-    pytest.param(False, id="gpu", marks=[pytest.mark.gpu,
-                                         pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")]),
-]
 ALPHA, LIMIT, EPS = 1.702, 7.0, 1e-5
 K_SWIGLU = 10.0
 

@@ -273,8 +273,7 @@ def moe_block(x, p, config, norm, dtype):
     from pallas_kernels import moe_decode as md
 
     mode = kernel_mode()
-    if (mode != "ref" and x.shape[0] <= md.MAX_ROWS and norm.kind == "rms"
-            and _use_moe_kernel(p)):
+    if mode != "ref" and x.shape[0] <= md.MAX_ROWS and _use_moe_kernel(p):
         from gptjax.models.layers import norm_linear
 
         interpret = mode == "interpret"
