@@ -2,12 +2,16 @@
 grouped MoE kernel (64 tokens: byte view of the words; 512 tokens: word decode), device time per
 call (profiler); ``--grouped-sweep`` times a grid of grouped tiles.
 
-The comparison that chose the two decodes (this session, H100; the script then switched variants
-with an environment variable, since removed): gate/up [32, 5760, 2880], words joined into
-element order / lanes joined, four dots / byte view, two dots: 64 tokens 369 / 323 / 293 µs,
-512 tokens 801 / 939 / 2,018 µs, dense 512 x 2880 x 2880 67 / 112 / 216 µs.
+The comparison that chose the two decodes (fourth session, H100): gate/up [32, 5760, 2880],
+words joined into element order / lanes joined, four dots / byte view, two dots: 64 tokens
+369 / 323 / 293 µs, 512 tokens 801 / 939 / 2,018 µs, dense 512 x 2880 x 2880 67 / 112 / 216 µs.
+Fifth session (``--decode-variants``: each candidate traced afresh, see ``report.add_candidate``):
+a decode straight to bf16 bit patterns (packed bf16 multiplies by the scale, in jnp or inline
+PTX, four dots on a pre-permuted x) cut the loop's SASS from 10.3 to 6.5 instructions per weight
+at 64 tokens, yet ran 315-402 µs against the byte view's 289 (512 tokens: 615-1,067 against
+602-613): these kernels are not bound by the decode arithmetic.  Removed.
 
-    python benchmarks/mxfp4_dot_variants.py [--grouped-sweep]
+    python benchmarks/mxfp4_dot_variants.py [--grouped-sweep | --decode-variants]
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--grouped-sweep", action="store_true",
                     help="only the grouped MoE kernel, over a grid of tiles")
+    ap.add_argument("--decode-variants", action="store_true")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     E, D = 32, 2880
@@ -54,23 +59,36 @@ def main():
                                       x512, w_moe, ids[512]),
     }
     tilings = [("default", {}), ("bk128", dict(block_k=128))]
+    variants = [("", {})]
+    if args.decode_variants:
+        tilings = [("default", {})] + [
+            (f"{bm}x{bn}x{bk} w{w}", dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w))
+            for bm, bn, bk, w in ((16, 128, 64, 8), (16, 128, 128, 4), (64, 128, 64, 4))]
+        # (label, {"BV": BYTE_VIEW_MAX_ROWS for the trace, other keys: environment switches})
+        variants = [("default decode", dict()), ("words at every size", dict(BV="0"))]
     if args.grouped_sweep:
         del cases["dense 512x2880x2880"]
         tilings = [("default", {})] + [
             (f"{bm}x{bn}x{bk} w{w}", dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w))
             for bm, bn, bk, w in itertools.product((16, 32, 64, 128), (64, 128), (64, 128), (4, 8))]
     fns, meta = {}, {}
+    bv0 = mx.BYTE_VIEW_MAX_ROWS
     for cname, (f, x, w, i) in cases.items():
         want = None
-        for tname, t in tilings:
-            name, y = add_candidate(fns, f"{cname} {tname}",
-                                    lambda x, w, i, f=f, t=t: f(x, w, i, t), (x, w, i), want,
-                                    prefix="mdv")
-            if name:
-                want = y if want is None else want
-                # bytes: the whole weight (64 tokens x top-4 already route to all 32 experts)
-                meta[name] = (cname, tname, w.qs.size * 4 + w.scales.size)
-    print_ranked(device_us_per_call(fns, reps=10), meta, "default", top=10)
+        for vname, env in variants:
+            os.environ.update({k: v for k, v in env.items() if k != "BV"})
+            mx.BYTE_VIEW_MAX_ROWS = int(env.get("BV", bv0))
+            for tname, t in tilings:
+                label = f"{vname} {tname}".strip()
+                name, y = add_candidate(fns, f"{cname} {label}",
+                                        lambda x, w, i, f=f, t=t: f(x, w, i, t), (x, w, i), want,
+                                        prefix="mdv", fresh=True)
+                if name:
+                    want = y if want is None else want
+                    # bytes: the whole weight (64 tokens x top-4 route to all 32 experts)
+                    meta[name] = (cname, label, w.qs.size * 4 + w.scales.size)
+    base = "default decode default" if args.decode_variants else "default"
+    print_ranked(device_us_per_call(fns, reps=10), meta, base, top=12)
 
 
 if __name__ == "__main__":

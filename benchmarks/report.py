@@ -63,12 +63,14 @@ def device_us_per_call(fns: dict, reps: int = 20) -> dict:
 
 
 def add_candidate(fns: dict, label: str, f, args: tuple, want=None, rtol: float = 1e-2,
-                  prefix: str = "c"):
+                  prefix: str = "c", fresh: bool = False):
     """Jit ``f`` under a unique module name, run it on ``args`` (compiles), check the result
     against ``want`` (max |error| / max |want| <= rtol) and register it in ``fns`` for
     :func:`device_us_per_call`.  Returns (name, float32 result), or (None, None) after printing
     why when it does not build or is wrong.  Weights belong in ``args``: arrays a function
-    closes over become HLO constants, and the profiler serialises every module."""
+    closes over become HLO constants, and the profiler serialises every module.  ``fresh``:
+    clear JAX's caches and keep an AOT-compiled executable (for candidates that differ only in
+    environment switches or module globals read at trace time)."""
     import jax
     import numpy as np
 
@@ -77,8 +79,14 @@ def add_candidate(fns: dict, label: str, f, args: tuple, want=None, rtol: float 
     def fn(*a):
         return f(*a)
     fn.__name__ = name
-    jf = jax.jit(fn)
     try:
+        if fresh:
+            # Trace anew (the kernels' own jit caches ignore environment switches) and keep the
+            # compiled executable, which a later retrace cannot replace.
+            jax.clear_caches()
+            jf = jax.jit(fn).lower(*args).compile()
+        else:
+            jf = jax.jit(fn)
         y = np.asarray(jax.block_until_ready(jf(*args)), np.float32)
     except Exception as e:                                                   # report, go on
         print(f"{label}: {type(e).__name__}: {str(e)[:300]}")

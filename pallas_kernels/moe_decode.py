@@ -12,8 +12,10 @@ third session).  Here the router logits come from the fused norm+GEMV kernel
   features).  It finds expert ``e = top_k(logits[t])[u]`` itself (the rank of each of the E
   logits from one [E, E] comparison, in registers), streams the gate rows and the up rows of expert e against the
   normalised row (two accumulators in one K loop, the MXFP4 GEMV of ``mxfp4_matmul``), adds the
-  biases and applies the clamped SwiGLU.  Out: ``[M*U, F]`` in the compute dtype (what the down
-  projection reads; bf16 halves the bytes every down program re-reads from L2).
+  biases and applies the clamped SwiGLU.  Out: float32 ``[M*U, F]`` holding compute-dtype
+  values (rounded to ``cdt``): the down kernel reads its inputs without a conversion per use
+  (H100, benchmarks/moe_decode_sweep.py: down 16.3 -> 14.9 µs against a bf16 hand-over, though
+  every down program re-reads twice the bytes from L2).
 * :func:`moe_down_combine`: one program per (token t, block of ``block_n`` model features): the
   U experts of t one after the other (down rows of expert e_u against h[t, u]), each sum plus its
   bias weighted by the softmax of the U selected logits, plus the residual.  Out: float32
@@ -160,7 +162,7 @@ def _gate_up_kernel(h_ref, logits_ref, *refs, wg, wu, up_row0, F, U, E, p, cdt, 
                              wg.G, gt, bn)
     gate = gate + _load_row(bg_ref, e, n0, bn, F)
     up = up + _load_row(bu_ref, e, n0, bn, F, up_row0)
-    h = swiglu_oai(gate, up, alpha=alpha, limit=limit).astype(cdt)
+    h = swiglu_oai(gate, up, alpha=alpha, limit=limit).astype(cdt).astype(F32)
     pltriton.store(out_ref.at[r, pl.ds(n0, bn)], h, mask=(n0 + _iota(bn)) < F)
 
 
@@ -220,9 +222,9 @@ def moe_gate_up_swiglu(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_use
                        cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None,
                        interpret=False):
     """``out[t*U + u] = round_cdt(swiglu(h_t @ gate_e.T + bg_e, h_t @ up_e.T + bu_e))`` with
-    ``e = top_k(logits[t], n_used)[u]`` -> ``cdt [M*U, F]``.  h: float ``[M, D]``, the
-    normalised block input in compute-dtype values (M <= MAX_ROWS; ``fused_gemv(...,
-    norm_out=True)`` of the router gives it); logits float32 ``[M, E]``; w_gate MXFP4
+    ``e = top_k(logits[t], n_used)[u]`` -> float32 ``[M*U, F]`` (values rounded to ``cdt``).
+    h: float ``[M, D]``, the normalised block input in compute-dtype values (M <= MAX_ROWS;
+    ``fused_gemv(..., norm_out=True)`` of the router gives it); logits float32 ``[M, E]``; w_gate MXFP4
     ``[E, F, D]`` with w_up ``[E, F, D]``, or the fused ``[E, 2F, D]`` with w_up None; biases
     float ``[E, F]`` (fused: ``[E, 2F]``)."""
     fn = "moe_gate_up_swiglu"
@@ -239,7 +241,7 @@ def moe_gate_up_swiglu(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_use
         _gate_up_kernel, wg=dataclasses.replace(wg.static(), O=F),
         wu=dataclasses.replace(wu.static(), O=up_row0 + F), up_row0=up_row0, F=F, U=n_used, E=E, p=p,
         cdt=jnp.dtype(cdt), alpha=float(alpha), limit=float(limit))
-    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((M * n_used, F), cdt),
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((M * n_used, F), F32),
                           grid=(M * n_used, cdiv(F, p.block_n)),
                           compiler_params=pltriton.CompilerParams(num_warps=p.num_warps,
                                                                   num_stages=1),
@@ -300,7 +302,7 @@ def moe_gate_up_swiglu_ref(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n
     else:
         gate = y1
         up = mx.mxfp4_moe_matmul_ref(n, mx.Mxfp4Weights(*wu.arrays), ids, bu)
-    return swiglu_oai(gate, up, alpha=alpha, limit=limit).astype(cdt).reshape(-1, F)
+    return swiglu_oai(gate, up, alpha=alpha, limit=limit).astype(cdt).astype(F32).reshape(-1, F)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)

@@ -225,6 +225,27 @@ def test_mxfp4_kernel_identity_is_exact(layout, interpret):
 
 
 @pytest.mark.parametrize("interpret", MODES)
+def test_mxfp4_bf16_dots_identity_is_exact(interpret):
+    """bf16 x = I through the bf16 tensor-core decodes (the weights built as bf16 bit patterns
+    ``FP4 * 2^-126`` times bf16 powers of two, subnormal 0.5 included): the dense dot mode and
+    the grouped MoE mode with few routed rows return every code byte under every scale byte
+    2..252 exactly (MXFP4 weights are exact in bf16)."""
+    e = np.resize(np.arange(2, 253, dtype=np.uint8), 252)
+    blocks = np.zeros((126, 2, 17), np.uint8)                   # O = 126, I = 64
+    blocks[..., 0] = e.reshape(126, 2)
+    blocks[..., 1:] = np.resize(np.arange(256, dtype=np.uint8), (126, 2, 16))
+    raw = blocks.reshape(126, 34)
+    want = oracle(raw, T.MXFP4).astype(np.float32)              # [126, 64]
+    w = mx.repack_mxfp4(jnp.asarray(raw))
+    eye = jnp.eye(64, dtype=jnp.bfloat16)
+    y = mx.mxfp4_matmul(eye, w, mode="dot", interpret=interpret)
+    same_numbers_and_bits(np.asarray(y).T, want)
+    we = mx.Mxfp4Weights(w.qs[None], w.scales[None])             # one expert
+    y = mx.mxfp4_moe_matmul(eye, we, jnp.zeros((64, 1), jnp.int32), interpret=interpret)
+    same_numbers_and_bits(np.asarray(y)[:, 0].T, want)
+
+
+@pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("layout", ["ggml", "split"])
 def test_q8_kernel_identity_is_exact(layout, interpret):
     """x = I: every quant byte under scales 0, +-subnormal, +-65504, random.  Exact as numbers;

@@ -128,6 +128,9 @@ def _run(c, cdt, *, ref=False, interpret=True, layout="kernel", **tiles):
     n = jnp.asarray(_normed(c, cdt), jnp.float32)
     logits = jnp.asarray(c["logits"])
     h = f1(n, logits, *first, **kw)
+    # the hand-over: float32 holding compute-dtype values
+    assert h.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(h), np.asarray(h.astype(cdt).astype(jnp.float32)))
     out = f2(h, logits, wd, bd, jnp.asarray(c["res"], jnp.float32), **kw)
     return np.asarray(h, np.float64), np.asarray(out, np.float64)
 
