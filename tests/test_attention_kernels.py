@@ -169,6 +169,11 @@ DECODE_CASES = {  # B, N, K, S, H, lengths, window, sinks, dtype, tiling
                                dict(block_k=16, num_splits=2)),
     "G3_H24_window_sinks": (2, 6, 2, 40, 24, [20, 40], 8, True, jnp.float32, dict(block_k=16)),
     "bf16_G8_sinks": (2, 16, 2, 40, 64, [5, 33], None, True, jnp.bfloat16, dict(block_k=16)),
+    # 3 splits (not a power of two); a row with nothing visible (length 0)
+    "G3_H24_splits3_sinks": (3, 6, 2, 70, 24, [0, 30, 70], None, True, jnp.float32,
+                             dict(block_k=16, num_splits=3)),
+    "G3_splits3_no_sinks": (2, 6, 2, 70, 24, [0, 70], None, False, jnp.bfloat16,
+                            dict(block_k=16, num_splits=3)),
 }
 
 
