@@ -173,17 +173,6 @@ def default_num_splits(B: int, K: int, S: int, block_k: int, target_programs: in
     return max(1, min(want, next_pow2(-(-S // block_k))))
 
 
-def long_cache_tiling(B: int, K: int, S: int) -> dict:
-    """Tiles for a layer whose cache holds the whole context (not a short sliding ring): 128-key
-    blocks and ~64 programs.  H100, gpt-oss-20b full layer at 4096 tokens
-    (benchmarks/decode_attention_sweep.py, kernel + the XLA split combine): 8.8 µs against
-    11.0 µs with the defaults (64-key blocks, 32 splits: the partials and their combine grow
-    with the splits); in the model, b1 decode after 4096 tokens 443.7 -> 457.5 tok/s (fifth
-    session, same machine).  Short rings keep the defaults: with 128-key blocks a 128-slot ring
-    would get one split per head."""
-    return dict(block_k=128, num_splits=default_num_splits(B, K, S, 128, target_programs=64))
-
-
 @functools.partial(jax.jit, static_argnames=("window", "scale", "block_k", "num_splits",
                                              "num_warps", "num_stages", "layer", "interpret"))
 def decode_attention(q, k_cache, v_cache, lengths, *, window=None, sinks=None, scale,

@@ -407,11 +407,10 @@ def cache_attention(q, k, v, cache, layer: int, q_positions, *, lengths=None, wi
         n_visible = q_positions[:, 0] + 1
     if mode != "ref":
         if T == 1:
-            from pallas_kernels.decode_attention import decode_attention, long_cache_tiling
+            from pallas_kernels.decode_attention import decode_attention
 
-            tiles = {} if in_ring else long_cache_tiling(*ks.shape[1:4])     # B, K, S
             out = decode_attention(q[:, 0], ks, vs, n_visible, layer=idx, window=window,
-                                   sinks=sinks, scale=float(scale), interpret=interpret, **tiles)
+                                   sinks=sinks, scale=float(scale), interpret=interpret)
             return out[:, None].astype(q.dtype), cache
         from pallas_kernels.prefill_attention import prefill_attention
 
