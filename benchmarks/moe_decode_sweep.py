@@ -81,19 +81,19 @@ def main():
         pd = p["ffn_down_exps"]
         return md.moe_down_combine(h, logits, pd["weight"].data, pd["bias"], x, **kw, **(d or {}))
 
-    cands = [("old (XLA + pairs kernels)", old, ""), ("new default", new, "")]
+    cands = [("old (XLA + pairs kernels)", old), ("new default", new)]
     gs = [dict(block_n=n, block_k=k, num_warps=w) for n, k, w in
           itertools.product((8, 16), (512, 1024, 2048), (4, 8))]
     ds = [dict(block_n=n, block_k=k, num_warps=w) for n, k, w in
           itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8))]
     if args.quick:
         gs, ds = gs[:2], ds[:2]
-    cands += [(f"gate_up {g}", lambda x, p, g=g: new(x, p, g=g), "") for g in gs]
-    cands += [(f"down {d}", lambda x, p, d=d: new(x, p, d=d), "") for d in ds]
+    cands += [(f"gate_up {g}", lambda x, p, g=g: new(x, p, g=g)) for g in gs]
+    cands += [(f"down {d}", lambda x, p, d=d: new(x, p, d=d)) for d in ds]
     fns, meta = {}, {}
     os.environ["GPTJAX_KERNELS"] = "pallas"
     want = None
-    for label, f, _ in cands:
+    for label, f in cands:
         name, y = report.add_candidate(fns, label, f, (x, p), want, prefix="mds", fresh=True)
         if name:
             want = y if want is None else want

@@ -59,25 +59,23 @@ def main():
                                       x512, w_moe, ids[512]),
     }
     tilings = [("default", {}), ("bk128", dict(block_k=128))]
-    variants = [("", {})]
+    bv0 = mx.BYTE_VIEW_MAX_ROWS
+    variants = [("", bv0)]                   # (label, BYTE_VIEW_MAX_ROWS while it is traced)
     if args.decode_variants:
         tilings = [("default", {})] + [
             (f"{bm}x{bn}x{bk} w{w}", dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w))
             for bm, bn, bk, w in ((16, 128, 64, 8), (16, 128, 128, 4), (64, 128, 64, 4))]
-        # (label, {"BV": BYTE_VIEW_MAX_ROWS for the trace, other keys: environment switches})
-        variants = [("default decode", dict()), ("words at every size", dict(BV="0"))]
+        variants = [("default decode", bv0), ("words at every size", 0)]
     if args.grouped_sweep:
         del cases["dense 512x2880x2880"]
         tilings = [("default", {})] + [
             (f"{bm}x{bn}x{bk} w{w}", dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w))
             for bm, bn, bk, w in itertools.product((16, 32, 64, 128), (64, 128), (64, 128), (4, 8))]
     fns, meta = {}, {}
-    bv0 = mx.BYTE_VIEW_MAX_ROWS
     for cname, (f, x, w, i) in cases.items():
         want = None
-        for vname, env in variants:
-            os.environ.update({k: v for k, v in env.items() if k != "BV"})
-            mx.BYTE_VIEW_MAX_ROWS = int(env.get("BV", bv0))
+        for vname, bv in variants:
+            mx.BYTE_VIEW_MAX_ROWS = bv           # read at trace time: fresh=True below
             for tname, t in tilings:
                 label = f"{vname} {tname}".strip()
                 name, y = add_candidate(fns, f"{cname} {label}",
@@ -87,6 +85,7 @@ def main():
                     want = y if want is None else want
                     # bytes: the whole weight (64 tokens x top-4 route to all 32 experts)
                     meta[name] = (cname, label, w.qs.size * 4 + w.scales.size)
+    mx.BYTE_VIEW_MAX_ROWS = bv0
     base = "default decode default" if args.decode_variants else "default"
     print_ranked(device_us_per_call(fns, reps=10), meta, base, top=12)
 

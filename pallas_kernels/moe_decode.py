@@ -10,12 +10,12 @@ third session).  Here the router logits come from the fused norm+GEMV kernel
   hands over the normalised row it consumed (written once, by its first program).
 * :func:`moe_gate_up_swiglu`: one program per (token t, slot u, block of ``block_n`` expert
   features).  It finds expert ``e = top_k(logits[t])[u]`` itself (the rank of each of the E
-  logits from one [E, E] comparison, in registers), streams the gate rows and the up rows of expert e against the
-  normalised row (two accumulators in one K loop, the MXFP4 GEMV of ``mxfp4_matmul``), adds the
-  biases and applies the clamped SwiGLU.  Out: float32 ``[M*U, F]`` holding compute-dtype
-  values (rounded to ``cdt``): the down kernel reads its inputs without a conversion per use
-  (H100, benchmarks/moe_decode_sweep.py: down 16.3 -> 14.9 µs against a bf16 hand-over, though
-  every down program re-reads twice the bytes from L2).
+  logits from one [E, E] comparison, in registers), streams the gate rows and the up rows of
+  expert e against the normalised row (two accumulators in one K loop, the MXFP4 GEMV of
+  ``mxfp4_matmul``), adds the biases and applies the clamped SwiGLU.  Out: float32
+  ``[M*U, F]`` holding compute-dtype values (rounded to ``cdt``): the down kernel reads its
+  inputs without a conversion per use (H100, benchmarks/moe_decode_sweep.py: down 16.3 -> 14.9
+  µs against a bf16 hand-over, though every down program re-reads twice the bytes from L2).
 * :func:`moe_down_combine`: one program per (token t, block of ``block_n`` model features): the
   U experts of t one after the other (down rows of expert e_u against h[t, u]), each sum plus its
   bias weighted by the softmax of the U selected logits, plus the residual.  Out: float32
@@ -224,9 +224,9 @@ def moe_gate_up_swiglu(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_use
     """``out[t*U + u] = round_cdt(swiglu(h_t @ gate_e.T + bg_e, h_t @ up_e.T + bu_e))`` with
     ``e = top_k(logits[t], n_used)[u]`` -> float32 ``[M*U, F]`` (values rounded to ``cdt``).
     h: float ``[M, D]``, the normalised block input in compute-dtype values (M <= MAX_ROWS;
-    ``fused_gemv(..., norm_out=True)`` of the router gives it); logits float32 ``[M, E]``; w_gate MXFP4
-    ``[E, F, D]`` with w_up ``[E, F, D]``, or the fused ``[E, 2F, D]`` with w_up None; biases
-    float ``[E, F]`` (fused: ``[E, 2F]``)."""
+    ``fused_gemv(..., norm_out=True)`` of the router gives it); logits float32 ``[M, E]``;
+    w_gate MXFP4 ``[E, F, D]`` with w_up ``[E, F, D]``, or the fused ``[E, 2F, D]`` with w_up
+    None; biases float ``[E, F]`` (fused: ``[E, 2F]``)."""
     fn = "moe_gate_up_swiglu"
     wg, wu, bu, up_row0, F = _first(w_gate, b_gate, w_up, b_up, fn)
     E, M, D = wg.lead[0], h.shape[0], h.shape[-1]

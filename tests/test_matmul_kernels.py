@@ -226,10 +226,10 @@ def test_mxfp4_kernel_identity_is_exact(layout, interpret):
 
 @pytest.mark.parametrize("interpret", MODES)
 def test_mxfp4_bf16_dots_identity_is_exact(interpret):
-    """bf16 x = I through the bf16 tensor-core decodes (the weights built as bf16 bit patterns
-    ``FP4 * 2^-126`` times bf16 powers of two, subnormal 0.5 included): the dense dot mode and
-    the grouped MoE mode with few routed rows return every code byte under every scale byte
-    2..252 exactly (MXFP4 weights are exact in bf16)."""
+    """bf16 x = I through the bf16 tensor-core dots (weights decoded, then rounded to bf16): the
+    dense dot mode (word decode) and the grouped MoE mode with few routed rows (byte view of the
+    words) return every code byte under every scale byte 2..252 exactly (MXFP4 weights are exact
+    in bf16).  The float32 identity test above does not reach these bf16 paths."""
     e = np.resize(np.arange(2, 253, dtype=np.uint8), 252)
     blocks = np.zeros((126, 2, 17), np.uint8)                   # O = 126, I = 64
     blocks[..., 0] = e.reshape(126, 2)

@@ -268,7 +268,8 @@ def moe_block(x, p, config, norm, dtype):
     Decode (M <= ``moe_decode.MAX_ROWS`` tokens) with the kernels on and MXFP4 experts runs as
     three Pallas kernels (pallas_kernels/moe_decode.py): the norm + router GEMV
     (``layers.norm_linear``, which also returns the normalised row), then gate/up with top-k and
-    SwiGLU inside, then down with the weighted sum and the residual add inside.  Everything else: the XLA composition."""
+    SwiGLU inside, then down with the weighted sum and the residual add inside.  Everything
+    else: the XLA composition."""
     from pallas_kernels import kernel_mode
     from pallas_kernels import moe_decode as md
 
