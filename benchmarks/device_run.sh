@@ -55,7 +55,8 @@ for step in "$@"; do
     profile-oss-b64) timeout 300 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --batch 64 --new 16 --top 45 ;;
     moe-tests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_moe_decode.py \
                tests/test_matmul_kernels.py tests/test_fused_gemv.py tests/test_kernels_e2e.py 2>&1 | tail -25 ;;
-    moe-sweep) timeout 300 python3 benchmarks/moe_decode_sweep.py ;;
+    moe-sweep) timeout 500 python3 benchmarks/moe_decode_sweep.py ;;
+    moe-tiles) timeout 500 python3 benchmarks/moe_decode_sweep.py --set tiles ;;
     attn-sweep) timeout 300 python3 benchmarks/attention_kernels.py --decode-sweep --runs 10 2>&1 | grep -v "^ok" ;;
     rows-sweep) timeout 300 python3 benchmarks/dense_rows_sweep.py --head ;;
     attn-dev-sweep) timeout 200 python3 benchmarks/decode_attention_sweep.py ;;
