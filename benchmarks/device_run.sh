@@ -47,6 +47,7 @@ for step in "$@"; do
     fused-tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fused_gemv.py \
                tests/test_kernels_e2e.py tests/test_attention_kernels.py 2>&1 | tail -25 ;;
     fused-sweep) timeout 300 python3 benchmarks/fused_sweep.py ;;
+    fused-oss) timeout 400 python3 benchmarks/fused_sweep.py --oss --copies 4 ;;
     attn-tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention_kernels.py \
                tests/test_kernels_e2e.py 2>&1 | tail -8 ;;
     targets-b1) timeout 400 python3 benchmarks/gpt_oss_targets.py --skip pp512,b64,memory --out "$OUT/results.md" ;;

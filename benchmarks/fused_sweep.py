@@ -2,7 +2,11 @@
 shapes against the unfused path in the same process: device time per call from a profiler trace
 (every kernel of the call), and a sweep of its tiles.
 
-    python benchmarks/fused_sweep.py [--quick]
+    python benchmarks/fused_sweep.py [--quick] [--oss] [--copies 4]
+
+``--copies N``: every candidate runs on N distinct copies of the weight one after the other
+(times are per copy), so that a weight of 10-20 MB is not served from the 50 MB L2 as it would
+be when one copy is timed again and again (the model streams ~12 GB per token).
 
 Unfused = what the model ran before: the XLA norm, then the matmul (XLA's dot for plain bf16
 weights, the Pallas Q8_0 GEMV for Q8_0), then bias / GELU / residual as XLA ops.
@@ -55,14 +59,23 @@ def shapes(rng):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--oss", action="store_true", help="only the gpt-oss-20b shapes")
+    ap.add_argument("--copies", type=int, default=1)
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     grid = dict(block_n=[4, 8, 16, 32], block_k=[256, 512, 1024], num_warps=[4, 8])
+    if args.oss:
+        grid = dict(block_n=[8, 16, 32], block_k=[512, 1024, 2048], num_warps=[4, 8],
+                    preload=[False, True])
     if args.quick:
         grid = dict(block_n=[8, 16], block_k=[512], num_warps=[4, 8])
     configs = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
     fns, meta = {}, {}
     for si, (sname, (w, nbytes, I, O, nk, act, res, odt)) in enumerate(shapes(rng).items()):
+        if args.oss and not sname.startswith("oss"):
+            continue
+        ws = [w] + [jax.tree.map(lambda a: a + jnp.ones((), a.dtype), w)
+                    for _ in range(args.copies - 1)]               # distinct buffers
         x = jnp.asarray(rng.standard_normal((1, I)), jnp.float32 if nk else jnp.bfloat16)
         g = jnp.asarray(rng.standard_normal(I), jnp.float32)
         b = jnp.asarray(rng.standard_normal(I), jnp.float32)
@@ -91,19 +104,19 @@ def main():
         for ci, (label, f) in enumerate(cands):
             name = f"fsw{si}c{ci}z"          # module names lose a trailing underscore
 
-            def fn(w, x, bias, r, f=f):
-                return f(w, x, bias, r)
+            def fn(ws, x, bias, r, f=f):
+                return [f(w, x, bias, r) for w in ws]
             fn.__name__ = name
             jf = jax.jit(fn)
             try:
-                jax.block_until_ready(jf(w, x, bias, r))
+                jax.block_until_ready(jf(ws, x, bias, r))
             except Exception as e:                                           # report, go on
                 print(f"{sname} {label}: {type(e).__name__}: {str(e)[:160]}")
                 continue
-            fns[name] = (jf, (w, x, bias, r))
+            fns[name] = (jf, (ws, x, bias, r))
             meta[name] = (sname, label, nbytes)
     os.environ["GPTJAX_KERNELS"] = "pallas"
-    times = device_us_per_call(fns)
+    times = {n: us / args.copies for n, us in device_us_per_call(fns).items()}
     by_shape = {}
     for name, us in times.items():
         sname, label, nbytes = meta[name]

@@ -61,7 +61,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--set", choices=("tiles", "programs"), default="programs")
+    ap.add_argument("--set", choices=("tiles", "programs", "preload"), default="preload")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     ps = [params(rng) for _ in range(args.layers)]
@@ -102,6 +102,13 @@ def main():
               itertools.product((8, 16), (512, 1024, 2048), (4, 8))]
         ds = [dict(block_n=n, block_k=k, num_warps=w) for n, k, w in
               itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8))]
+    elif args.set == "preload":     # every K step's loads issued first
+        gs = [dict(block_n=n, block_k=k, num_warps=w, preload=True) for n, k, w in
+              ((8, 512, 4), (8, 1024, 4), (4, 1024, 4), (8, 512, 8), (16, 512, 8), (16, 1024, 8),
+               (4, 512, 4), (8, 256, 4))]
+        ds = [dict(block_n=n, block_k=k, num_warps=w, preload=True) for n, k, w in
+              ((8, 1024, 4), (8, 512, 4), (4, 1024, 4), (4, 512, 4), (16, 1024, 8), (8, 2048, 4),
+               (8, 1024, 8))]
     else:      # P programs looping over the items, with the next step prefetched
         gs = [dict(block_n=n, block_k=k, programs=P) for (n, k), P in
               itertools.product(((8, 512), (8, 256), (16, 256), (4, 512)), (264, 528, 792))]

@@ -62,7 +62,7 @@ F32 = jnp.float32
 #: Tokens the decode kernels take (GEMV math; more tokens go to the grouped kernel).
 MAX_ROWS = 2
 _STATIC = ("n_used", "alpha", "limit", "cdt", "block_n", "block_k", "num_warps", "programs",
-           "interpret")
+           "preload", "interpret")
 
 
 class Plan(NamedTuple):
@@ -70,15 +70,18 @@ class Plan(NamedTuple):
     block_k: int
     num_warps: int
     programs: int = 0    # 0: one program per item; P > 0: P programs loop over the items
+    preload: bool = False    # all K steps' weight loads issued first (an unrolled K loop)
 
 
-def plan(stage: str, *, block_n=None, block_k=None, num_warps=None, programs=None) -> Plan:
+def plan(stage: str, *, block_n=None, block_k=None, num_warps=None, programs=None,
+         preload=None) -> Plan:
     """Tiles.  H100, gpt-oss-20b, one token (benchmarks/moe_decode_sweep.py): gate/up 8 rows x
     512 inputs, 4 warps; down 8 rows (the program runs all U experts, so few rows keep ~2.7
     waves of programs) x 1024, 4 warps."""
     d = {"gate_up": Plan(8, 512, 4), "down": Plan(8, 1024, 4)}[stage]
     p = Plan(block_n or d.block_n, block_k or d.block_k, num_warps or d.num_warps,
-             d.programs if programs is None else programs)
+             d.programs if programs is None else programs,
+             d.preload if preload is None else bool(preload))
     if p.programs < 0:
         raise ValueError(f"moe_decode: programs={p.programs} must be >= 0")
     for name, v in zip(p._fields[:3], p[:3]):
@@ -123,20 +126,27 @@ def _route(logits_ref, t, E: int, U: int):
     return list(ids), [v / total for v in ex]
 
 
-def _expert_gemvs(streams, G: int, gt: int, bn: int):
+def _expert_gemvs(streams, G: int, gt: int, bn: int, preload: bool = False):
     """Several expert GEMVs in one K loop: ``streams`` is a list of ``(w, w_refs, e, row0,
     x_tile)`` (rows ``row0 + [0, bn)`` of expert e, rows past ``w.O`` read 0, against the input
     given tile by tile by ``x_tile(g0) -> [gt, 32]``) -> a float32 [bn] sum per stream.  Each
     step issues every stream's loads before any arithmetic, so the streams' memory latencies
     overlap (one loop per stream would run them back to back: a program's chain of dependent
     steps is what limits these small grids)."""
-    def step(s, accs):
-        g0 = s * gt
-        tiles = [(*mx._load_w_tile(w, w_refs, (e,), row0, bn, g0, gt), (x_tile(g0),))
-                 for w, w_refs, e, row0, x_tile in streams]
+    def load(g0):
+        return [(*mx._load_w_tile(w, w_refs, (e,), row0, bn, g0, gt), (x_tile(g0),))
+                for w, w_refs, e, row0, x_tile in streams]
+
+    def compute(accs, tiles):
         return tuple(mx._mxfp4_gemv_compute((acc,), tile)[0] for acc, tile in zip(accs, tiles))
 
-    accs = lax.fori_loop(0, cdiv(G, gt), step, tuple(jnp.zeros((bn, gt), F32) for _ in streams))
+    accs = tuple(jnp.zeros((bn, gt), F32) for _ in streams)
+    if preload:             # every step's loads first, then the arithmetic (an unrolled loop)
+        tiles = [load(_ix(s * gt)) for s in range(cdiv(G, gt))]
+        for t in tiles:
+            accs = compute(accs, t)
+    else:
+        accs = lax.fori_loop(0, cdiv(G, gt), lambda s, a: compute(a, load(s * gt)), accs)
     return [jnp.sum(acc, axis=1) for acc in accs]
 
 
@@ -274,7 +284,7 @@ def _gate_up_kernel(h_ref, logits_ref, *refs, wg, wu, up_row0, F, M, U, E, p, cd
         return mx.load_x32(h_ref, t, None, g0, gt, wg.G).astype(F32)
 
     gate, up = _expert_gemvs([(wg, wg_refs, e, n0, x_tile), (wu, wu_refs, e, up_row0 + n0, x_tile)],
-                             wg.G, gt, bn)
+                             wg.G, gt, bn, p.preload)
     gate = gate + _load_row(bg_ref, e, n0, bn, F)
     up = up + _load_row(bu_ref, e, n0, bn, F, up_row0)
     h = swiglu_oai(gate, up, alpha=alpha, limit=limit).astype(cdt).astype(F32)
@@ -296,7 +306,8 @@ def _down_kernel(h_ref, logits_ref, *refs, w, M, U, E, p):
     def x_tile(u):
         return lambda g0: mx.load_x32(h_ref, t * U + u, None, g0, gt, w.G).astype(F32)
 
-    ys = _expert_gemvs([(w, w_refs, ids[u], n0, x_tile(u)) for u in range(U)], w.G, gt, bn)
+    ys = _expert_gemvs([(w, w_refs, ids[u], n0, x_tile(u)) for u in range(U)], w.G, gt, bn,
+                       p.preload)
     terms = [wu * (yu + _load_row(b_ref, e, n0, bn, w.O)) for wu, yu, e in zip(weights, ys, ids)]
     y = y + functools.reduce(lambda a, b: a + b, terms)
     pltriton.store(out_ref.at[t, pl.ds(n0, bn)], y, mask=n_ok)
@@ -337,7 +348,7 @@ def _check_route(x, logits, n_used, E, fn):
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def moe_gate_up_swiglu(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_used, alpha, limit,
                        cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None,
-                       programs=None, interpret=False):
+                       programs=None, preload=None, interpret=False):
     """``out[t*U + u] = round_cdt(swiglu(h_t @ gate_e.T + bg_e, h_t @ up_e.T + bu_e))`` with
     ``e = top_k(logits[t], n_used)[u]`` -> float32 ``[M*U, F]`` (values rounded to ``cdt``).
     h: float ``[M, D]``, the normalised block input in compute-dtype values (M <= MAX_ROWS;
@@ -350,7 +361,8 @@ def moe_gate_up_swiglu(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_use
     _check_route(h, logits, n_used, E, fn)
     if D != wg.I:
         raise WeightsError(f"{fn}: h [.., {D}] does not match experts of input size {wg.I}")
-    p = plan("gate_up", block_n=block_n, block_k=block_k, num_warps=num_warps, programs=programs)
+    p = plan("gate_up", block_n=block_n, block_k=block_k, num_warps=num_warps, programs=programs,
+             preload=preload)
     args = [h.reshape(M, wg.G, QK), logits.astype(F32),
             *wg.arrays, jnp.asarray(b_gate, F32), *wu.arrays, jnp.asarray(bu, F32)]
     # Row bounds for the masks: gate rows [0, F), up rows [up_row0, up_row0 + F).
@@ -369,7 +381,7 @@ def moe_gate_up_swiglu(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_use
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def moe_down_combine(h, logits, w_down, b_down, residual, *, n_used, alpha=None, limit=None,
                      cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None,
-                     programs=None, interpret=False):
+                     programs=None, preload=None, interpret=False):
     """``out[t] = residual[t] + sum_u w_u (h[t*U + u] @ down_e.T + bd_e)``, ``e, w`` from
     ``top_k`` / softmax of ``logits[t]`` -> float32 ``[M, D]``.  h: float ``[M*U, F]``; logits
     float32 ``[M, E]``; w_down MXFP4 ``[E, D, F]``; b_down float ``[E, D]``; residual float
@@ -383,7 +395,8 @@ def moe_down_combine(h, logits, w_down, b_down, residual, *, n_used, alpha=None,
         raise WeightsError(f"{fn}: h {list(h.shape)}, residual {list(residual.shape)}, bias "
                            f"{list(b_down.shape)} do not fit experts [E={E}, D={w.O}, F={w.I}] "
                            f"with n_used={n_used}")
-    p = plan("down", block_n=block_n, block_k=block_k, num_warps=num_warps, programs=programs)
+    p = plan("down", block_n=block_n, block_k=block_k, num_warps=num_warps, programs=programs,
+             preload=preload)
     args = [h.reshape(M * n_used, w.G, QK), logits.astype(F32), *w.arrays,
             jnp.asarray(b_down, F32), residual.astype(F32)]
     kernel = functools.partial(_down_kernel, w=w.static(), M=M, U=n_used, E=E, p=p)
@@ -406,9 +419,9 @@ def _route_ref(logits, n_used):
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def moe_gate_up_swiglu_ref(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_used, alpha,
                            limit, cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None,
-                           programs=None, interpret=False):
+                           programs=None, preload=None, interpret=False):
     """Plain-jnp twin of :func:`moe_gate_up_swiglu` (tiling arguments ignored)."""
-    del block_n, block_k, num_warps, programs, interpret
+    del block_n, block_k, num_warps, programs, preload, interpret
     fn = "moe_gate_up_swiglu_ref"
     wg, wu, bu, up_row0, F = _first(w_gate, b_gate, w_up, b_up, fn)
     _check_route(h, logits, n_used, wg.lead[0], fn)
@@ -426,9 +439,9 @@ def moe_gate_up_swiglu_ref(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def moe_down_combine_ref(h, logits, w_down, b_down, residual, *, n_used, alpha=None, limit=None,
                          cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None,
-                         programs=None, interpret=False):
+                         programs=None, preload=None, interpret=False):
     """Plain-jnp twin of :func:`moe_down_combine` (tiling arguments ignored)."""
-    del alpha, limit, cdt, block_n, block_k, num_warps, programs, interpret
+    del alpha, limit, cdt, block_n, block_k, num_warps, programs, preload, interpret
     w = mx._parse_weights(w_down, 1, "moe_down_combine_ref")
     M = residual.shape[0]
     _check_route(residual, logits, n_used, w.lead[0], "moe_down_combine_ref")

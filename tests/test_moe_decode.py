@@ -153,6 +153,8 @@ CASES = [
     # P programs looping over the items: more items than programs, not a multiple of P
     (2, 8, 4, 96, 64, False, False, jnp.float32, dict(block_n=16, block_k=64, programs=3)),
     (1, 32, 4, 128, 96, True, True, jnp.bfloat16, dict(block_n=8, block_k=64, programs=5)),
+    # every K step's loads first (ragged last step: 96 = 2 x 64 - 32)
+    (2, 8, 4, 96, 64, True, False, jnp.float32, dict(block_n=16, block_k=64, preload=True)),
 ]
 
 
