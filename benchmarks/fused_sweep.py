@@ -65,8 +65,7 @@ def main():
     rng = np.random.default_rng(0)
     grid = dict(block_n=[4, 8, 16, 32], block_k=[256, 512, 1024], num_warps=[4, 8])
     if args.oss:
-        grid = dict(block_n=[8, 16, 32], block_k=[512, 1024, 2048], num_warps=[4, 8],
-                    preload=[False, True])
+        grid = dict(block_n=[4, 8, 16, 32], block_k=[512, 1024, 2048], num_warps=[4, 8])
     if args.quick:
         grid = dict(block_n=[8, 16], block_k=[512], num_warps=[4, 8])
     configs = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]

@@ -9,7 +9,7 @@ next one's input, so each routes differently): one layer's four routed experts (
 sit in the H100's 50 MB L2 if a single layer were timed again and again, and flatter the kernels.
 Times are per layer.
 
-    python benchmarks/moe_decode_sweep.py [--quick] [--layers 4] [--set tiles|programs]
+    python benchmarks/moe_decode_sweep.py [--quick] [--layers 4] [--set tiles|variants]
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--set", choices=("tiles", "programs", "preload"), default="preload")
+    ap.add_argument("--set", choices=("tiles", "variants"), default="variants")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     ps = [params(rng) for _ in range(args.layers)]
@@ -102,18 +102,8 @@ def main():
               itertools.product((8, 16), (512, 1024, 2048), (4, 8))]
         ds = [dict(block_n=n, block_k=k, num_warps=w) for n, k, w in
               itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8))]
-    elif args.set == "preload":     # every K step's loads issued first
-        gs = [dict(block_n=n, block_k=k, num_warps=w, preload=True) for n, k, w in
-              ((8, 512, 4), (8, 1024, 4), (4, 1024, 4), (8, 512, 8), (16, 512, 8), (16, 1024, 8),
-               (4, 512, 4), (8, 256, 4))]
-        ds = [dict(block_n=n, block_k=k, num_warps=w, preload=True) for n, k, w in
-              ((8, 1024, 4), (8, 512, 4), (4, 1024, 4), (4, 512, 4), (16, 1024, 8), (8, 2048, 4),
-               (8, 1024, 8))]
-    else:      # P programs looping over the items, with the next step prefetched
-        gs = [dict(block_n=n, block_k=k, programs=P) for (n, k), P in
-              itertools.product(((8, 512), (8, 256), (16, 256), (4, 512)), (264, 528, 792))]
-        ds = [dict(block_n=n, block_k=k, programs=P) for (n, k), P in
-              itertools.product(((8, 512), (8, 256), (4, 512), (16, 256)), (132, 264, 396))]
+    else:      # decode-time variants: fill in while experimenting
+        gs, ds = [], []
     if args.quick:
         gs, ds = gs[:2], ds[:2]
     cands += [(f"gate_up {g}", lambda x, p, g=g: new(x, p, g=g)) for g in gs]

@@ -111,7 +111,7 @@ def _ablation_kernel(ids_ref, x_ref, qs_ref, sc_ref, out_ref, *, bn, gt, x_mode,
             if decode == "words":
                 h = mx._words_fp4(qs)
             else:
-                h = lax.bitcast_convert_type(qs, jnp.float32)
+                h = _words_variant(qs, decode)
             y = jnp.sum(h * x, axis=2)
             if scales:
                 d1, d2 = mx._e8m0_split(sc)
@@ -123,6 +123,21 @@ def _ablation_kernel(ids_ref, x_ref, qs_ref, sc_ref, out_ref, *, bn, gt, x_mode,
     g, up = lax.fori_loop(0, mx.cdiv(G, gt), step, (z, z))
     pltriton.store(out_ref.at[u, pl.ds(n0, bn)], jnp.sum(g, axis=1) + jnp.sum(up, axis=1),
                    mask=(n0 + mx._iota(bn)) < F)
+
+
+def _words_variant(words, decode):
+    """Wrong-valued decodes with fewer integer instructions, to price them: "mag" (no sign: one
+    shift and one mask per piece), "noshift" (one mask per piece)."""
+    MAG = np.uint32(0x0E000E00)
+    if decode == "mag":
+        pieces = {(0, 0): (words << 9) & MAG, (1, 0): (words << 5) & MAG,
+                  (0, 1): (words << 1) & MAG, (1, 1): (words >> 3) & MAG}
+    else:
+        pieces = {(0, 0): words & np.uint32(0x8E008E00), (1, 0): words & MAG,
+                  (0, 1): words & np.uint32(0x8E000E00), (1, 1): words & np.uint32(0x0E008E00)}
+    pairs = {k: jnp.stack(mx._lanes(v), axis=-1) for k, v in pieces.items()}
+    by_s2 = [jnp.stack([pairs[(0, s2)], pairs[(1, s2)]], axis=-1) for s2 in (0, 1)]
+    return jnp.stack(by_s2, axis=-1).reshape(*words.shape[:-1], 32)
 
 
 def ablation(ids, x, qs, sc, *, bn=8, gt=16, nw=4, x_mode="load", scales=True, decode="words"):
@@ -185,24 +200,27 @@ def main():
         cands.append((f"read-only bn={bn} block_k={gt * 32} warps={nw} scales={scales}",
                       over_layers(lambda i, q, s, lg, bn=bn, gt=gt, nw=nw, scales=scales:
                                   read_only(i, q, s, bn=bn, gt=gt, nw=nw, scales=scales))))
-    abl = [dict(), dict(x_mode="const")]
-    abl += [dict(bn=bn, gt=gt, nw=nw) for bn, gt, nw in
-            ((8, 8, 4), (4, 16, 4), (8, 16, 8), (16, 8, 8), (4, 8, 4), (8, 4, 4), (16, 16, 8))]
-    for bn, bk, nw in ((8, 256, 4), (4, 512, 4), (16, 256, 8), (8, 512, 8), (4, 256, 4),
-                       (8, 128, 4), (16, 512, 8)):
+    abl = [dict(), dict(x_mode="const"), dict(x_mode="f32"), dict(decode="mag"),
+           dict(decode="noshift"), dict(x_mode="f32", decode="noshift"),
+           dict(x_mode="const", decode="noshift")]
+    for bn, bk, nw in ((8, 512, 4),):
         cands.append((f"real gate/up kernel bn={bn} block_k={bk} warps={nw}", over_layers(
             lambda i, q, s, lg, kw=dict(block_n=bn, block_k=bk, num_warps=nw):
             md.moe_gate_up_swiglu(h, lg, mx.Mxfp4Weights(q, s), bias, n_used=U, alpha=1.702,
                                   limit=7.0, **kw))))
     for kw in abl:
+        label = f"ablation {kw}"
         xv = x_view(h, kw.get("x_mode", "load"))
-        cands.append((f"ablation {kw}", over_layers(
+        if kw.get("x_mode") == "f32":
+            xv, kw = xv.astype(jnp.float32), {**kw, "x_mode": "load"}
+        cands.append((label, over_layers(
             lambda i, q, s, lg, kw=kw, xv=xv: ablation(i, xv, q, s, **kw))))
     fns, meta = {}, {}
     want = None
     for label, f in cands:
         # the ablations that compute the real sums (x loaded, scales on) must agree
-        real = label.startswith("ablation") and "const" not in label and "False" not in label
+        real = label.startswith("ablation") and not any(
+            k in label for k in ("const", "False", "mag", "noshift"))
         name, y = report.add_candidate(fns, label, f, (layers, ids, logits), want if real else None,
                                        prefix="rc", rtol=1e-5)
         if real and want is None:

@@ -74,7 +74,7 @@ NORMS = (None, "rms", "layer")
 #: Weights with at most this many output rows get whole-row K steps (:func:`plan`).
 FEW_ROWS = 256
 _STATIC = ("norm", "eps", "act", "round_to", "cdt", "norm_out", "block_n", "block_k",
-           "num_warps", "preload", "interpret")
+           "num_warps", "interpret")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,15 +167,9 @@ class Plan(NamedTuple):
     block_n: int
     block_k: int
     num_warps: int
-    preload: bool = False    # every weight tile loaded before the statistics and the arithmetic
 
 
-#: K steps per program up to which the default plan preloads all weight tiles (:class:`Plan`).
-PRELOAD_MAX_STEPS = 0
-
-
-def plan(kind: str, O: int, I: int, *, block_n=None, block_k=None, num_warps=None,
-         preload=None) -> Plan:
+def plan(kind: str, O: int, I: int, *, block_n=None, block_k=None, num_warps=None) -> Plan:
     """Default tiling, from the H100 sweep (benchmarks/fused_sweep.py, RESULTS.md):
     ``block_n`` output rows per program, as many as keep >= 2 programs per SM (132 SMs), 2 to
     16; plain weights: ``block_k`` 256 inputs per step for rows of <= 1024 (GPT-2 124M's
@@ -197,9 +191,7 @@ def plan(kind: str, O: int, I: int, *, block_n=None, block_k=None, num_warps=Non
             raise ValueError(f"fused_gemv: {name}={v} must be a power of two")
     if bk % QK:
         raise ValueError(f"fused_gemv: block_k={bk} must be a multiple of {QK}")
-    if preload is None:
-        preload = cdiv(cdiv(I, QK), bk // QK) <= PRELOAD_MAX_STEPS
-    return Plan(bn, bk, nw, bool(preload))
+    return Plan(bn, bk, nw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,17 +264,11 @@ def _kernel(*refs, kind: str, w: _W, M: int, p: Plan, norm, eps, act, round_to, 
     gt, bn = p.block_k // QK, p.block_n
     n0 = pl.program_id(0) * bn
     rows = tuple(range(M))
-    steps = cdiv(w.G, gt)
-    # preload: every weight tile's loads issued first, so their latencies overlap each other and
-    # the norm statistics (a program is otherwise a chain of dependent round trips to memory)
-    # (offsets as int32 arrays: a static slice past the end is refused in interpret mode)
-    tiles = [ops.w_tile(w, w_refs, n0, bn, _ix(t * gt), gt, w.G) for t in range(steps)] \
-        if p.preload else None
     stats = tuple(_row_stats(x_ref, r, w.G, gt, w.I, norm, eps) for r in rows) if norm else None
 
     first = pl.program_id(0) == 0            # read outside the loop (interpret mode needs that)
 
-    def step(t, accs, tile=None):
+    def step(t, accs):
         g0 = t * gt
         xs = tuple(_normed_x(x_ref, g_ref, b_ref, r, stats and stats[r], g0, gt, w.G, norm, cdt)
                    for r in rows)
@@ -294,15 +280,9 @@ def _kernel(*refs, kind: str, w: _W, M: int, p: Plan, norm, eps, act, round_to, 
                 for r, xt in zip(rows, xs):
                     pltriton.store(h_ref.at[_ix(r), pl.ds(g0, gt), pl.ds(0, QK)], xt.astype(cdt),
                                    mask=g_ok)
-        tile = ops.w_tile(w, w_refs, n0, bn, g0, gt, w.G) if tile is None else tile
-        return ops.compute(accs, (*tile, xs))
+        return ops.compute(accs, (*ops.w_tile(w, w_refs, n0, bn, g0, gt, w.G), xs))
 
-    accs = tuple(jnp.zeros((bn, gt), F32) for _ in rows)
-    if p.preload:
-        for t in range(steps):                         # unrolled: one static tile per step
-            accs = step(_ix(t), accs, tiles[t])
-    else:
-        accs = lax.fori_loop(0, steps, step, accs)
+    accs = lax.fori_loop(0, cdiv(w.G, gt), step, tuple(jnp.zeros((bn, gt), F32) for _ in rows))
     n_ok = (n0 + _iota(bn)) < w.O
     bias = pltriton.load(bias_ref.at[pl.ds(n0, bn)], mask=n_ok, other=0.0) if has_bias else None
     for r, acc in zip(rows, accs):
@@ -340,7 +320,7 @@ def _check(x, kind, wp: _W, norm, act, norm_weight, norm_bias, residual, fn):
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def fused_gemv(x, w, bias=None, norm_weight=None, norm_bias=None, residual=None, *, norm=None,
                eps=1e-5, act=None, round_to=None, cdt=jnp.bfloat16, norm_out=False, block_n=None,
-               block_k=None, num_warps=None, preload=None, interpret=False):
+               block_k=None, num_warps=None, interpret=False):
     """``act(norm(x) @ w^T + bias)`` rounded to ``round_to``, plus ``residual`` -> float32
     ``[..., O]`` in one kernel (module docstring).  ``norm_out=True`` (needs a norm): returns
     ``(y, h)`` with h ``cdt [..., I]``, the normalised rows that the matmul consumed (written by
@@ -359,8 +339,7 @@ def fused_gemv(x, w, bias=None, norm_weight=None, norm_bias=None, residual=None,
     if M > MAX_ROWS:
         raise ValueError(f"{fn}: {M} rows; the fused GEMV takes at most {MAX_ROWS} "
                          f"(use the unfused path: fused_gemv.supports)")
-    p = plan(kind, wp.O, wp.I, block_n=block_n, block_k=block_k, num_warps=num_warps,
-             preload=preload)
+    p = plan(kind, wp.O, wp.I, block_n=block_n, block_k=block_k, num_warps=num_warps)
     def view(a, G):
         return a.reshape(a.shape[0], G, QK)
 
@@ -404,12 +383,12 @@ def _dense(kind: str, wp: _W):
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def fused_gemv_ref(x, w, bias=None, norm_weight=None, norm_bias=None, residual=None, *,
                    norm=None, eps=1e-5, act=None, round_to=None, cdt=jnp.bfloat16, norm_out=False,
-                   block_n=None, block_k=None, num_warps=None, preload=None, interpret=False):
+                   block_n=None, block_k=None, num_warps=None, interpret=False):
     """Plain-jnp twin of :func:`fused_gemv` (tiling arguments ignored): the norm in float32
     (``gptjax.models.layers`` formulas), the row rounded to ``cdt``, packed weights decoded
     exactly and rounded to ``cdt`` as the XLA reference path does (plain ones as they are), one
     float32-accumulated dot, bias, activation, rounding, residual."""
-    del block_n, block_k, num_warps, preload, interpret
+    del block_n, block_k, num_warps, interpret
     fn = "fused_gemv_ref"
     kind, wp = _parse(w, fn)
     _check(x, kind, wp, norm, act, norm_weight, norm_bias, residual, fn)

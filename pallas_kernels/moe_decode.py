@@ -61,30 +61,22 @@ __all__ = ["moe_gate_up_swiglu", "moe_gate_up_swiglu_ref", "moe_down_combine",
 F32 = jnp.float32
 #: Tokens the decode kernels take (GEMV math; more tokens go to the grouped kernel).
 MAX_ROWS = 2
-_STATIC = ("n_used", "alpha", "limit", "cdt", "block_n", "block_k", "num_warps", "programs",
-           "preload", "interpret")
+_STATIC = ("n_used", "alpha", "limit", "cdt", "block_n", "block_k", "num_warps", "interpret")
 
 
 class Plan(NamedTuple):
     block_n: int
     block_k: int
     num_warps: int
-    programs: int = 0    # 0: one program per item; P > 0: P programs loop over the items
-    preload: bool = False    # all K steps' weight loads issued first (an unrolled K loop)
 
 
-def plan(stage: str, *, block_n=None, block_k=None, num_warps=None, programs=None,
-         preload=None) -> Plan:
+def plan(stage: str, *, block_n=None, block_k=None, num_warps=None) -> Plan:
     """Tiles.  H100, gpt-oss-20b, one token (benchmarks/moe_decode_sweep.py): gate/up 8 rows x
     512 inputs, 4 warps; down 8 rows (the program runs all U experts, so few rows keep ~2.7
     waves of programs) x 1024, 4 warps."""
     d = {"gate_up": Plan(8, 512, 4), "down": Plan(8, 1024, 4)}[stage]
-    p = Plan(block_n or d.block_n, block_k or d.block_k, num_warps or d.num_warps,
-             d.programs if programs is None else programs,
-             d.preload if preload is None else bool(preload))
-    if p.programs < 0:
-        raise ValueError(f"moe_decode: programs={p.programs} must be >= 0")
-    for name, v in zip(p._fields[:3], p[:3]):
+    p = Plan(block_n or d.block_n, block_k or d.block_k, num_warps or d.num_warps)
+    for name, v in zip(p._fields, p):
         if not mx._pow2(v):
             raise ValueError(f"moe_decode: {name}={v} must be a power of two")
     if p.block_k % QK:
@@ -126,62 +118,21 @@ def _route(logits_ref, t, E: int, U: int):
     return list(ids), [v / total for v in ex]
 
 
-def _expert_gemvs(streams, G: int, gt: int, bn: int, preload: bool = False):
+def _expert_gemvs(streams, G: int, gt: int, bn: int):
     """Several expert GEMVs in one K loop: ``streams`` is a list of ``(w, w_refs, e, row0,
     x_tile)`` (rows ``row0 + [0, bn)`` of expert e, rows past ``w.O`` read 0, against the input
     given tile by tile by ``x_tile(g0) -> [gt, 32]``) -> a float32 [bn] sum per stream.  Each
     step issues every stream's loads before any arithmetic, so the streams' memory latencies
     overlap (one loop per stream would run them back to back: a program's chain of dependent
     steps is what limits these small grids)."""
-    def load(g0):
-        return [(*mx._load_w_tile(w, w_refs, (e,), row0, bn, g0, gt), (x_tile(g0),))
-                for w, w_refs, e, row0, x_tile in streams]
-
-    def compute(accs, tiles):
+    def step(s, accs):
+        g0 = s * gt
+        tiles = [(*mx._load_w_tile(w, w_refs, (e,), row0, bn, g0, gt), (x_tile(g0),))
+                 for w, w_refs, e, row0, x_tile in streams]
         return tuple(mx._mxfp4_gemv_compute((acc,), tile)[0] for acc, tile in zip(accs, tiles))
 
-    accs = tuple(jnp.zeros((bn, gt), F32) for _ in streams)
-    if preload:             # every step's loads first, then the arithmetic (an unrolled loop)
-        tiles = [load(_ix(s * gt)) for s in range(cdiv(G, gt))]
-        for t in tiles:
-            accs = compute(accs, t)
-    else:
-        accs = lax.fori_loop(0, cdiv(G, gt), lambda s, a: compute(a, load(s * gt)), accs)
+    accs = lax.fori_loop(0, cdiv(G, gt), step, tuple(jnp.zeros((bn, gt), F32) for _ in streams))
     return [jnp.sum(acc, axis=1) for acc in accs]
-
-
-def _item_loop(n_items: int, P: int, steps: int, gt: int, bn: int, streams_of, epilogue):
-    """Program p runs items ``p, p + P, p + 2P, ...`` (< n_items) one after the other, K step by
-    K step, with the next step's loads -- the next item's first step at the end of an item --
-    issued before this step's arithmetic.  ``streams_of(item, ok) -> [(w, w_refs, e, row0,
-    x_tile)]`` (``ok`` false: an item past the end, whose loads are masked off);
-    ``epilogue(item, ok, sums)`` gets a float32 [bn] sum per stream."""
-    pid = pl.program_id(0)
-
-    def load(item, k):
-        ok = item < n_items
-        g0 = k * gt
-        streams = streams_of(jnp.minimum(item, n_items - 1), ok)
-        g_end = ok.astype(jnp.int32) * streams[0][0].G
-        return tuple((*mx._load_w_tile(w, w_refs, (e,), row0, bn, g0, gt, g_end), (x_tile(g0),))
-                     for w, w_refs, e, row0, x_tile in streams)
-
-    def item_body(i, cur):
-        item = pid + i * P
-
-        def step(k, carry):
-            accs, cur = carry
-            last = k == steps - 1
-            # (lax.select: jnp.where's jit wrapper with a literal mis-lowers in Pallas-Triton)
-            nxt = load(lax.select(last, item + P, item), lax.select(last, 0 * k, k + 1))
-            return tuple(mx._mxfp4_gemv_compute((a,), t)[0] for a, t in zip(accs, cur)), nxt
-
-        zeros = tuple(jnp.zeros((bn, gt), F32) for _ in cur)
-        accs, cur = lax.fori_loop(0, steps, step, (zeros, cur))
-        epilogue(item, item < n_items, [jnp.sum(a, axis=1) for a in accs])
-        return cur
-
-    lax.fori_loop(0, cdiv(n_items, P), item_body, load(pid, 0))
 
 
 def _load_row(ref, e, n0, bn, n_out, col0=0):
@@ -193,83 +144,7 @@ def _load_row(ref, e, n0, bn, n_out, col0=0):
 # Kernels
 # ---------------------------------------------------------------------------------------------
 
-def _pick(table, i):
-    """table[i] for a static list of scalars and a traced index (a chain of selects)."""
-    out = table[0]
-    for j in range(1, len(table)):
-        out = lax.select(i == j, table[j], out)
-    return out
-
-
-def _gate_up_items(h_ref, logits_ref, *refs, wg, wu, up_row0, F, M, U, E, p, cdt, alpha, limit):
-    """:func:`_gate_up_kernel` with ``p.programs`` programs looping over the (t, u, row block)
-    items (:func:`_item_loop`)."""
-    n_g = len(wg.arrays)
-    wg_refs, bg_ref = refs[:n_g], refs[n_g]
-    wu_refs, bu_ref = refs[n_g + 1:2 * n_g + 1], refs[2 * n_g + 1]
-    out_ref = refs[-1]
-    gt, bn = p.block_k // QK, p.block_n
-    nb = cdiv(F, bn)
-    ids = [e for t in range(M) for e in _route(logits_ref, t, E, U)[0]]     # [M * U] scalars
-
-    def split(item):
-        r = lax.div(item, np.int32(nb))
-        return r, _pick(ids, r), (item - r * nb) * bn
-
-    def streams_of(item, ok):
-        r, e, n0 = split(item)
-        t = lax.div(r, np.int32(U))
-
-        def x_tile(g0):
-            return mx.load_x32(h_ref, t, None, g0, gt, wg.G).astype(F32)
-        return [(wg, wg_refs, e, n0, x_tile), (wu, wu_refs, e, up_row0 + n0, x_tile)]
-
-    def epilogue(item, ok, sums):
-        r, e, n0 = split(jnp.minimum(item, M * U * nb - 1))
-        gate = sums[0] + _load_row(bg_ref, e, n0, bn, F)
-        up = sums[1] + _load_row(bu_ref, e, n0, bn, F, up_row0)
-        h = swiglu_oai(gate, up, alpha=alpha, limit=limit).astype(cdt).astype(F32)
-        pltriton.store(out_ref.at[r, pl.ds(n0, bn)], h, mask=((n0 + _iota(bn)) < F) & ok)
-
-    _item_loop(M * U * nb, p.programs, cdiv(wg.G, gt), gt, bn, streams_of, epilogue)
-
-
-def _down_items(h_ref, logits_ref, *refs, w, M, U, E, p):
-    """:func:`_down_kernel` with ``p.programs`` programs looping over the (t, row block) items."""
-    n_w = len(w.arrays)
-    w_refs, b_ref, res_ref, out_ref = refs[:n_w], refs[n_w], refs[n_w + 1], refs[-1]
-    gt, bn = p.block_k // QK, p.block_n
-    nb = cdiv(w.O, bn)
-    routes = [_route(logits_ref, t, E, U) for t in range(M)]
-
-    def split(item):
-        t = lax.div(item, np.int32(nb))
-        ids = [_pick([routes[m][0][u] for m in range(M)], t) for u in range(U)]
-        return t, ids, (item - t * nb) * bn
-
-    def streams_of(item, ok):
-        t, ids, n0 = split(item)
-
-        def x_tile(u):
-            return lambda g0: mx.load_x32(h_ref, t * U + u, None, g0, gt, w.G).astype(F32)
-        return [(w, w_refs, ids[u], n0, x_tile(u)) for u in range(U)]
-
-    def epilogue(item, ok, ys):
-        t, ids, n0 = split(jnp.minimum(item, M * nb - 1))
-        weights = [_pick([routes[m][1][u] for m in range(M)], t) for u in range(U)]
-        n_ok = ((n0 + _iota(bn)) < w.O) & ok
-        y = pltriton.load(res_ref.at[t, pl.ds(n0, bn)], mask=n_ok, other=0.0)
-        terms = [wu * (yu + _load_row(b_ref, e, n0, bn, w.O)) for wu, yu, e in zip(weights, ys, ids)]
-        y = y + functools.reduce(lambda a, b: a + b, terms)
-        pltriton.store(out_ref.at[t, pl.ds(n0, bn)], y, mask=n_ok)
-
-    _item_loop(M * nb, p.programs, cdiv(w.G, gt), gt, bn, streams_of, epilogue)
-
-
-def _gate_up_kernel(h_ref, logits_ref, *refs, wg, wu, up_row0, F, M, U, E, p, cdt, alpha, limit):
-    if p.programs:
-        return _gate_up_items(h_ref, logits_ref, *refs, wg=wg, wu=wu, up_row0=up_row0, F=F, M=M,
-                              U=U, E=E, p=p, cdt=cdt, alpha=alpha, limit=limit)
+def _gate_up_kernel(h_ref, logits_ref, *refs, wg, wu, up_row0, F, U, E, p, cdt, alpha, limit):
     n_g = len(wg.arrays)
     wg_refs, bg_ref = refs[:n_g], refs[n_g]
     wu_refs, bu_ref = refs[n_g + 1:2 * n_g + 1], refs[2 * n_g + 1]
@@ -284,16 +159,14 @@ def _gate_up_kernel(h_ref, logits_ref, *refs, wg, wu, up_row0, F, M, U, E, p, cd
         return mx.load_x32(h_ref, t, None, g0, gt, wg.G).astype(F32)
 
     gate, up = _expert_gemvs([(wg, wg_refs, e, n0, x_tile), (wu, wu_refs, e, up_row0 + n0, x_tile)],
-                             wg.G, gt, bn, p.preload)
+                             wg.G, gt, bn)
     gate = gate + _load_row(bg_ref, e, n0, bn, F)
     up = up + _load_row(bu_ref, e, n0, bn, F, up_row0)
     h = swiglu_oai(gate, up, alpha=alpha, limit=limit).astype(cdt).astype(F32)
     pltriton.store(out_ref.at[r, pl.ds(n0, bn)], h, mask=(n0 + _iota(bn)) < F)
 
 
-def _down_kernel(h_ref, logits_ref, *refs, w, M, U, E, p):
-    if p.programs:
-        return _down_items(h_ref, logits_ref, *refs, w=w, M=M, U=U, E=E, p=p)
+def _down_kernel(h_ref, logits_ref, *refs, w, U, E, p):
     n_w = len(w.arrays)
     w_refs, b_ref, res_ref, out_ref = refs[:n_w], refs[n_w], refs[n_w + 1], refs[-1]
     t, i_n = pl.program_id(0), pl.program_id(1)
@@ -306,8 +179,7 @@ def _down_kernel(h_ref, logits_ref, *refs, w, M, U, E, p):
     def x_tile(u):
         return lambda g0: mx.load_x32(h_ref, t * U + u, None, g0, gt, w.G).astype(F32)
 
-    ys = _expert_gemvs([(w, w_refs, ids[u], n0, x_tile(u)) for u in range(U)], w.G, gt, bn,
-                       p.preload)
+    ys = _expert_gemvs([(w, w_refs, ids[u], n0, x_tile(u)) for u in range(U)], w.G, gt, bn)
     terms = [wu * (yu + _load_row(b_ref, e, n0, bn, w.O)) for wu, yu, e in zip(weights, ys, ids)]
     y = y + functools.reduce(lambda a, b: a + b, terms)
     pltriton.store(out_ref.at[t, pl.ds(n0, bn)], y, mask=n_ok)
@@ -348,7 +220,7 @@ def _check_route(x, logits, n_used, E, fn):
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def moe_gate_up_swiglu(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_used, alpha, limit,
                        cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None,
-                       programs=None, preload=None, interpret=False):
+                       interpret=False):
     """``out[t*U + u] = round_cdt(swiglu(h_t @ gate_e.T + bg_e, h_t @ up_e.T + bu_e))`` with
     ``e = top_k(logits[t], n_used)[u]`` -> float32 ``[M*U, F]`` (values rounded to ``cdt``).
     h: float ``[M, D]``, the normalised block input in compute-dtype values (M <= MAX_ROWS;
@@ -361,18 +233,16 @@ def moe_gate_up_swiglu(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_use
     _check_route(h, logits, n_used, E, fn)
     if D != wg.I:
         raise WeightsError(f"{fn}: h [.., {D}] does not match experts of input size {wg.I}")
-    p = plan("gate_up", block_n=block_n, block_k=block_k, num_warps=num_warps, programs=programs,
-             preload=preload)
+    p = plan("gate_up", block_n=block_n, block_k=block_k, num_warps=num_warps)
     args = [h.reshape(M, wg.G, QK), logits.astype(F32),
             *wg.arrays, jnp.asarray(b_gate, F32), *wu.arrays, jnp.asarray(bu, F32)]
     # Row bounds for the masks: gate rows [0, F), up rows [up_row0, up_row0 + F).
     kernel = functools.partial(
         _gate_up_kernel, wg=dataclasses.replace(wg.static(), O=F),
-        wu=dataclasses.replace(wu.static(), O=up_row0 + F), up_row0=up_row0, F=F, M=M, U=n_used, E=E,
-        p=p,
+        wu=dataclasses.replace(wu.static(), O=up_row0 + F), up_row0=up_row0, F=F, U=n_used, E=E, p=p,
         cdt=jnp.dtype(cdt), alpha=float(alpha), limit=float(limit))
     return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((M * n_used, F), F32),
-                          grid=(p.programs,) if p.programs else (M * n_used, cdiv(F, p.block_n)),
+                          grid=(M * n_used, cdiv(F, p.block_n)),
                           compiler_params=pltriton.CompilerParams(num_warps=p.num_warps,
                                                                   num_stages=1),
                           interpret=interpret, name="moe_gate_up_swiglu")(*args)
@@ -381,7 +251,7 @@ def moe_gate_up_swiglu(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_use
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def moe_down_combine(h, logits, w_down, b_down, residual, *, n_used, alpha=None, limit=None,
                      cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None,
-                     programs=None, preload=None, interpret=False):
+                     interpret=False):
     """``out[t] = residual[t] + sum_u w_u (h[t*U + u] @ down_e.T + bd_e)``, ``e, w`` from
     ``top_k`` / softmax of ``logits[t]`` -> float32 ``[M, D]``.  h: float ``[M*U, F]``; logits
     float32 ``[M, E]``; w_down MXFP4 ``[E, D, F]``; b_down float ``[E, D]``; residual float
@@ -395,13 +265,12 @@ def moe_down_combine(h, logits, w_down, b_down, residual, *, n_used, alpha=None,
         raise WeightsError(f"{fn}: h {list(h.shape)}, residual {list(residual.shape)}, bias "
                            f"{list(b_down.shape)} do not fit experts [E={E}, D={w.O}, F={w.I}] "
                            f"with n_used={n_used}")
-    p = plan("down", block_n=block_n, block_k=block_k, num_warps=num_warps, programs=programs,
-             preload=preload)
+    p = plan("down", block_n=block_n, block_k=block_k, num_warps=num_warps)
     args = [h.reshape(M * n_used, w.G, QK), logits.astype(F32), *w.arrays,
             jnp.asarray(b_down, F32), residual.astype(F32)]
-    kernel = functools.partial(_down_kernel, w=w.static(), M=M, U=n_used, E=E, p=p)
+    kernel = functools.partial(_down_kernel, w=w.static(), U=n_used, E=E, p=p)
     return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((M, w.O), F32),
-                          grid=(p.programs,) if p.programs else (M, cdiv(w.O, p.block_n)),
+                          grid=(M, cdiv(w.O, p.block_n)),
                           compiler_params=pltriton.CompilerParams(num_warps=p.num_warps,
                                                                   num_stages=1),
                           interpret=interpret, name="moe_down_combine")(*args)
@@ -419,9 +288,9 @@ def _route_ref(logits, n_used):
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def moe_gate_up_swiglu_ref(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_used, alpha,
                            limit, cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None,
-                           programs=None, preload=None, interpret=False):
+                           interpret=False):
     """Plain-jnp twin of :func:`moe_gate_up_swiglu` (tiling arguments ignored)."""
-    del block_n, block_k, num_warps, programs, preload, interpret
+    del block_n, block_k, num_warps, interpret
     fn = "moe_gate_up_swiglu_ref"
     wg, wu, bu, up_row0, F = _first(w_gate, b_gate, w_up, b_up, fn)
     _check_route(h, logits, n_used, wg.lead[0], fn)
@@ -439,9 +308,9 @@ def moe_gate_up_swiglu_ref(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def moe_down_combine_ref(h, logits, w_down, b_down, residual, *, n_used, alpha=None, limit=None,
                          cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None,
-                         programs=None, preload=None, interpret=False):
+                         interpret=False):
     """Plain-jnp twin of :func:`moe_down_combine` (tiling arguments ignored)."""
-    del alpha, limit, cdt, block_n, block_k, num_warps, programs, preload, interpret
+    del alpha, limit, cdt, block_n, block_k, num_warps, interpret
     w = mx._parse_weights(w_down, 1, "moe_down_combine_ref")
     M = residual.shape[0]
     _check_route(residual, logits, n_used, w.lead[0], "moe_down_combine_ref")

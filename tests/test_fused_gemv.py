@@ -117,9 +117,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("preload", [False, True], ids=["loop", "preload"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-M{c[1]}-{c[4]}-{c[5]}" for c in CASES])
-def test_fused_gemv_against_float64(case, preload, interpret):
+def test_fused_gemv_against_float64(case, interpret):
     kind, M, O, I, norm, act, round_to, has_bias, has_res, cdt, xdt = case
     rng = np.random.default_rng(hash(case[:5]) % 2 ** 32)
     w, w64 = _weights(rng, kind, O, I)
@@ -132,8 +131,7 @@ def test_fused_gemv_against_float64(case, preload, interpret):
     kw = dict(norm=norm, eps=eps, act=act, round_to=round_to, cdt=cdt)
     args = (x, w, None if bias is None else jnp.asarray(bias), jnp.asarray(g) if norm else None,
             jnp.asarray(b) if norm == "layer" else None, None if res is None else jnp.asarray(res))
-    y = np.asarray(fg.fused_gemv(*args, **kw, preload=preload, block_k=256 if preload else None,
-                                 interpret=interpret), np.float64)
+    y = np.asarray(fg.fused_gemv(*args, **kw, interpret=interpret), np.float64)
     want, bound = _oracle(x, w64, bias, g, b, res, norm, eps, act, round_to, cdt)
     assert y.shape == (M, O)
     err = np.abs(y - want)
@@ -154,8 +152,8 @@ def test_fused_gemv_tilings(interpret):
     x = jnp.asarray(rng.standard_normal((1, 320)).astype(np.float32))
     g = jnp.asarray(rng.standard_normal(320).astype(np.float32))
     base = fg.fused_gemv(x, w, norm_weight=g, norm="rms", interpret=interpret)
-    for bn, bk, pre in ((2, 32, False), (32, 64, True), (64, 512, False), (8, 128, True)):
-        y = fg.fused_gemv(x, w, norm_weight=g, norm="rms", block_n=bn, block_k=bk, preload=pre,
+    for bn, bk in ((2, 32), (32, 64), (64, 512)):
+        y = fg.fused_gemv(x, w, norm_weight=g, norm="rms", block_n=bn, block_k=bk,
                           interpret=interpret)
         np.testing.assert_allclose(np.asarray(y), np.asarray(base), rtol=1e-5, atol=1e-5)
 

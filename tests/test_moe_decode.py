@@ -150,11 +150,6 @@ CASES = [
     (1, 32, 4, 128, 96, True, False, jnp.bfloat16, {}),
     (2, 5, 5, 64, 32, False, True, jnp.bfloat16, dict(block_n=4, block_k=128)),  # U = E
     (1, 128, 4, 64, 32, True, True, jnp.float32, {}),                    # gpt-oss-120b's E
-    # P programs looping over the items: more items than programs, not a multiple of P
-    (2, 8, 4, 96, 64, False, False, jnp.float32, dict(block_n=16, block_k=64, programs=3)),
-    (1, 32, 4, 128, 96, True, True, jnp.bfloat16, dict(block_n=8, block_k=64, programs=5)),
-    # every K step's loads first (ragged last step: 96 = 2 x 64 - 32)
-    (2, 8, 4, 96, 64, True, False, jnp.float32, dict(block_n=16, block_k=64, preload=True)),
 ]
 
 
