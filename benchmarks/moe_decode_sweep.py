@@ -91,7 +91,10 @@ def main():
         logits, n = norm_linear(x, p["ffn_gate_inp"]["weight"], p["ffn_gate_inp"]["bias"],
                                 norm=norm, dtype=bf, return_normed=True)
         pg = p["ffn_gate_up_exps"]
-        h = md.moe_gate_up_swiglu(n, logits, pg["weight"].data, pg["bias"], **kw, **(g or {}))
+        g = dict(g or {})
+        if g.pop("h32", False):               # the normalised row handed over as float32
+            n = n.astype(jnp.float32)
+        h = md.moe_gate_up_swiglu(n, logits, pg["weight"].data, pg["bias"], **kw, **g)
         pd = p["ffn_down_exps"]
         return md.moe_down_combine(h, logits, pd["weight"].data, pd["bias"], x, **kw, **(d or {}))
 
@@ -103,7 +106,11 @@ def main():
         ds = [dict(block_n=n, block_k=k, num_warps=w) for n, k, w in
               itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8))]
     else:      # decode-time variants: fill in while experimenting
-        gs, ds = [], []
+        gs = [dict(h32=True)] + [dict(h32=True, block_n=n, block_k=k, num_warps=w)
+                                 for n, k, w in ((8, 1024, 4), (4, 1024, 4), (8, 512, 8))]
+        gs += [dict(block_n=n, block_k=k, num_warps=w) for n, k, w in ((8, 1024, 4), (4, 1024, 4))]
+        ds = [dict(block_n=n, block_k=k, num_warps=w) for n, k, w in
+              ((8, 512, 4), (4, 1024, 4), (8, 2048, 4), (16, 1024, 8), (4, 2048, 4))]
     if args.quick:
         gs, ds = gs[:2], ds[:2]
     cands += [(f"gate_up {g}", lambda x, p, g=g: new(x, p, g=g)) for g in gs]

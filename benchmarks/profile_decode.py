@@ -84,7 +84,8 @@ def _key(name: str) -> str:
 
 
 def summarize(trace_dir: str, steps: int, wall_s: float, top: int, dump_names: bool,
-              plane_prefix: str = "/device:", hlo: dict | None = None, module: str = "") -> None:
+              plane_prefix: str = "/device:", hlo: dict | None = None, module: str = "",
+              sequence: int = 0) -> None:
     hlo = hlo or {}
     files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     if not files:
@@ -122,6 +123,26 @@ def summarize(trace_dir: str, steps: int, wall_s: float, top: int, dump_names: b
                       f"{ns / total:.1%} | {hlo.get(_key(name), '')} |")
             if dump_names:
                 print("names:", sorted(agg))
+            if sequence:
+                print_sequence(line, module, sequence, hlo)
+
+
+def print_sequence(line, module: str, n: int, hlo: dict) -> None:
+    """The kernels of one stretch of a decode step in launch order: from the middle of the trace,
+    ``n`` events starting after a "moe_down_combine" (a layer boundary on gpt-oss), each with
+    its duration and the idle gap before it (launch overhead inside the device loop)."""
+    evs = sorted((ev.start_ns, ev.duration_ns, ev.name) for ev in line.events
+                 if not module or module in str(dict(ev.stats).get("hlo_module", "")))
+    mid = len(evs) // 2
+    start = next((i + 1 for i in range(mid, len(evs)) if "moe_down_combine" in evs[i][2]), mid)
+    print(f"\nkernel sequence ({n} events from event {start}):\n| kernel | µs | gap before µs | "
+          f"HLO |\n|---|---|---|---|")
+    gaps = 0.0
+    for (s0, d0, _), (s1, d1, name) in zip(evs[start - 1:start + n - 1], evs[start:start + n]):
+        gap = (s1 - s0 - d0) / 1e3
+        gaps += max(gap, 0.0)
+        print(f"| {name[:60]} | {d1 / 1e3:.2f} | {gap:.2f} | {hlo.get(_key(name), '')[:80]} |")
+    print(f"gaps in these {n} events: {gaps:.1f} µs")
 
 
 def main():
@@ -139,6 +160,8 @@ def main():
     ap.add_argument("--module", default="_decode_impl",
                     help="count only kernels of HLO modules whose name contains this ('' = all)")
     ap.add_argument("--hlo-dump", default=None, help="dump optimized HLO here and map kernel names to op_names")
+    ap.add_argument("--sequence", type=int, default=0,
+                    help="also print this many kernels of one stretch in launch order, with gaps")
     args = ap.parse_args()
     if args.hlo_dump:
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.hlo_dump}"
@@ -160,7 +183,7 @@ def main():
     steps = args.new
     print(f"traced: decode {res.stats.decode_tokens_per_s:,.1f} tok/s (whole call {wall * 1e3:.1f} ms incl. prefill)")
     summarize(trace_dir, steps, wall, args.top, args.dump_names, args.plane, hlo_index(args.hlo_dump),
-              args.module)
+              args.module, args.sequence)
 
 
 if __name__ == "__main__":

@@ -173,15 +173,19 @@ def plan(kind: str, O: int, I: int, *, block_n=None, block_k=None, num_warps=Non
     """Default tiling, from the H100 sweep (benchmarks/fused_sweep.py, RESULTS.md):
     ``block_n`` output rows per program, as many as keep >= 2 programs per SM (132 SMs), 2 to
     16; plain weights: ``block_k`` 256 inputs per step for rows of <= 1024 (GPT-2 124M's
-    768-wide projections), else 512, 8 warps from 8 rows up; Q8_0 / MXFP4: 1024 inputs per step,
-    4 warps (gpt-oss-20b q/k/v 8.2 -> 7.7 µs, attention output 5.8 -> 5.1 µs).  At most
+    768-wide projections), else 512, 8 warps from 8 rows up; Q8_0 / MXFP4: at most 8 rows, 1024
+    inputs per step and 4 warps, or 2048 and 8 warps from 4096 inputs (below).  At most
     :data:`FEW_ROWS` outputs (gpt-oss's 32-expert router): up to 4096 inputs per step, so each
     of the few programs is one step, not a chain of latency-bound ones (5.2 µs with 512)."""
     bn = block_n or max(2, min(16, 1 << max(0, (O // (2 * mx.SM_COUNT)).bit_length() - 1)))
     if kind == "plain":
         bk, nw = (256 if I <= 1024 else 512), (8 if bn >= 8 else 4)
     else:
-        bk, nw = 1024, 4
+        # at most 8 rows; 2048 inputs / 8 warps from 4096 inputs (H100, four weight copies so
+        # that L2 holds none: q/k/v 5120 x 2880 9.96 -> 9.32 µs, attention output 2880 x 4096
+        # 7.86 -> 6.97 µs against 16 or 8 rows x 1024, 4 warps; RESULTS.md sixth session)
+        bn = block_n or min(bn, 8)
+        bk, nw = (2048, 8) if I >= 4096 else (1024, 4)
     if O <= FEW_ROWS:
         bk = 4096        # a handful of programs: one long step each, not a chain of short ones
     bk = block_k or min(bk, 1 << (max(QK, I) - 1).bit_length())
