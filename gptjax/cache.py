@@ -135,6 +135,15 @@ class KVCache:
             v = self.v.at[idx, rows, :, slots].set(v_new.astype(self.v.dtype), mode="drop")
             return self.replace(k=k, v=v)
         W = self.ring_len
+        if B == 1 and T == 1 and lengths is None:
+            # Batch-1 decode: one in-place dynamic-update-slice per array at slot p mod W' (the
+            # scatter below costs XLA three kernels: a read of the old slot, a select, a write).
+            at = (idx, 0, 0, (positions[0, 0] % W).astype(jnp.int32), 0)
+            k_swa = jax.lax.dynamic_update_slice(
+                self.k_swa, k_new.astype(self.k_swa.dtype).transpose(0, 2, 1, 3)[None], at)
+            v_swa = jax.lax.dynamic_update_slice(
+                self.v_swa, v_new.astype(self.v_swa.dtype).transpose(0, 2, 1, 3)[None], at)
+            return self.replace(k_swa=k_swa, v_swa=v_swa)
         m = min(T, W)
         t = n[:, None] - m + jnp.arange(m)[None, :]                     # [B, m] tokens to keep
         ok = t >= 0                                                     # (t < n always)

@@ -123,6 +123,24 @@ def test_single_row_full_layer_write_literal():
         cache = fast
 
 
+def test_single_row_ring_decode_write_literal():
+    """B = 1, T = 1 without ``lengths`` takes the dynamic-update-slice path in a ring layer: slot
+    p mod W', the same result as the scatter (the call with lengths = 1), other ring untouched."""
+    cache = init_cache(toy_config(), 1, 10)                             # W' = 4, rings 0 and 1
+    cache = cache.replace(k_swa=cache.k_swa + 9, v_swa=cache.v_swa - 9)
+    want = np.full(4, 9.0)
+    for p in (0, 3, 4, 9, 2):
+        pos = jnp.array([[p]])
+        fast = cache.write(2, pos_kv(pos), pos_kv(pos) * 2, pos)
+        slow = cache.write(2, pos_kv(pos), pos_kv(pos) * 2, pos, jnp.array([1]))
+        np.testing.assert_array_equal(np.asarray(fast.k_swa), np.asarray(slow.k_swa))
+        np.testing.assert_array_equal(np.asarray(fast.v_swa), np.asarray(slow.v_swa))
+        want[p % 4] = p + 1
+        np.testing.assert_array_equal(ring(fast, 1)[0], want)
+        assert np.all(np.asarray(fast.k_swa[0]) == 9)                  # the other ring
+        cache = fast
+
+
 def test_context_slots_literal():
     slots, n = context_slots(jnp.array([0, 2, 6]), 3, 4)
     np.testing.assert_array_equal(np.asarray(n), [0, 2, 4])
