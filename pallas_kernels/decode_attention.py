@@ -44,6 +44,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
@@ -174,10 +175,11 @@ def default_num_splits(B: int, K: int, S: int, block_k: int, target_programs: in
 
 
 @functools.partial(jax.jit, static_argnames=("window", "scale", "block_k", "num_splits",
-                                             "num_warps", "num_stages", "layer", "interpret"))
+                                             "num_warps", "num_stages", "layer", "combine",
+                                             "interpret"))
 def decode_attention(q, k_cache, v_cache, lengths, *, window=None, sinks=None, scale,
                      block_k=64, num_splits=None, num_warps=4, num_stages=2, layer=None,
-                     interpret=False):
+                     combine=None, interpret=False):
     """Attention of one new query per row over the KV cache (flash-decoding, Pallas-Triton).
 
     q: [B, N, H]; k_cache, v_cache: [B, K, S, H] (or the [L, B, K, S, H] stack with static
@@ -186,7 +188,10 @@ def decode_attention(q, k_cache, v_cache, lengths, *, window=None, sinks=None, s
     values above S are clamped to S); window: None or static int (keys j > p - window only);
     sinks: None or float [N]; scale: static float (usually 1/sqrt(H)).
     Tiling: block_k keys per step (power of two >= 16); num_splits spans per row (None:
-    :func:`default_num_splits`); num_warps / num_stages: Triton launch parameters.
+    :func:`default_num_splits`); num_warps / num_stages: Triton launch parameters; combine:
+    how the splits are merged, "xla" (:func:`combine_splits`), "kernel"
+    (:func:`combine_splits_kernel`) or None (the kernel from
+    :data:`COMBINE_KERNEL_MIN_SPLITS` splits on).
     Returns [B, N, H] in q.dtype. A row with no visible key (lengths 0) returns zeros.
     """
     B, N, K, S, H = _check(q, k_cache, v_cache, lengths, layer, window, sinks, "decode_attention")
@@ -228,6 +233,10 @@ def decode_attention(q, k_cache, v_cache, lengths, *, window=None, sinks=None, s
         interpret=interpret,
         name="decode_attention",
     )(lengths.astype(jnp.int32), qp, k_cache, v_cache)
+    if combine is None:
+        combine = "kernel" if P >= COMBINE_KERNEL_MIN_SPLITS else "xla"
+    if combine == "kernel":
+        return combine_splits_kernel(o, m, l, sinks, G, H, q.dtype, interpret)
     return combine_splits(o, m, l, sinks, G, H).reshape(B, N, H).astype(q.dtype)
 
 
@@ -253,6 +262,58 @@ def combine_splits(o, m, l, sinks, G, H):
     return out[:, :, :G, :H]
 
 
+#: Splits from which :func:`decode_attention` merges them with :func:`combine_splits_kernel`
+#: (one Pallas kernel) instead of :func:`combine_splits` (XLA).  H100, gpt-oss-20b at 4096
+#: tokens (32 splits): XLA makes three kernels of it, ~7.3 µs per full layer; with a few
+#: splits it makes one fusion of ~1.4 µs, which a kernel launch would not beat.
+COMBINE_KERNEL_MIN_SPLITS = 8
+
+
+def _combine_kernel(*refs, G, H, has_sinks):
+    # o_ref [B, K, P, Gp, Hp], m_ref / l_ref [B, K, P, Gp] f32, sink_ref [N] (with sinks);
+    # out_ref [B, N, H].  Program (b, n): query head n = kh * G + g of row b, all P splits in
+    # one load round.
+    o_ref, m_ref, l_ref = refs[:3]
+    sink_ref = refs[3] if has_sinks else None
+    out_ref = refs[-1]
+    b, n = pl.program_id(0), pl.program_id(1)
+    kh, g = lax.div(n, np.int32(G)), lax.rem(n, np.int32(G))
+    P, Hp = m_ref.shape[2], o_ref.shape[-1]
+    Pp = next_pow2(P)
+    p_ok = jnp.arange(Pp) < P
+    h_ok = jnp.arange(Hp) < H
+    m = pltriton.load(m_ref.at[b, kh, pl.ds(0, Pp), g], mask=p_ok, other=-jnp.inf)   # [Pp]
+    l = pltriton.load(l_ref.at[b, kh, pl.ds(0, Pp), g], mask=p_ok, other=0.0)
+    o = pltriton.load(o_ref.at[b, kh, pl.ds(0, Pp), g, pl.ds(0, Hp)], mask=p_ok[:, None],
+                      other=0.0)                                                      # [Pp, Hp]
+    M = jnp.max(m)
+    if has_sinks:
+        sink = sink_ref[n].astype(F32)
+        M = jnp.maximum(M, sink)
+    M = jnp.where(jnp.isfinite(M), M, 0.0)
+    w = jnp.exp(m - M)                                                # empty splits: exactly 0
+    denom = jnp.sum(w * l)
+    if has_sinks:
+        denom = denom + jnp.exp(sink - M)
+    num = jnp.sum(w[:, None] * o, axis=0)                             # [Hp]
+    out = num / jnp.where(denom == 0, 1.0, denom)
+    pltriton.store(out_ref.at[b, n, pl.ds(0, Hp)], out.astype(out_ref.dtype), mask=h_ok)
+
+
+def combine_splits_kernel(o, m, l, sinks, G, H, dtype, interpret=False):
+    """:func:`combine_splits` as one Pallas kernel, one program per (row, query head) that
+    loads all P splits of its head at once, writing [B, N, H] in ``dtype`` directly (no slice /
+    cast kernels after it).  Same math and same float32 operations per element."""
+    B, K, P, Gp, Hp = o.shape
+    N = K * G
+    args = [o, m, l] + ([sinks.astype(F32)] if sinks is not None else [])
+    return pl.pallas_call(
+        functools.partial(_combine_kernel, G=G, H=H, has_sinks=sinks is not None),
+        grid=(B, N), out_shape=jax.ShapeDtypeStruct((B, N, H), dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=1, num_stages=1),
+        interpret=interpret, name="decode_attention_combine")(*args)
+
+
 def _einsum_f32(eq, a, b):
     """einsum accumulated in float32 for the references.
 
@@ -268,17 +329,18 @@ def _einsum_f32(eq, a, b):
 
 
 @functools.partial(jax.jit, static_argnames=("window", "scale", "block_k", "num_splits",
-                                             "num_warps", "num_stages", "layer", "interpret"))
+                                             "num_warps", "num_stages", "layer", "combine",
+                                             "interpret"))
 def decode_attention_ref(q, k_cache, v_cache, lengths, *, window=None, sinks=None, scale,
                          block_k=64, num_splits=None, num_warps=4, num_stages=2, layer=None,
-                         interpret=False):
+                         combine=None, interpret=False):
     """Plain-jnp twin of :func:`decode_attention` (same signature; tiling arguments ignored).
 
     Scores and softmax in float32; the probabilities are cast to the value dtype for the second
     matmul, accumulated in float32 (as ``gptjax.models.layers.attention``). Rows with no
     visible key return zeros.
     """
-    del block_k, num_splits, num_warps, num_stages, interpret
+    del block_k, num_splits, num_warps, num_stages, combine, interpret
     B, N, K, S, H = _check(q, k_cache, v_cache, lengths, layer, window, sinks,
                            "decode_attention_ref")
     if layer is not None:

@@ -21,7 +21,8 @@ import pytest
 
 from gptjax.errors import GptjaxError
 from gptjax.models.layers import attention
-from pallas_kernels.decode_attention import decode_attention, decode_attention_ref
+from pallas_kernels.decode_attention import (combine_splits, combine_splits_kernel, decode_attention,
+                                              decode_attention_ref)
 from pallas_kernels.prefill_attention import prefill_attention, prefill_attention_ref
 from kernel_modes import MODES
 
@@ -174,6 +175,12 @@ DECODE_CASES = {  # B, N, K, S, H, lengths, window, sinks, dtype, tiling
                              dict(block_k=16, num_splits=3)),
     "G3_splits3_no_sinks": (2, 6, 2, 70, 24, [0, 70], None, False, jnp.bfloat16,
                             dict(block_k=16, num_splits=3)),
+    # >= COMBINE_KERNEL_MIN_SPLITS splits: merged by the Pallas combine kernel (12: not a power
+    # of two; most splits of the short rows are empty)
+    "G3_H24_splits8_sinks_window": (3, 6, 2, 150, 24, [0, 40, 150], 100, True, jnp.float32,
+                                    dict(block_k=16, num_splits=8)),
+    "G8_splits12_bf16": (2, 16, 2, 200, 64, [3, 200], None, False, jnp.bfloat16,
+                         dict(block_k=16, num_splits=12)),
 }
 
 
@@ -237,6 +244,30 @@ def test_layer_stack_and_prefill_t1_equals_decode(interpret):
     got = prefill_attention(q[:, None], kc, vc, lengths - 1, **kw, layer=1,
                             interpret=interpret)[:, 0]
     assert rel_err(got, want) < F32_RTOL
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("sinks", [False, True])
+def test_combine_kernel_equals_xla_combine(sinks, interpret):
+    """The Pallas merge of split partials against the XLA one on the same partials: empty splits
+    (m = -inf, l = 0), a head with nothing visible anywhere, P = 12 (not a power of two), padded
+    G and H.  Same float32 operations per element: equal to a few ulps."""
+    rng = np.random.default_rng(11)
+    B, K, P, G, H, Gp, Hp = 2, 3, 12, 5, 40, 16, 64
+    o = rng.standard_normal((B, K, P, Gp, Hp)).astype(np.float32)
+    m = (rng.standard_normal((B, K, P, Gp)) * 4).astype(np.float32)
+    l = rng.uniform(0.5, 30, (B, K, P, Gp)).astype(np.float32)
+    m[0, 1, 3:] = -np.inf                                            # empty splits
+    l[0, 1, 3:], o[0, 1, 3:] = 0.0, 0.0
+    m[1, 2], l[1, 2], o[1, 2] = -np.inf, 0.0, 0.0                    # nothing visible
+    s = jnp.asarray(rng.standard_normal(K * G).astype(np.float32)) if sinks else None
+    args = tuple(jnp.asarray(a) for a in (o, m, l))
+    want = np.asarray(combine_splits(*args, s, G, H).reshape(B, K * G, H))
+    got = np.asarray(combine_splits_kernel(*args, s, G, H, jnp.float32, interpret=interpret))
+    assert got.shape == (B, K * G, H)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    if not sinks:
+        np.testing.assert_array_equal(got[1, 2 * G:3 * G], 0.0)
 
 
 @pytest.mark.parametrize("interpret", MODES)
