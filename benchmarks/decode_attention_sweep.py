@@ -36,10 +36,11 @@ def main():
     lengths = jnp.full((B,), args.ctx, jnp.int32)
     ref = np.asarray(decode_attention_ref(q, kc, vc, lengths, sinks=sinks, scale=H ** -0.5,
                                           layer=1), np.float32)
-    cands = [("default", {})] + [(f"bk{bk} splits{s} w{w}", dict(block_k=bk, num_splits=s,
-                                                                 num_warps=w))
-                                 for bk, s, w in itertools.product((64, 128), (4, 8, 16, 32, 64),
-                                                                   (4, 8))]
+    cands = [("default", {}), ("default, XLA combine", dict(combine="xla"))]
+    cands += [(f"bk{bk} splits{s} w{w} combine {cb}", dict(block_k=bk, num_splits=s,
+                                                           num_warps=w, combine=cb))
+              for bk, s, w, cb in itertools.product((64, 128), (8, 16, 32, 64), (4, 8),
+                                                    ("kernel", "xla"))]
     fns, meta = {}, {}
     for label, c in cands:
         def fn(q, kc, vc, lengths, sinks, c=c):
@@ -54,7 +55,7 @@ def main():
     base = next((us for us, lab in rows if lab == "default"), float("nan"))
     print(f"\n### decode attention, ctx {args.ctx} (kernel + combine): default {base:.2f} µs")
     print("| µs | vs default | TB/s (K+V) | config |\n|---|---|---|---|")
-    for us, lab in rows[:8] + [r for r in rows[8:] if r[1] == "default"]:
+    for us, lab in rows[:12] + [r for r in rows[12:] if r[1].startswith("default")]:
         print(f"| {us:.2f} | {base / us:.2f}x | {nbytes / (us * 1e-6) / 1e12:.2f} | {lab} |")
 
 

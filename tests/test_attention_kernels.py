@@ -22,7 +22,8 @@ import pytest
 from gptjax.errors import GptjaxError
 from gptjax.models.layers import attention
 from pallas_kernels.decode_attention import (combine_splits, combine_splits_kernel, decode_attention,
-                                              decode_attention_ref)
+                                              decode_attention_ref, decode_attention_update,
+                                              decode_attention_update_ref)
 from pallas_kernels.prefill_attention import prefill_attention, prefill_attention_ref
 from kernel_modes import MODES
 
@@ -268,6 +269,53 @@ def test_combine_kernel_equals_xla_combine(sinks, interpret):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     if not sinks:
         np.testing.assert_array_equal(got[1, 2 * G:3 * G], 0.0)
+
+
+UPDATE_CASES = {  # L, B, N, K, S, H, positions, ring, window, sinks, rope, dtype, tiling
+    "full_neox_sinks_2rows": (2, 2, 6, 2, 40, 24, [5, 39], False, None, True, "neox",
+                              jnp.float32, dict(block_k=16, num_splits=2)),
+    "full_norm_window_bf16": (2, 2, 16, 2, 64, 64, [0, 50], False, 8, False, "norm",
+                              jnp.bfloat16, dict(block_k=16)),
+    # a ring of 16 slots: slot = position mod 16, every written slot visible (no window)
+    "ring_neox_sinks": (3, 2, 8, 2, 16, 32, [3, 37], True, None, True, "neox", jnp.float32,
+                        dict(block_k=16)),
+    # 8 splits: the new token in split 0 and the Pallas merge of the splits
+    "full_neox_splits8": (1, 1, 8, 1, 200, 64, [150], False, None, True, "neox",
+                          jnp.bfloat16, dict(block_k=16, num_splits=8)),
+}
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("case", list(UPDATE_CASES))
+def test_decode_attention_update_matches_ref(case, interpret):
+    """RoPE + cache write + attention in one kernel against apply_rope, a scatter and the
+    decode reference: the output within the dtype's tolerance, the written slot equal up to
+    float32 rounding of RoPE's products (one bf16 rounding of the same values for bf16), every
+    other slot of every layer untouched."""
+    L, B, N, K, S, H, pos, ring, window, sinks, rope, dtype, tiling = UPDATE_CASES[case]
+    rng = np.random.default_rng(len(case))
+    kc = jnp.asarray(rng.standard_normal((L, B, K, S, H)), dtype)
+    vc = jnp.asarray(rng.standard_normal((L, B, K, S, H)), dtype)
+    q = jnp.asarray(rng.standard_normal((B, N, H)), dtype)
+    kn, vn = (jnp.asarray(rng.standard_normal((B, K, H)), dtype) for _ in range(2))
+    p = jnp.asarray(pos, jnp.int32)
+    ang = p[:, None].astype(jnp.float32) * jnp.asarray(rng.uniform(1e-3, 1.0, H // 2), jnp.float32)
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    lengths, slots = (jnp.minimum(p + 1, S), p % S) if ring else (p + 1, p)
+    kw = dict(rope_type=rope, window=window, scale=H ** -0.5, layer=L - 1,
+              sinks=jnp.asarray(rng.standard_normal(N), jnp.float32) if sinks else None)
+    args = (q, kn, vn, kc, vc, lengths, slots, cos, sin)
+    out, k2, v2 = decode_attention_update(*args, **kw, **tiling, interpret=interpret)
+    want, kw2, vw2 = decode_attention_update_ref(*args, **kw)
+    assert out.shape == (B, N, H) and out.dtype == dtype
+    tol = F32_RTOL if dtype == jnp.float32 else BF16_RTOL
+    assert rel_err(out, want) < tol, rel_err(out, want)
+    np.testing.assert_array_equal(np.asarray(v2), np.asarray(vw2))
+    k2, kw2 = np.asarray(k2, np.float32), np.asarray(kw2, np.float32)
+    np.testing.assert_allclose(k2, kw2, rtol=1e-6 if dtype == jnp.float32 else 2 ** -7, atol=1e-6)
+    written = np.zeros(k2.shape, bool)
+    written[L - 1, np.arange(B), :, np.asarray(slots)] = True
+    np.testing.assert_array_equal(k2[~written], np.asarray(kc, np.float32)[~written])
 
 
 @pytest.mark.parametrize("interpret", MODES)

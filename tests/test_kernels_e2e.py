@@ -108,14 +108,17 @@ def test_kernel_wiring_in_interpret_mode(tmp_path, monkeypatch):
         fwd = jax.jit(lambda p, t, s, c: gpt_oss.forward(p, t, s, c, config))   # fresh trace per mode
         cache = init_cache(config, 2, 32, jnp.float32)
         pre, cache = fwd(p, toks[:, :11], jnp.zeros(2, jnp.int32), cache)        # prefill path
-        dec, _ = fwd(p, toks[:, 11:], jnp.full(2, 11, jnp.int32), cache)         # decode path
-        return np.asarray(pre), np.asarray(dec)
+        dec, cache = fwd(p, toks[:, 11:], jnp.full(2, 11, jnp.int32), cache)     # decode path
+        return np.asarray(pre), np.asarray(dec), cache
 
-    ref_pre, ref_dec = logits("ref", params)
+    ref_pre, ref_dec, ref_cache = logits("ref", params)
     for p in (params, params_k):            # file layout unfused, kernel layout fused: kernels
-        ker_pre, ker_dec = logits("interpret", p)
+        ker_pre, ker_dec, ker_cache = logits("interpret", p)
         assert rel_err(ker_pre, ref_pre) < F32_RTOL
         assert rel_err(ker_dec, ref_dec) < F32_RTOL
+        # the decode kernel wrote the new token's key (after RoPE) and value into both stacks
+        for name in ("k", "v", "k_swa", "v_swa"):
+            assert rel_err(getattr(ker_cache, name), getattr(ref_cache, name)) < F32_RTOL, name
     # the reference path also accepts the kernel layout (decodes it back to ggml blocks)
     np.testing.assert_allclose(logits("ref", params_k)[1], ref_dec, rtol=1e-6, atol=1e-6)
 

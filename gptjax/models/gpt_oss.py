@@ -49,7 +49,7 @@ import jax
 from flax import linen as nn
 
 from gptjax.fusion import split_linear
-from gptjax.models.layers import (Norm, apply_rope, cache_attention, norm_linear,
+from gptjax.models.layers import (Norm, cache_attention, norm_linear,
                                   rope_decoder_forward, unembed)
 from gptjax.models.moe import moe_block
 
@@ -96,12 +96,11 @@ def _block(p, x, cache, layer, positions, lengths, cos, sin, config, dtype):
                                dtype=dtype)                                # RMSNorm fused in
         q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
         q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
-        q = apply_rope(q, cos, sin, config.rope_type)                      # [B, T, N, H]
-        k = apply_rope(k, cos, sin, config.rope_type)                      # [B, T, K, H]
         window = config.sliding_window if config.layer_is_sliding(layer) else None
         a, cache = cache_attention(q, k, v, cache, layer, positions, lengths=lengths,
                                    window=window, sinks=p["attn_sinks"]["weight"],
-                                   scale=H ** -0.5)                        # [B, T, N, H]
+                                   scale=H ** -0.5,
+                                   rope=(cos, sin, config.rope_type))     # [B, T, N, H]
         x = norm_linear(a.reshape(B, T, N * H), p["attn_output"]["weight"],
                         p["attn_output"]["bias"], dtype=dtype, residual=x)  # [B, T, D] f32
 

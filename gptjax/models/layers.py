@@ -347,7 +347,7 @@ def attention(q, k_cache, v_cache, q_positions, *, window=None, sinks=None, scal
 
 
 def cache_attention(q, k, v, cache, layer: int, q_positions, *, lengths=None, window=None,
-                    sinks=None, scale):
+                    sinks=None, scale, rope=None):
     """Store the T new tokens' keys/values in ``cache`` (gptjax.cache.KVCache) and attend the T
     new queries over layer ``layer``; the one call site the models use. Returns
     (out [B, T, N, H] in q.dtype, updated cache).
@@ -367,6 +367,11 @@ def cache_attention(q, k, v, cache, layer: int, q_positions, *, lengths=None, wi
     * ring, T > 1: attention over :meth:`KVCache.ring_context` (the ring's keys before the
       chunk, in position order, then the chunk's), causal with window W by index, then write.
 
+    rope: None, or ``(cos, sin, rope_type)`` (:func:`rope_cos_sin` tables [B, T, H/2]): q and k
+    arrive before RoPE and are rotated here (:func:`apply_rope`) -- on the kernel path of a
+    one-token decode without ``lengths`` inside the attention kernel, which also writes the new
+    key/value into the cache (``decode_attention_update``: three XLA kernels fewer per layer).
+
     Implementation by ``pallas_kernels.kernel_mode()``: on a GPU (unless env
     ``GPTJAX_KERNELS=ref``; ``interpret`` runs them on CPU) the Pallas kernels, flash-decoding
     for T = 1 (pallas_kernels.decode_attention, per-row ``lengths`` = visible slots) and flash
@@ -383,6 +388,12 @@ def cache_attention(q, k, v, cache, layer: int, q_positions, *, lengths=None, wi
     if in_ring and window is None:
         raise GptjaxError(f"layer {layer} is stored in the sliding-window ring but no window "
                           f"was given")
+    if rope is not None:
+        cos, sin, rope_type = rope
+        if mode != "ref" and T == 1 and lengths is None:
+            return _fused_decode_attention(q, k, v, cache, in_ring, idx, q_positions, cos, sin,
+                                           rope_type, window, sinks, scale, interpret)
+        q, k = apply_rope(q, cos, sin, rope_type), apply_rope(k, cos, sin, rope_type)
     if in_ring and T > 1:
         # Keys of the ring before this chunk overwrites them, then the chunk's own.
         k_ctx, v_ctx, q_start = cache.ring_context(layer, k, v, q_positions[:, 0])  # [B,K,W'+T,H]
@@ -419,6 +430,27 @@ def cache_attention(q, k, v, cache, layer: int, q_positions, *, lengths=None, wi
         return out.astype(q.dtype), cache
     pos = (n_visible - 1)[:, None] if in_ring else q_positions
     return attention(q, ks[idx], vs[idx], pos, window=window, sinks=sinks, scale=scale), cache
+
+
+def _fused_decode_attention(q, k, v, cache, in_ring, idx, q_positions, cos, sin, rope_type,
+                            window, sinks, scale, interpret):
+    """:func:`cache_attention` for one new token per row, every row real: RoPE, the cache write
+    and the attention in ``pallas_kernels.decode_attention.decode_attention_update``."""
+    from pallas_kernels.decode_attention import decode_attention_update
+
+    p = q_positions[:, 0].astype(jnp.int32)                                         # [B]
+    if in_ring:
+        W = cache.ring_len
+        ks, vs, n_visible, slots, window = cache.k_swa, cache.v_swa, jnp.minimum(p + 1, W), p % W, None
+    else:
+        ks, vs, n_visible, slots = cache.k, cache.v, p + 1, p
+    kw = dict(rope_type=rope_type, window=window, sinks=sinks, scale=float(scale), layer=idx,
+              interpret=interpret)
+    out, ks, vs = decode_attention_update(q[:, 0], k[:, 0].astype(ks.dtype),
+                                          v[:, 0].astype(vs.dtype), ks, vs, n_visible, slots,
+                                          cos[:, 0], sin[:, 0], **kw)
+    cache = cache.replace(k_swa=ks, v_swa=vs) if in_ring else cache.replace(k=ks, v=vs)
+    return out[:, None].astype(q.dtype), cache
 
 
 def rope_decoder_forward(params, tokens, start, cache, config, block_fn, *, return_hidden=False,

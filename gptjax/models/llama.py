@@ -37,7 +37,7 @@ from __future__ import annotations
 from flax import linen as nn
 
 from gptjax.fusion import split_linear
-from gptjax.models.layers import (F32, Norm, apply_rope, cache_attention, norm_linear,
+from gptjax.models.layers import (F32, Norm, cache_attention, norm_linear,
                                   rope_decoder_forward, swiglu, unembed)
 
 __all__ = ["param_shapes", "forward", "unembed", "Llama"]
@@ -81,11 +81,9 @@ def _block(p, x, cache, layer, positions, lengths, cos, sin, config, dtype):
                            norm=Norm("rms", p["attn_norm"]["weight"], eps=eps), dtype=dtype)
     q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
     q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
-    q = apply_rope(q, cos, sin, config.rope_type)                          # [B, T, N, H]
-    k = apply_rope(k, cos, sin, config.rope_type)                          # [B, T, K, H]
     window = config.sliding_window if config.sliding_window_pattern[layer] else None
     a, cache = cache_attention(q, k, v, cache, layer, positions, lengths=lengths, window=window,
-                               scale=H ** -0.5)                            # [B, T, N, H]
+                               scale=H ** -0.5, rope=(cos, sin, config.rope_type))  # RoPE inside
     x = norm_linear(a.reshape(B, T, N * H), p["attn_output"]["weight"],
                     p["attn_output"].get("bias"), dtype=dtype, residual=x)  # [B, T, D] f32
 
