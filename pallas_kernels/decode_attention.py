@@ -185,9 +185,12 @@ def _update_kernel(len_ref, slot_ref, q_ref, kn_ref, vn_ref, cos_ref, sin_ref, k
     # score of the new key: products of dt values are exact in float32, summed in float32
     s_new = jnp.sum(q.astype(F32) * kn.astype(F32), axis=1) * scale   # [Gp]
     first = split == 0
-    m = jnp.where(first, s_new, -jnp.inf)
-    l = jnp.where(first, 1.0, 0.0) + jnp.zeros((Gp,), F32)
-    acc = jnp.where(first, 1.0, 0.0) * jnp.broadcast_to(vn.astype(F32), (Gp, Hp))
+    # (lax.select on full arrays: jnp.where of a scalar predicate and literals mis-lowers in
+    # Pallas-Triton)
+    on = jnp.full((Gp,), first)
+    m = lax.select(on, s_new, jnp.full((Gp,), -jnp.inf, F32))
+    l = on.astype(F32)
+    acc = jnp.broadcast_to(vn.astype(F32), (Gp, Hp)) * first.astype(F32)
 
     def body(i, carry):
         acc, m, l = carry
