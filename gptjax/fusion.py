@@ -92,13 +92,16 @@ def fuse_params(params: dict) -> dict:
 
 
 def split_linear(p: dict, names: tuple[str, ...], x, sizes, *, out_dtype=None, norm=None,
-                 dtype=None):
+                 dtype=None, with_fused=False):
     """The outputs of the projections ``names`` of block ``p`` on input x [..., I], from their
     fused parameter if the block has it (one matmul, then split) or one by one.  ``sizes``: the
     output width of each part.  With ``norm`` (a ``layers.Norm``), x is the float32 residual
     stream, normalised and cast to ``dtype`` first (``layers.norm_linear``: one fused kernel at
     decode).  Returns a tuple of [..., size_i] in ``out_dtype`` (default: the matmul input's
-    dtype; float32 holding such values on the fused decode path)."""
+    dtype; float32 holding such values on the fused decode path).  ``with_fused=True``: returns
+    (that tuple, the fused output [..., sum(sizes)] or None when the projections ran one by one)
+    -- for a consumer that reads the parts straight from the fused array (XLA would otherwise
+    materialise each slice in its own kernel)."""
     fused = next((f for f, parts in FUSIONS.items() if parts == tuple(names)), None)
     dtype = x.dtype if dtype is None else dtype
     out_dtype = dtype if out_dtype is None else out_dtype
@@ -109,6 +112,8 @@ def split_linear(p: dict, names: tuple[str, ...], x, sizes, *, out_dtype=None, n
         for s in sizes[:-1]:
             acc += s
             cuts.append(acc)
-        return tuple(jnp.split(y, cuts, axis=-1))
-    return tuple(norm_linear(x, p[n]["weight"], p[n].get("bias"), norm=norm, dtype=dtype,
-                             out_dtype=out_dtype) for n in names)
+        parts = tuple(jnp.split(y, cuts, axis=-1))
+        return (parts, y) if with_fused else parts
+    parts = tuple(norm_linear(x, p[n]["weight"], p[n].get("bias"), norm=norm, dtype=dtype,
+                              out_dtype=out_dtype) for n in names)
+    return (parts, None) if with_fused else parts

@@ -133,11 +133,12 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_k
     l_ref[...] = l
 
 
-def _rope_rows(ref, idx, row0, rows_ok, Hp, H, cos_ref, sin_ref, b, rope_type):
-    """Rows ``row0 + [0, R)`` of ``ref.at[idx]`` (a [..., rows, H] array) loaded and rotated by
-    RoPE in float32 -> [R, Hp]: ``out[i] = x[i] cos[pair i] -+ x[partner i] sin[pair i]``, the
-    partner of i being i +- H/2 for "neox" (minus in the first half) and i ^ 1 for "norm" (minus
-    at even i): the products and sums of ``gptjax.models.layers.apply_rope``.  rows_ok: [R]."""
+def _rope_rows(ref, b, base, rows_ok, Hp, H, cos_ref, sin_ref, rope_type):
+    """Rows ``r`` of width H at columns ``base + r H`` of row b of the flat ``ref`` [B, W],
+    loaded and rotated by RoPE in float32 -> [R, Hp]: ``out[i] = x[i] cos[pair i] -+
+    x[partner i] sin[pair i]``, the partner of i being i +- H/2 for "neox" (minus in the first
+    half) and i ^ 1 for "norm" (minus at even i): the products and sums of
+    ``gptjax.models.layers.apply_rope``.  rows_ok: [R] bool."""
     R = rows_ok.shape[0]
     i = jnp.arange(Hp)
     if rope_type == "neox":
@@ -147,26 +148,28 @@ def _rope_rows(ref, idx, row0, rows_ok, Hp, H, cos_ref, sin_ref, b, rope_type):
         partner, pair, first = i ^ 1, i // 2, (i % 2) == 0
     h_ok = i < H
     ok = rows_ok[:, None] & h_ok[None, :]
-    r = row0 + jnp.arange(R)[:, None]
-    x = pltriton.load(ref.at[(*idx, r, i[None, :])], mask=ok, other=0).astype(F32)
-    xp = pltriton.load(ref.at[(*idx, r, partner[None, :])], mask=ok, other=0).astype(F32)
+    col = base + jnp.arange(R)[:, None] * H                            # [R, 1]
+    x = pltriton.load(ref.at[b, col + i[None, :]], mask=ok, other=0).astype(F32)
+    xp = pltriton.load(ref.at[b, col + partner[None, :]], mask=ok, other=0).astype(F32)
     c = pltriton.load(cos_ref.at[b, pair], mask=h_ok, other=0.0)[None, :]
     sn = pltriton.load(sin_ref.at[b, pair], mask=h_ok, other=0.0)[None, :]
     return jnp.where(first[None, :], x * c - xp * sn, x * c + xp * sn)
 
 
-def _update_kernel(len_ref, slot_ref, q_ref, kn_ref, vn_ref, cos_ref, sin_ref, k_in, v_in,
+def _update_kernel(len_ref, slot_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
                    o_ref, m_ref, l_ref, k_ref, v_ref, *, block_k, num_splits, window, head_dim,
-                   scale, rope_type):
-    # _decode_kernel with RoPE and the cache write folded in.  q [B, K, G, H] and the new
-    # token's kn / vn [B, K, H] arrive before RoPE; k_ref / v_ref [S, H] are the output aliases
-    # of k_in / v_in (one buffer).  Split 0 takes the new token from registers and writes it to
-    # slot slot_ref; no program reads that slot from memory, so the write races nothing.
+                   n_heads, n_kv_heads, scale, rope_type):
+    # _decode_kernel with RoPE and the cache write folded in.  qkv_ref [B, (N + 2K) H]: the
+    # fused projection (q heads, then k, then v), before RoPE; k_ref / v_ref [S, H] are the
+    # output aliases of k_in / v_in (one buffer).  Split 0 takes the new token from registers
+    # and writes it to slot slot_ref; no program reads that slot from memory, so the write
+    # races nothing.
     del k_in, v_in
     b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     S = k_ref.shape[0]
     Gp, Hp = o_ref.shape
-    G, H = q_ref.shape[2], head_dim
+    H, N, K = head_dim, n_heads, n_kv_heads
+    G = N // K
     length, new_slot = len_ref[()], slot_ref[()]
     hi = jnp.minimum(length, S)
     lo = jnp.zeros_like(hi) if window is None else jnp.maximum(length - window, 0)
@@ -177,11 +180,13 @@ def _update_kernel(len_ref, slot_ref, q_ref, kn_ref, vn_ref, cos_ref, sin_ref, k
     n_blocks = pl.cdiv(jnp.maximum(end - begin, 0), block_k)
 
     dt = k_ref.dtype
-    h_ok = (jnp.arange(Hp) < H)[None, :]                               # [1, Hp]
-    rope = dict(Hp=Hp, H=H, cos_ref=cos_ref, sin_ref=sin_ref, b=b, rope_type=rope_type)
-    q = _rope_rows(q_ref, (b, kh), 0, jnp.arange(Gp) < G, **rope).astype(dt)        # [Gp, Hp]
-    kn = _rope_rows(kn_ref, (b,), kh, jnp.arange(1) < 1, **rope).astype(dt)          # [1, Hp]
-    vn = pltriton.load(vn_ref.at[b, pl.ds(kh, 1), pl.ds(0, Hp)], mask=h_ok, other=0).astype(dt)
+    i = jnp.arange(Hp)
+    h_ok = (i < H)[None, :]                                            # [1, Hp]
+    rope = dict(Hp=Hp, H=H, cos_ref=cos_ref, sin_ref=sin_ref, rope_type=rope_type)
+    q = _rope_rows(qkv_ref, b, kh * (G * H), jnp.arange(Gp) < G, **rope).astype(dt)   # [Gp, Hp]
+    kn = _rope_rows(qkv_ref, b, N * H + kh * H, jnp.arange(1) < 1, **rope).astype(dt)  # [1, Hp]
+    vn = pltriton.load(qkv_ref.at[b, (N * H + K * H + kh * H + i)[None, :]], mask=h_ok,
+                       other=0).astype(dt)                             # [1, Hp]
     # score of the new key: products of dt values are exact in float32, summed in float32
     s_new = jnp.sum(q.astype(F32) * kn.astype(F32), axis=1) * scale   # [Gp]
     first = split == 0
@@ -221,46 +226,55 @@ def _update_kernel(len_ref, slot_ref, q_ref, kn_ref, vn_ref, cos_ref, sin_ref, k
         pltriton.store(v_ref.at[pl.ds(new_slot, 1), pl.ds(0, Hp)], vn, mask=h_ok)
 
 
-@functools.partial(jax.jit, static_argnames=("window", "scale", "rope_type", "block_k",
-                                             "num_splits", "num_warps", "num_stages", "layer",
-                                             "combine", "interpret"))
-def decode_attention_update(q, k_new, v_new, k_cache, v_cache, lengths, slots, cos, sin, *,
-                            rope_type, window=None, sinks=None, scale, block_k=64,
-                            num_splits=None, num_warps=4, num_stages=2, layer, combine=None,
-                            interpret=False):
-    """RoPE, the cache write and :func:`decode_attention` in one kernel (batch-1 decode: the
-    three XLA kernels of RoPE and the two cache writes cost ~3.7 µs per layer, H100 profile).
+_UPDATE_STATIC = ("n_heads", "window", "scale", "rope_type", "block_k", "num_splits", "num_warps",
+                  "num_stages", "layer", "combine", "out_dtype", "interpret")
 
-    q: [B, N, H] and k_new, v_new: [B, K, H], before RoPE; k_cache, v_cache: the [L, B, K, S, H]
-    stack (``layer`` static), updated in place; lengths: int32 [B], visible slots counting the
-    new one; slots: int32 [B], where the new key/value go (full layers: the position; rings:
-    position mod W'); cos, sin: float32 [B, H/2] of the new position; rope_type "neox" or
-    "norm" (``gptjax.models.layers.apply_rope``).  Returns (out [B, N, H] in q.dtype, k_cache,
-    v_cache).  Same result as ``apply_rope`` + the cache write + :func:`decode_attention`
-    (:func:`decode_attention_update_ref`).  The caches are aliased to the outputs: inside a jitted
-    decode loop XLA updates them in place."""
-    B, N, K, S, H = _check(q, k_cache, v_cache, lengths, layer, window, sinks,
-                           "decode_attention_update")
-    if k_new.shape != (B, K, H) or v_new.shape != (B, K, H) or slots.shape != (B,) or \
-            cos.shape != (B, H // 2) or sin.shape != (B, H // 2) or H % 2:
-        raise GptjaxError(f"decode_attention_update: k_new/v_new must be [B, K, H]="
-                          f"{[B, K, H]}, slots [B], cos/sin [B, H/2] (H even); got "
-                          f"{k_new.shape}, {v_new.shape}, {slots.shape}, {cos.shape}")
+
+@functools.partial(jax.jit, static_argnames=_UPDATE_STATIC)
+def decode_attention_update_qkv(qkv, k_cache, v_cache, lengths, slots, cos, sin, *, n_heads,
+                                rope_type, window=None, sinks=None, scale, block_k=64,
+                                num_splits=None, num_warps=4, num_stages=2, layer, combine=None,
+                                out_dtype=None, interpret=False):
+    """RoPE, the cache write and :func:`decode_attention` in one kernel, reading the fused q/k/v
+    projection directly (batch-1 decode on the H100: RoPE, the two cache writes and the slices
+    of the fused projection were five XLA kernels of ~1.2 µs per layer).
+
+    qkv: [B, (N + 2K) H], the N query heads, then the K key heads, then the K value heads of the
+    new token, before RoPE (any float dtype; read as the cache dtype); k_cache, v_cache: the
+    [L, B, K, S, H] stack (``layer`` static), updated in place (aliased to the outputs: inside a
+    jitted decode loop XLA writes the one buffer); lengths: int32 [B], visible slots counting
+    the new one; slots: int32 [B], where the new key/value go (full layers: the position; rings:
+    position mod W'); cos, sin: float32 [B, H/2] of the new position; rope_type "neox" or "norm"
+    (``gptjax.models.layers.apply_rope``).  Returns (out [B, N, H] in ``out_dtype`` (default the
+    cache's), k_cache, v_cache): ``apply_rope`` + the cache write + :func:`decode_attention`
+    (:func:`decode_attention_update_ref`)."""
+    name = "decode_attention_update"
+    if qkv.ndim != 2:
+        raise GptjaxError(f"{name}: qkv must be [B, (N + 2K) H], got shape {qkv.shape}")
+    B, N = qkv.shape[0], int(n_heads)
+    H = k_cache.shape[-1]
+    K, S = check_cache_args(name, B, N, H, k_cache, v_cache, "lengths", lengths, layer, window,
+                            sinks)
+    if qkv.shape[1] != (N + 2 * K) * H or slots.shape != (B,) or cos.shape != (B, H // 2) or \
+            sin.shape != (B, H // 2) or H % 2:
+        raise GptjaxError(f"{name}: need qkv [B, (N + 2K) H] = {[B, (N + 2 * K) * H]}, slots [B], "
+                          f"cos/sin [B, H/2] (H even); got {qkv.shape}, {slots.shape}, "
+                          f"{cos.shape}, {sin.shape}")
     if rope_type not in ("neox", "norm"):
-        raise GptjaxError(f"decode_attention_update: rope_type {rope_type!r}")
+        raise GptjaxError(f"{name}: rope_type {rope_type!r}: expected 'neox' or 'norm'")
     P = default_num_splits(B, K, S, block_k) if num_splits is None else int(num_splits)
     G = N // K
     Gp, Hp = max(MIN_DOT, next_pow2(G)), max(MIN_DOT, next_pow2(H))
     kv_spec = pl.BlockSpec((None, None, None, S, H), lambda b, k, s: (layer, b, k, 0, 0))
     kernel = functools.partial(_update_kernel, block_k=block_k, num_splits=P, window=window,
-                               head_dim=H, scale=float(scale), rope_type=rope_type)
+                               head_dim=H, n_heads=N, n_kv_heads=K, scale=float(scale),
+                               rope_type=rope_type)
     o, m, l, k_cache, v_cache = pl.pallas_call(
         kernel,
         grid=(B, K, P),
         in_specs=[pl.BlockSpec((None,), lambda b, k, s: (b,)),
                   pl.BlockSpec((None,), lambda b, k, s: (b,)),
-                  pl.no_block_spec, pl.no_block_spec, pl.no_block_spec, pl.no_block_spec,
-                  pl.no_block_spec, kv_spec, kv_spec],
+                  pl.no_block_spec, pl.no_block_spec, pl.no_block_spec, kv_spec, kv_spec],
         out_specs=[pl.BlockSpec((None, None, None, Gp, Hp), lambda b, k, s: (b, k, s, 0, 0)),
                    pl.BlockSpec((None, None, None, Gp), lambda b, k, s: (b, k, s, 0)),
                    pl.BlockSpec((None, None, None, Gp), lambda b, k, s: (b, k, s, 0)),
@@ -270,19 +284,39 @@ def decode_attention_update(q, k_new, v_new, k_cache, v_cache, lengths, slots, c
                    jax.ShapeDtypeStruct((B, K, P, Gp), F32),
                    jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                    jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)],
-        input_output_aliases={7: 3, 8: 4},
+        input_output_aliases={5: 3, 6: 4},
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name="decode_attention_update",
-    )(lengths.astype(jnp.int32), slots.astype(jnp.int32), q.reshape(B, K, G, H), k_new, v_new,
-      cos.astype(F32), sin.astype(F32), k_cache, v_cache)
+        name=name,
+    )(lengths.astype(jnp.int32), slots.astype(jnp.int32), qkv, cos.astype(F32), sin.astype(F32),
+      k_cache, v_cache)
+    out_dtype = k_cache.dtype if out_dtype is None else out_dtype
     if combine is None:
         combine = "kernel" if P >= COMBINE_KERNEL_MIN_SPLITS else "xla"
     if combine == "kernel":
-        out = combine_splits_kernel(o, m, l, sinks, G, H, q.dtype, interpret)
+        out = combine_splits_kernel(o, m, l, sinks, G, H, out_dtype, interpret)
     else:
-        out = combine_splits(o, m, l, sinks, G, H).reshape(B, N, H).astype(q.dtype)
+        out = combine_splits(o, m, l, sinks, G, H).reshape(B, N, H).astype(out_dtype)
     return out, k_cache, v_cache
+
+
+@functools.partial(jax.jit, static_argnames=tuple(a for a in _UPDATE_STATIC
+                                                  if a not in ("n_heads", "out_dtype")))
+def decode_attention_update(q, k_new, v_new, k_cache, v_cache, lengths, slots, cos, sin, *,
+                            rope_type, window=None, sinks=None, scale, block_k=64,
+                            num_splits=None, num_warps=4, num_stages=2, layer, combine=None,
+                            interpret=False):
+    """:func:`decode_attention_update_qkv` for separate q [B, N, H] and k_new, v_new [B, K, H]
+    (concatenated first: one XLA kernel more).  Returns (out [B, N, H] in q.dtype, k_cache,
+    v_cache)."""
+    B, N, H = q.shape
+    qkv = jnp.concatenate([q.reshape(B, -1), k_new.astype(q.dtype).reshape(B, -1),
+                           v_new.astype(q.dtype).reshape(B, -1)], axis=1)
+    return decode_attention_update_qkv(
+        qkv, k_cache, v_cache, lengths, slots, cos, sin, n_heads=N, rope_type=rope_type,
+        window=window, sinks=sinks, scale=scale, block_k=block_k, num_splits=num_splits,
+        num_warps=num_warps, num_stages=num_stages, layer=layer, combine=combine,
+        out_dtype=q.dtype, interpret=interpret)
 
 
 def check_cache_args(name, B, N, H, k_cache, v_cache, rows_name, rows, layer, window, sinks):

@@ -91,16 +91,17 @@ def _block(p, x, cache, layer, positions, lengths, cos, sin, config, dtype):
     N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
 
     with jax.named_scope("attention"):
-        q, k, v = split_linear(p, ("attn_q", "attn_k", "attn_v"), x, (N * H, K * H, K * H),
-                               norm=Norm("rms", p["attn_norm"]["weight"], eps=config.norm_eps),
-                               dtype=dtype)                                # RMSNorm fused in
+        (q, k, v), qkv = split_linear(p, ("attn_q", "attn_k", "attn_v"), x,
+                                      (N * H, K * H, K * H), with_fused=True, dtype=dtype,
+                                      norm=Norm("rms", p["attn_norm"]["weight"],
+                                                eps=config.norm_eps))      # RMSNorm fused in
         q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
         q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
         window = config.sliding_window if config.layer_is_sliding(layer) else None
         a, cache = cache_attention(q, k, v, cache, layer, positions, lengths=lengths,
                                    window=window, sinks=p["attn_sinks"]["weight"],
-                                   scale=H ** -0.5,
-                                   rope=(cos, sin, config.rope_type))     # [B, T, N, H]
+                                   scale=H ** -0.5, rope=(cos, sin, config.rope_type),
+                                   qkv=qkv)                                # [B, T, N, H]
         x = norm_linear(a.reshape(B, T, N * H), p["attn_output"]["weight"],
                         p["attn_output"]["bias"], dtype=dtype, residual=x)  # [B, T, D] f32
 

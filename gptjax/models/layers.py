@@ -347,7 +347,7 @@ def attention(q, k_cache, v_cache, q_positions, *, window=None, sinks=None, scal
 
 
 def cache_attention(q, k, v, cache, layer: int, q_positions, *, lengths=None, window=None,
-                    sinks=None, scale, rope=None):
+                    sinks=None, scale, rope=None, qkv=None):
     """Store the T new tokens' keys/values in ``cache`` (gptjax.cache.KVCache) and attend the T
     new queries over layer ``layer``; the one call site the models use. Returns
     (out [B, T, N, H] in q.dtype, updated cache).
@@ -371,6 +371,8 @@ def cache_attention(q, k, v, cache, layer: int, q_positions, *, lengths=None, wi
     arrive before RoPE and are rotated here (:func:`apply_rope`) -- on the kernel path of a
     one-token decode without ``lengths`` inside the attention kernel, which also writes the new
     key/value into the cache (``decode_attention_update``: three XLA kernels fewer per layer).
+    qkv: None, or the fused projection [B, T, (N + 2K) H] whose slices q, k, v are (given, that
+    kernel reads it instead of the slices, which XLA would materialise in kernels of their own).
 
     Implementation by ``pallas_kernels.kernel_mode()``: on a GPU (unless env
     ``GPTJAX_KERNELS=ref``; ``interpret`` runs them on CPU) the Pallas kernels, flash-decoding
@@ -391,8 +393,8 @@ def cache_attention(q, k, v, cache, layer: int, q_positions, *, lengths=None, wi
     if rope is not None:
         cos, sin, rope_type = rope
         if mode != "ref" and T == 1 and lengths is None:
-            return _fused_decode_attention(q, k, v, cache, in_ring, idx, q_positions, cos, sin,
-                                           rope_type, window, sinks, scale, interpret)
+            return _fused_decode_attention(q, k, v, qkv, cache, in_ring, idx, q_positions, cos,
+                                           sin, rope_type, window, sinks, scale, interpret)
         q, k = apply_rope(q, cos, sin, rope_type), apply_rope(k, cos, sin, rope_type)
     if in_ring and T > 1:
         # Keys of the ring before this chunk overwrites them, then the chunk's own.
@@ -432,11 +434,11 @@ def cache_attention(q, k, v, cache, layer: int, q_positions, *, lengths=None, wi
     return attention(q, ks[idx], vs[idx], pos, window=window, sinks=sinks, scale=scale), cache
 
 
-def _fused_decode_attention(q, k, v, cache, in_ring, idx, q_positions, cos, sin, rope_type,
+def _fused_decode_attention(q, k, v, qkv, cache, in_ring, idx, q_positions, cos, sin, rope_type,
                             window, sinks, scale, interpret):
     """:func:`cache_attention` for one new token per row, every row real: RoPE, the cache write
-    and the attention in ``pallas_kernels.decode_attention.decode_attention_update``."""
-    from pallas_kernels.decode_attention import decode_attention_update
+    and the attention in ``pallas_kernels.decode_attention.decode_attention_update_qkv``."""
+    from pallas_kernels.decode_attention import decode_attention_update_qkv
 
     p = q_positions[:, 0].astype(jnp.int32)                                         # [B]
     if in_ring:
@@ -446,9 +448,13 @@ def _fused_decode_attention(q, k, v, cache, in_ring, idx, q_positions, cos, sin,
         ks, vs, n_visible, slots = cache.k, cache.v, p + 1, p
     kw = dict(rope_type=rope_type, window=window, sinks=sinks, scale=float(scale), layer=idx,
               interpret=interpret)
-    out, ks, vs = decode_attention_update(q[:, 0], k[:, 0].astype(ks.dtype),
-                                          v[:, 0].astype(vs.dtype), ks, vs, n_visible, slots,
-                                          cos[:, 0], sin[:, 0], **kw)
+    B, _, N, H = q.shape
+    if qkv is None:
+        qkv = jnp.concatenate([a[:, 0].astype(ks.dtype).reshape(B, -1) for a in (q, k, v)], -1)
+    else:
+        qkv = qkv[:, 0]                                        # [B, (N + 2K) H], as the GEMV wrote it
+    out, ks, vs = decode_attention_update_qkv(qkv, ks, vs, n_visible, slots, cos[:, 0], sin[:, 0],
+                                              n_heads=N, out_dtype=q.dtype, **kw)
     cache = cache.replace(k_swa=ks, v_swa=vs) if in_ring else cache.replace(k=ks, v=vs)
     return out[:, None].astype(q.dtype), cache
 

@@ -77,13 +77,15 @@ def _block(p, x, cache, layer, positions, lengths, cos, sin, config, dtype):
     N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
 
     eps = config.norm_eps
-    q, k, v = split_linear(p, ("attn_q", "attn_k", "attn_v"), x, (N * H, K * H, K * H),
-                           norm=Norm("rms", p["attn_norm"]["weight"], eps=eps), dtype=dtype)
+    (q, k, v), qkv = split_linear(p, ("attn_q", "attn_k", "attn_v"), x, (N * H, K * H, K * H),
+                                  norm=Norm("rms", p["attn_norm"]["weight"], eps=eps),
+                                  dtype=dtype, with_fused=True)
     q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
     q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
     window = config.sliding_window if config.sliding_window_pattern[layer] else None
     a, cache = cache_attention(q, k, v, cache, layer, positions, lengths=lengths, window=window,
-                               scale=H ** -0.5, rope=(cos, sin, config.rope_type))  # RoPE inside
+                               scale=H ** -0.5, rope=(cos, sin, config.rope_type),
+                               qkv=qkv)                                    # RoPE inside
     x = norm_linear(a.reshape(B, T, N * H), p["attn_output"]["weight"],
                     p["attn_output"].get("bias"), dtype=dtype, residual=x)  # [B, T, D] f32
 
