@@ -4,7 +4,11 @@ gate/up stack, kernel layout: code words uint32 [E, 2F, G, 4] and scale bytes [E
 the same grid and tiles but next to no arithmetic (an integer sum), against XLA reductions over
 the same bytes and the real kernel, in one process.  If the read-only kernel is no faster than
 the real one, the access pattern (grid, tiles, bytes in flight) bounds the kernel, not its
-decode arithmetic.
+decode arithmetic.  Ablations: the real kernel's GEMV with the x tile, the block scales or the
+tiles changed (:func:`_ablation_kernel`), to price each part.
+
+H100, sixth session (RESULTS.md): read-only 15.7 µs with the real tiles (2.24 TB/s), 14.4 µs at
+best (2.45 TB/s); the real kernel 22.8-23.4 µs; x = 1 instead of the x tile 17.9 µs.
 
     python benchmarks/moe_read_ceiling.py [--layers 4]
 
@@ -67,52 +71,41 @@ def read_only(ids, qs, sc, *, bn, gt, nw, scales=True):
         name="read_only")(ids, qs, sc)
 
 
-def _ablation_kernel(ids_ref, x_ref, qs_ref, sc_ref, out_ref, *, bn, gt, x_mode, scales, decode):
-    """The gate/up GEMV of the real kernel (two streams, same grid) with parts switched off:
-    x_mode "load" (a [gt, 32] tile per step, as the real kernel) / "row" (one [32] block per
-    step broadcast to every block: a load small enough for Triton to replicate per thread) /
-    "const"; scales on/off; decode "words" (exact) / "raw" (words bitcast to f32)."""
+def _ablation_kernel(ids_ref, x_ref, qs_ref, sc_ref, out_ref, *, bn, gt, x_mode, scales):
+    """The gate/up GEMV of the real kernel (two streams, same grid, same decode) with parts
+    switched off or changed: x_mode "load" (a [gt, 32] tile per step, as the real kernel; Triton
+    moves it through shared memory into the layout of the decoded weights), "const" (x = 1: no x
+    at all), "pieces" (x pre-permuted so that each of the eight word pieces meets a [gt, 4] tile
+    of its own: loads small enough for Triton to issue them in the compute layout, no shared
+    memory, no joins); ``scales`` False: the block scales are not applied (nor converted)."""
     u, i_n = pl.program_id(0), pl.program_id(1)
     e = ids_ref[u]
     n0 = i_n * bn
     w = mx._W("split", (None, None), (E,), 2 * F, G)
 
-    def step(s, accs):
-        g0 = s * gt
-        if x_mode == "pieces":
-            # x permuted [1, G, 8 (k), 4 (q)], element 8q + k: one [gt, 4] load per word piece
-            # (64 elements: few enough for Triton to load it in the compute layout)
+    def block_sums(qs, g0):
+        if x_mode == "pieces":                  # x [1, G, 8 (k), 4 (q)]: element 8q + k
             g_ok = ((g0 + mx._iota(gt)) < G)[:, None]
             xk = [pltriton.load(x_ref.at[0, pl.ds(g0, gt), k, pl.ds(0, 4)], mask=g_ok,
                                 other=0).astype(jnp.float32)[None] for k in range(8)]
-            out = []
-            for acc, row0 in zip(accs, (n0, F + n0)):
-                qs, sc = mx._load_w_tile(w, (qs_ref, sc_ref), (e,), row0, bn, g0, gt)
-                tot = None
-                for (s1, s2), pw in mx._word_pairs(qs).items():
-                    lo, hi = mx._lanes(pw)
-                    tot = lo * xk[2 * s1 + s2] if tot is None else tot + lo * xk[2 * s1 + s2]
-                    tot = tot + hi * xk[4 + 2 * s1 + s2]
-                y = jnp.sum(tot, axis=2)
-                if scales:
-                    d1, d2 = mx._e8m0_split(sc)
-                    y = y * d1 * d2
-                out.append(acc + y)
-            return tuple(out)
-        if x_mode == "load":
-            x = mx.load_x32(x_ref, 0, None, g0, gt, G).astype(jnp.float32)[None]
-        elif x_mode == "row":
-            x = pltriton.load(x_ref.at[0, s, pl.ds(0, 32)]).astype(jnp.float32)[None, None]
-        else:
-            x = jnp.float32(1.0)
+            tot = None
+            for (s1, s2), pw in mx._word_pairs(qs).items():
+                lo, hi = mx._lanes(pw)
+                tot = lo * xk[2 * s1 + s2] if tot is None else tot + lo * xk[2 * s1 + s2]
+                tot = tot + hi * xk[4 + 2 * s1 + s2]
+            return jnp.sum(tot, axis=2)
+        h = mx._words_fp4(qs)
+        if x_mode == "const":
+            return jnp.sum(h, axis=2)
+        return jnp.sum(h * mx.load_x32(x_ref, 0, None, g0, gt, G).astype(jnp.float32)[None],
+                       axis=2)
+
+    def step(s, accs):
+        g0 = s * gt
         out = []
         for acc, row0 in zip(accs, (n0, F + n0)):
             qs, sc = mx._load_w_tile(w, (qs_ref, sc_ref), (e,), row0, bn, g0, gt)
-            if decode == "words":
-                h = mx._words_fp4(qs)
-            else:
-                h = _words_variant(qs, decode)
-            y = jnp.sum(h * x, axis=2)
+            y = block_sums(qs, g0)
             if scales:
                 d1, d2 = mx._e8m0_split(sc)
                 y = y * d1 * d2
@@ -125,24 +118,8 @@ def _ablation_kernel(ids_ref, x_ref, qs_ref, sc_ref, out_ref, *, bn, gt, x_mode,
                    mask=(n0 + mx._iota(bn)) < F)
 
 
-def _words_variant(words, decode):
-    """Wrong-valued decodes with fewer integer instructions, to price them: "mag" (no sign: one
-    shift and one mask per piece), "noshift" (one mask per piece)."""
-    MAG = np.uint32(0x0E000E00)
-    if decode == "mag":
-        pieces = {(0, 0): (words << 9) & MAG, (1, 0): (words << 5) & MAG,
-                  (0, 1): (words << 1) & MAG, (1, 1): (words >> 3) & MAG}
-    else:
-        pieces = {(0, 0): words & np.uint32(0x8E008E00), (1, 0): words & MAG,
-                  (0, 1): words & np.uint32(0x8E000E00), (1, 1): words & np.uint32(0x0E008E00)}
-    pairs = {k: jnp.stack(mx._lanes(v), axis=-1) for k, v in pieces.items()}
-    by_s2 = [jnp.stack([pairs[(0, s2)], pairs[(1, s2)]], axis=-1) for s2 in (0, 1)]
-    return jnp.stack(by_s2, axis=-1).reshape(*words.shape[:-1], 32)
-
-
-def ablation(ids, x, qs, sc, *, bn=8, gt=16, nw=4, x_mode="load", scales=True, decode="words"):
-    kernel = functools.partial(_ablation_kernel, bn=bn, gt=gt, x_mode=x_mode, scales=scales,
-                               decode=decode)
+def ablation(ids, x, qs, sc, *, bn=8, gt=16, nw=4, x_mode="load", scales=True):
+    kernel = functools.partial(_ablation_kernel, bn=bn, gt=gt, x_mode=x_mode, scales=scales)
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((U, F), jnp.float32), grid=(U, mx.cdiv(F, bn)),
         compiler_params=pltriton.CompilerParams(num_warps=nw, num_stages=1),
@@ -192,41 +169,40 @@ def main():
             return [f(i, q, s, lg) for (q, s), i, lg in zip(ls, ids, logits)]
         return g
 
-    cands = [("XLA dynamic slice + reduce", over_layers(lambda i, q, s, lg: xla_gather_sum(i, q, s))),
-             ("real gate/up kernel (default plan)", over_layers(
-                 lambda i, q, s, lg: md.moe_gate_up_swiglu(h, lg, mx.Mxfp4Weights(q, s), bias,
-                                                           n_used=U, alpha=1.702, limit=7.0)))]
-    for (bn, gt, nw), scales in itertools.product(((8, 16, 4), (4, 32, 4), (8, 16, 8)), (True, False)):
+    def real(**kw):
+        return over_layers(lambda i, q, s, lg: md.moe_gate_up_swiglu(
+            h, lg, mx.Mxfp4Weights(q, s), bias, n_used=U, alpha=1.702, limit=7.0, **kw))
+
+    cands = [("XLA dynamic slice + reduce",
+              over_layers(lambda i, q, s, lg: xla_gather_sum(i, q, s))),
+             ("real gate/up kernel (default plan)", real())]
+    cands += [(f"real gate/up kernel bn={bn} block_k={bk} warps={nw}",
+               real(block_n=bn, block_k=bk, num_warps=nw))
+              for bn, bk, nw in ((8, 256, 4), (4, 512, 4), (8, 512, 8), (16, 512, 8))]
+    for (bn, gt, nw), scales in itertools.product(((8, 16, 4), (4, 32, 4), (8, 16, 8)),
+                                                  (True, False)):
         cands.append((f"read-only bn={bn} block_k={gt * 32} warps={nw} scales={scales}",
                       over_layers(lambda i, q, s, lg, bn=bn, gt=gt, nw=nw, scales=scales:
                                   read_only(i, q, s, bn=bn, gt=gt, nw=nw, scales=scales))))
-    abl = [dict(), dict(x_mode="const"), dict(x_mode="f32"), dict(decode="mag"),
-           dict(decode="noshift"), dict(x_mode="f32", decode="noshift"),
-           dict(x_mode="const", decode="noshift")]
-    for bn, bk, nw in ((8, 512, 4),):
-        cands.append((f"real gate/up kernel bn={bn} block_k={bk} warps={nw}", over_layers(
-            lambda i, q, s, lg, kw=dict(block_n=bn, block_k=bk, num_warps=nw):
-            md.moe_gate_up_swiglu(h, lg, mx.Mxfp4Weights(q, s), bias, n_used=U, alpha=1.702,
-                                  limit=7.0, **kw))))
+    abl = [dict(), dict(x_mode="const"), dict(x_mode="const", scales=False),
+           dict(x_mode="pieces"), dict(x_mode="pieces", scales=False)]
+    abl += [dict(bn=bn, gt=gt, nw=nw) for bn, gt, nw in ((8, 8, 4), (4, 16, 4), (8, 16, 8))]
     for kw in abl:
-        label = f"ablation {kw}"
         xv = x_view(h, kw.get("x_mode", "load"))
-        if kw.get("x_mode") == "f32":
-            xv, kw = xv.astype(jnp.float32), {**kw, "x_mode": "load"}
-        cands.append((label, over_layers(
+        cands.append((f"ablation {kw}", over_layers(
             lambda i, q, s, lg, kw=kw, xv=xv: ablation(i, xv, q, s, **kw))))
     fns, meta = {}, {}
     want = None
     for label, f in cands:
         # the ablations that compute the real sums (x loaded, scales on) must agree
-        real = label.startswith("ablation") and not any(
-            k in label for k in ("const", "False", "mag", "noshift"))
-        name, y = report.add_candidate(fns, label, f, (layers, ids, logits), want if real else None,
-                                       prefix="rc", rtol=1e-5)
-        if real and want is None:
+        same = label.startswith("ablation") and not any(k in label for k in ("const", "False"))
+        name, y = report.add_candidate(fns, label, f, (layers, ids, logits),
+                                       want if same else None, prefix="rc", rtol=1e-5)
+        if same and want is None:
             want = y
         if name:
-            meta[name] = (f"gate/up read, 4 experts ({nbytes / 1e6:.1f} MB) per layer", label, nbytes)
+            meta[name] = (f"gate/up read, 4 experts ({nbytes / 1e6:.1f} MB) per layer", label,
+                          nbytes)
     times = {n: us / args.layers for n, us in report.device_us_per_call(fns).items()}
     report.print_ranked(times, meta, "real gate/up kernel (default plan)", top=30)
 

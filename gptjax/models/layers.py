@@ -441,9 +441,10 @@ def _fused_decode_attention(q, k, v, qkv, cache, in_ring, idx, q_positions, cos,
     from pallas_kernels.decode_attention import decode_attention_update_qkv
 
     p = q_positions[:, 0].astype(jnp.int32)                                         # [B]
-    if in_ring:
+    if in_ring:               # every ring slot written so far is visible: no window by index
         W = cache.ring_len
-        ks, vs, n_visible, slots, window = cache.k_swa, cache.v_swa, jnp.minimum(p + 1, W), p % W, None
+        ks, vs, window = cache.k_swa, cache.v_swa, None
+        n_visible, slots = jnp.minimum(p + 1, W), p % W
     else:
         ks, vs, n_visible, slots = cache.k, cache.v, p + 1, p
     kw = dict(rope_type=rope_type, window=window, sinks=sinks, scale=float(scale), layer=idx,
