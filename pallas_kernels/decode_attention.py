@@ -95,34 +95,31 @@ def dot_f32(a, b, *, trans_b=False):
                            preferred_element_type=F32)
 
 
-def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_k, num_splits,
-                   window, head_dim, scale):
-    # len_ref: [] int32; q_ref: the whole [B, K, G, H] (read padded to [Gp, Hp] with a mask:
-    # no pad kernel before the call); k_ref, v_ref: [S, H]; o_ref: [Gp, Hp] f32;
-    # m_ref, l_ref: [Gp] f32
-    b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    S = k_ref.shape[0]
-    Gp, Hp = o_ref.shape
-    G = q_ref.shape[2]
-    length = len_ref[()]
-    hi = jnp.minimum(length, S)                                       # visible keys [lo, hi)
+def _split_span(length, S, window, num_splits, block_k, split):
+    """(begin, end, number of blocks) of this program's span: the visible keys [lo, hi) of the
+    row, lo = max(0, length - window), hi = min(length, S), cut into ``num_splits`` spans of
+    whole ``block_k`` blocks."""
+    hi = jnp.minimum(length, S)
     lo = jnp.zeros_like(hi) if window is None else jnp.maximum(length - window, 0)
     n_vis = jnp.maximum(hi - lo, 0)
     span = pl.cdiv(pl.cdiv(n_vis, num_splits), block_k) * block_k     # whole blocks per split
     begin = lo + split * span
     end = jnp.minimum(begin + span, hi)
-    n_blocks = pl.cdiv(jnp.maximum(end - begin, 0), block_k)
+    return begin, end, pl.cdiv(jnp.maximum(end - begin, 0), block_k)
 
+
+def _attend_span(q, k_ref, v_ref, span, carry, *, block_k, head_dim, scale, skip=None):
+    """Online softmax of q [Gp, Hp] over the keys of ``span`` (:func:`_split_span`), from the
+    running (acc [Gp, Hp], m [Gp], l [Gp]) ``carry``; key index ``skip`` (if given) is left out."""
+    begin, end, n_blocks = span
+    Hp = q.shape[1]
     h_ok = (jnp.arange(Hp) < head_dim)[None, :]                       # [1, Hp]
-    q_ok = (jnp.arange(Gp) < G)[:, None] & h_ok
-    q = pltriton.load(q_ref.at[b, kh, pl.ds(0, Gp), pl.ds(0, Hp)], mask=q_ok,
-                      other=0).astype(k_ref.dtype)                      # [Gp, Hp]
 
     def body(i, carry):
         acc, m, l = carry
         start = begin + i * block_k
         pos = start + jnp.arange(block_k)                             # [bk]
-        valid = pos < end
+        valid = pos < end if skip is None else (pos < end) & (pos != skip)
         ld_mask = valid[:, None] & h_ok if Hp != head_dim else valid[:, None]
         idx = (pl.ds(start, block_k), pl.ds(0, Hp))
         k = pltriton.load(k_ref.at[idx], mask=ld_mask, other=0.0)     # [bk, Hp]
@@ -136,8 +133,26 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_k
         acc = acc * alpha[:, None] + dot_f32(p.astype(v.dtype), v)    # [Gp, Hp]
         return acc, m_new, l
 
+    return lax.fori_loop(0, n_blocks, body, carry)
+
+
+def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_k, num_splits,
+                   window, head_dim, scale):
+    # len_ref: [] int32; q_ref: the whole [B, K, G, H] (read padded to [Gp, Hp] with a mask:
+    # no pad kernel before the call); k_ref, v_ref: [S, H]; o_ref: [Gp, Hp] f32;
+    # m_ref, l_ref: [Gp] f32
+    b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    S = k_ref.shape[0]
+    Gp, Hp = o_ref.shape
+    G = q_ref.shape[2]
+    span = _split_span(len_ref[()], S, window, num_splits, block_k, split)
+    h_ok = (jnp.arange(Hp) < head_dim)[None, :]                       # [1, Hp]
+    q_ok = (jnp.arange(Gp) < G)[:, None] & h_ok
+    q = pltriton.load(q_ref.at[b, kh, pl.ds(0, Gp), pl.ds(0, Hp)], mask=q_ok,
+                      other=0).astype(k_ref.dtype)                      # [Gp, Hp]
     init = (jnp.zeros((Gp, Hp), F32), jnp.full((Gp,), -jnp.inf, F32), jnp.zeros((Gp,), F32))
-    acc, m, l = lax.fori_loop(0, n_blocks, body, init)
+    acc, m, l = _attend_span(q, k_ref, v_ref, span, init, block_k=block_k, head_dim=head_dim,
+                             scale=scale)
     o_ref[...] = acc
     m_ref[...] = m
     l_ref[...] = l
@@ -180,14 +195,8 @@ def _update_kernel(len_ref, slot_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
     Gp, Hp = o_ref.shape
     H, N, K = head_dim, n_heads, n_kv_heads
     G = N // K
-    length, new_slot = len_ref[()], slot_ref[()]
-    hi = jnp.minimum(length, S)
-    lo = jnp.zeros_like(hi) if window is None else jnp.maximum(length - window, 0)
-    n_vis = jnp.maximum(hi - lo, 0)
-    span = pl.cdiv(pl.cdiv(n_vis, num_splits), block_k) * block_k
-    begin = lo + split * span
-    end = jnp.minimum(begin + span, hi)
-    n_blocks = pl.cdiv(jnp.maximum(end - begin, 0), block_k)
+    new_slot = slot_ref[()]
+    span = _split_span(len_ref[()], S, window, num_splits, block_k, split)
 
     dt = k_ref.dtype
     i = jnp.arange(Hp)
@@ -207,25 +216,8 @@ def _update_kernel(len_ref, slot_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
     l = on.astype(F32)
     acc = jnp.broadcast_to(vn.astype(F32), (Gp, Hp)) * first.astype(F32)
 
-    def body(i, carry):
-        acc, m, l = carry
-        start = begin + i * block_k
-        pos = start + jnp.arange(block_k)                             # [bk]
-        valid = (pos < end) & (pos != new_slot)                       # the new slot: registers
-        ld_mask = valid[:, None] & h_ok if Hp != H else valid[:, None]
-        idx = (pl.ds(start, block_k), pl.ds(0, Hp))
-        k = pltriton.load(k_ref.at[idx], mask=ld_mask, other=0.0)     # [bk, Hp]
-        v = pltriton.load(v_ref.at[idx], mask=ld_mask, other=0.0)
-        s = dot_f32(q, k, trans_b=True) * scale                       # [Gp, bk]
-        s = jnp.where(valid[None, :], s, MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp(m - m_new)
-        p = jnp.exp(s - m_new[:, None])
-        l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + dot_f32(p.astype(v.dtype), v)
-        return acc, m_new, l
-
-    acc, m, l = lax.fori_loop(0, n_blocks, body, (acc, m, l))
+    acc, m, l = _attend_span(q, k_ref, v_ref, span, (acc, m, l), block_k=block_k, head_dim=H,
+                             scale=scale, skip=new_slot)               # the new slot: registers
     o_ref[...] = acc
     m_ref[...] = m
     l_ref[...] = l
