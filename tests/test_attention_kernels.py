@@ -23,6 +23,7 @@ from gptjax.errors import GptjaxError
 from gptjax.models.layers import attention
 from pallas_kernels.decode_attention import (combine_splits, combine_splits_kernel, decode_attention,
                                               decode_attention_ref, decode_attention_update,
+                                              decode_attention_update_qkv,
                                               decode_attention_update_ref)
 from pallas_kernels.prefill_attention import prefill_attention, prefill_attention_ref
 from kernel_modes import MODES
@@ -344,3 +345,16 @@ def test_bad_arguments_raise():
         prefill_attention(q[:, None], k, k, lengths, scale=1.0, block_q=3, interpret=True)
     with pytest.raises(GptjaxError, match="window"):
         prefill_attention_ref(q[:, None], k, k, lengths, scale=1.0, window=0)
+    # the fused update: the projection's width, the RoPE tables, the RoPE kind
+    stack = k[None]                                                     # [1, B, K, S, H]
+    cs = jnp.zeros((2, 8))
+    upd = dict(n_heads=6, scale=1.0, layer=0, interpret=True)
+    with pytest.raises(GptjaxError, match="qkv"):
+        decode_attention_update_qkv(jnp.zeros((2, 9 * 16)), stack, stack, lengths, lengths, cs,
+                                    cs, rope_type="neox", **upd)
+    with pytest.raises(GptjaxError, match="cos/sin"):
+        decode_attention_update_qkv(jnp.zeros((2, 10 * 16)), stack, stack, lengths, lengths,
+                                    cs[:, :4], cs, rope_type="neox", **upd)
+    with pytest.raises(GptjaxError, match="rope_type"):
+        decode_attention_update_qkv(jnp.zeros((2, 10 * 16)), stack, stack, lengths, lengths, cs,
+                                    cs, rope_type="yarn", **upd)
