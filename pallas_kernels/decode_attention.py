@@ -195,8 +195,8 @@ def _update_kernel(len_ref, slot_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
     Gp, Hp = o_ref.shape
     H, N, K = head_dim, n_heads, n_kv_heads
     G = N // K
-    new_slot = slot_ref[()]
-    span = _split_span(len_ref[()], S, window, num_splits, block_k, split)
+    length, new_slot = len_ref[()], slot_ref[()]
+    span = _split_span(length, S, window, num_splits, block_k, split)
 
     dt = k_ref.dtype
     i = jnp.arange(Hp)
@@ -293,13 +293,7 @@ def decode_attention_update_qkv(qkv, k_cache, v_cache, lengths, slots, cos, sin,
     )(lengths.astype(jnp.int32), slots.astype(jnp.int32), qkv, cos.astype(F32), sin.astype(F32),
       k_cache, v_cache)
     out_dtype = k_cache.dtype if out_dtype is None else out_dtype
-    if combine is None:
-        combine = "kernel" if P >= COMBINE_KERNEL_MIN_SPLITS else "xla"
-    if combine == "kernel":
-        out = combine_splits_kernel(o, m, l, sinks, G, H, out_dtype, interpret)
-    else:
-        out = combine_splits(o, m, l, sinks, G, H).reshape(B, N, H).astype(out_dtype)
-    return out, k_cache, v_cache
+    return merge_splits(o, m, l, sinks, G, H, out_dtype, combine, interpret), k_cache, v_cache
 
 
 @functools.partial(jax.jit, static_argnames=tuple(a for a in _UPDATE_STATIC
@@ -421,11 +415,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, window=None, sinks=None, s
         interpret=interpret,
         name="decode_attention",
     )(lengths.astype(jnp.int32), qp, k_cache, v_cache)
-    if combine is None:
-        combine = "kernel" if P >= COMBINE_KERNEL_MIN_SPLITS else "xla"
-    if combine == "kernel":
-        return combine_splits_kernel(o, m, l, sinks, G, H, q.dtype, interpret)
-    return combine_splits(o, m, l, sinks, G, H).reshape(B, N, H).astype(q.dtype)
+    return merge_splits(o, m, l, sinks, G, H, q.dtype, combine, interpret)
 
 
 def combine_splits(o, m, l, sinks, G, H):
@@ -501,6 +491,18 @@ def combine_splits_kernel(o, m, l, sinks, G, H, dtype, interpret=False):
         grid=(B, N), out_shape=jax.ShapeDtypeStruct((B, N, H), dtype),
         compiler_params=pltriton.CompilerParams(num_warps=1, num_stages=1),
         interpret=interpret, name="decode_attention_combine")(*args)
+
+
+def merge_splits(o, m, l, sinks, G, H, dtype, combine=None, interpret=False):
+    """The split partials of the decode kernels merged into [B, N, H] in ``dtype``: ``combine``
+    "kernel" (:func:`combine_splits_kernel`), "xla" (:func:`combine_splits`) or None (the
+    kernel from :data:`COMBINE_KERNEL_MIN_SPLITS` splits on)."""
+    B, K, P = o.shape[:3]
+    if combine is None:
+        combine = "kernel" if P >= COMBINE_KERNEL_MIN_SPLITS else "xla"
+    if combine == "kernel":
+        return combine_splits_kernel(o, m, l, sinks, G, H, dtype, interpret)
+    return combine_splits(o, m, l, sinks, G, H).reshape(B, K * G, H).astype(dtype)
 
 
 def _einsum_f32(eq, a, b):

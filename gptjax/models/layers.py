@@ -438,7 +438,8 @@ def _fused_decode_attention(q, k, v, qkv, cache, in_ring, idx, q_positions, cos,
                             window, sinks, scale, interpret):
     """:func:`cache_attention` for one new token per row, every row real: RoPE, the cache write
     and the attention in ``pallas_kernels.decode_attention.decode_attention_update_qkv``."""
-    from pallas_kernels.decode_attention import decode_attention_update_qkv
+    from pallas_kernels.decode_attention import (decode_attention_update,
+                                                 decode_attention_update_qkv)
 
     p = q_positions[:, 0].astype(jnp.int32)                                         # [B]
     if in_ring:               # every ring slot written so far is visible: no window by index
@@ -449,15 +450,14 @@ def _fused_decode_attention(q, k, v, qkv, cache, in_ring, idx, q_positions, cos,
         ks, vs, n_visible, slots = cache.k, cache.v, p + 1, p
     kw = dict(rope_type=rope_type, window=window, sinks=sinks, scale=float(scale), layer=idx,
               interpret=interpret)
-    B, _, N, H = q.shape
-    if qkv is None:
-        qkv = jnp.concatenate([a[:, 0].astype(ks.dtype).reshape(B, -1) for a in (q, k, v)], -1)
-    else:
-        qkv = qkv[:, 0]                                        # [B, (N + 2K) H], as the GEMV wrote it
-    out, ks, vs = decode_attention_update_qkv(qkv, ks, vs, n_visible, slots, cos[:, 0], sin[:, 0],
-                                              n_heads=N, out_dtype=q.dtype, **kw)
+    tables = (n_visible, slots, cos[:, 0], sin[:, 0])
+    if qkv is None:                                       # the projections ran one by one
+        out, ks, vs = decode_attention_update(q[:, 0], k[:, 0], v[:, 0], ks, vs, *tables, **kw)
+    else:                                                 # [B, (N + 2K) H], as the GEMV wrote it
+        out, ks, vs = decode_attention_update_qkv(qkv[:, 0], ks, vs, *tables,
+                                                  n_heads=q.shape[2], out_dtype=q.dtype, **kw)
     cache = cache.replace(k_swa=ks, v_swa=vs) if in_ring else cache.replace(k=ks, v=vs)
-    return out[:, None].astype(q.dtype), cache
+    return out[:, None], cache
 
 
 def rope_decoder_forward(params, tokens, start, cache, config, block_fn, *, return_hidden=False,
