@@ -120,12 +120,9 @@ class KVCache:
             # One row of real tokens (batch-1 decode): a plain in-place dynamic-update-slice (one
             # kernel per array; XLA turns the dropping scatter below into three).  A real token
             # is never past the cache (the generate layer checks), so the start is in range.
-            at = (idx, 0, 0, positions[0, 0].astype(jnp.int32), 0)
-            k = jax.lax.dynamic_update_slice(self.k, k_new.astype(self.k.dtype).transpose(
-                0, 2, 1, 3)[None], at)
-            v = jax.lax.dynamic_update_slice(self.v, v_new.astype(self.v.dtype).transpose(
-                0, 2, 1, 3)[None], at)
-            return self.replace(k=k, v=v)
+            slot = positions[0, 0]
+            return self.replace(k=_update_row(self.k, k_new, idx, slot),
+                                v=_update_row(self.v, v_new, idx, slot))
         if not in_ring:
             S = self.max_len
             slots = jnp.where(jnp.arange(T)[None, :] < n[:, None], positions, S)   # [B, T]
@@ -136,14 +133,11 @@ class KVCache:
             return self.replace(k=k, v=v)
         W = self.ring_len
         if B == 1 and T == 1 and lengths is None:
-            # Batch-1 decode: one in-place dynamic-update-slice per array at slot p mod W' (the
-            # scatter below costs XLA three kernels: a read of the old slot, a select, a write).
-            at = (idx, 0, 0, (positions[0, 0] % W).astype(jnp.int32), 0)
-            k_swa = jax.lax.dynamic_update_slice(
-                self.k_swa, k_new.astype(self.k_swa.dtype).transpose(0, 2, 1, 3)[None], at)
-            v_swa = jax.lax.dynamic_update_slice(
-                self.v_swa, v_new.astype(self.v_swa.dtype).transpose(0, 2, 1, 3)[None], at)
-            return self.replace(k_swa=k_swa, v_swa=v_swa)
+            # Batch-1 decode: the same dynamic-update-slice at slot p mod W' (the scatter below
+            # costs XLA three kernels: a read of the old slot, a select, a write).
+            slot = positions[0, 0] % W
+            return self.replace(k_swa=_update_row(self.k_swa, k_new, idx, slot),
+                                v_swa=_update_row(self.v_swa, v_new, idx, slot))
         m = min(T, W)
         t = n[:, None] - m + jnp.arange(m)[None, :]                     # [B, m] tokens to keep
         ok = t >= 0                                                     # (t < n always)
@@ -177,6 +171,14 @@ class KVCache:
             return jnp.take_along_axis(src, g, axis=2)
 
         return gather(self.k_swa, k_new), gather(self.v_swa, v_new), q_start
+
+
+def _update_row(stack, new, layer: int, slot):
+    """Tokens new [1, T, K, H] of the single row into slots slot.. of layer ``layer`` of a
+    [L, 1, K, S, H] stack: one in-place dynamic-update-slice."""
+    at = (layer, 0, 0, jnp.asarray(slot).astype(jnp.int32), 0)
+    return jax.lax.dynamic_update_slice(stack, new.astype(stack.dtype).transpose(0, 2, 1, 3)[None],
+                                        at)
 
 
 def context_slots(start, T: int, W: int):
