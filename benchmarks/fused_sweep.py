@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from gptjax.models.layers import Norm  # noqa: E402
 from pallas_kernels.fused_gemv import fused_gemv  # noqa: E402
 from pallas_kernels.q8_matmul import Q8Weights  # noqa: E402
-from report import device_us_per_call  # noqa: E402
+from report import add_candidate, device_us_per_call, print_ranked  # noqa: E402
 
 PEAK = 2.6e12
 
@@ -95,42 +95,21 @@ def main():
             return y if r is None else r + y
 
         cands = [("unfused", unfused)]
-        for ci, c in enumerate([{}] + configs):
-            cands.append((c or "default", lambda w, x, bias, r, c=c, nk=nk, g=g, b=b, act=act,
-                          odt=odt: fused_gemv(x, w, bias, g if nk else None,
-                                              b if nk == "layer" else None, r, norm=nk, act=act,
-                                              round_to=None if odt == jnp.float32 else odt, **c)))
-        for ci, (label, f) in enumerate(cands):
-            name = f"fsw{si}c{ci}z"          # module names lose a trailing underscore
-
-            def fn(ws, x, bias, r, f=f):
-                return [f(w, x, bias, r) for w in ws]
-            fn.__name__ = name
-            jf = jax.jit(fn)
-            try:
-                jax.block_until_ready(jf(ws, x, bias, r))
-            except Exception as e:                                           # report, go on
-                print(f"{sname} {label}: {type(e).__name__}: {str(e)[:160]}")
-                continue
-            fns[name] = (jf, (ws, x, bias, r))
-            meta[name] = (sname, label, nbytes)
+        for c in [{}] + configs:
+            cands.append((str(c) if c else "default",
+                          lambda w, x, bias, r, c=c, nk=nk, g=g, b=b, act=act, odt=odt:
+                          fused_gemv(x, w, bias, g if nk else None, b if nk == "layer" else None,
+                                     r, norm=nk, act=act,
+                                     round_to=None if odt == jnp.float32 else odt, **c)))
+        for label, f in cands:
+            name, _ = add_candidate(fns, f"{sname} {label}",
+                                    lambda ws, x, bias, r, f=f: [f(w, x, bias, r) for w in ws],
+                                    (ws, x, bias, r), prefix="fsw")
+            if name:
+                meta[name] = (sname, label, nbytes)
     os.environ["GPTJAX_KERNELS"] = "pallas"
     times = {n: us / args.copies for n, us in device_us_per_call(fns).items()}
-    by_shape = {}
-    for name, us in times.items():
-        sname, label, nbytes = meta[name]
-        by_shape.setdefault(sname, []).append((us, label, nbytes))
-    for sname, rs in by_shape.items():
-        rs = [t for t in rs if t[0] > 0]
-        if not rs:
-            print(f"\n### {sname}: no device time recorded")
-            continue
-        base = next((us for us, label, _ in rs if label == "unfused"), float("nan"))
-        rs.sort(key=lambda t: t[0])
-        print(f"\n### {sname}: unfused {base:.2f} µs")
-        print("| µs | vs unfused | TB/s | config |\n|---|---|---|---|")
-        for us, label, nbytes in rs[:8] + [t for t in rs[8:] if t[1] in ("default", "unfused")]:
-            print(f"| {us:.2f} | {base / us:.2f}x | {nbytes / (us * 1e-6) / 1e12:.2f} | {label} |")
+    print_ranked(times, meta, "unfused", keep=("default",))
 
 
 if __name__ == "__main__":

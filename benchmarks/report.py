@@ -100,9 +100,11 @@ def add_candidate(fns: dict, label: str, f, args: tuple, want=None, rtol: float 
     return name, y
 
 
-def print_ranked(times: dict, meta: dict, base_label: str, top: int = 8) -> None:
+def print_ranked(times: dict, meta: dict, base_label: str, top: int = 8, keep=()) -> None:
     """Markdown tables of :func:`device_us_per_call` results grouped by case, fastest first,
-    against the ``base_label`` row of each case.  meta: {name: (case, label, bytes read)}."""
+    against the ``base_label`` row of each case.  meta: {name: (case, label, bytes read)}.  The
+    ``top`` fastest rows are printed, and the base row and the ``keep`` labels wherever they
+    rank."""
     by: dict = {}
     for name, us in times.items():
         if us > 0:
@@ -112,5 +114,5 @@ def print_ranked(times: dict, meta: dict, base_label: str, top: int = 8) -> None
         rs.sort()
         print(f"\n### {case}: {base_label} {base:.2f} µs")
         print(f"| µs | vs {base_label} | TB/s | config |\n|---|---|---|---|")
-        for us, lab, nb in rs[:top] + [r for r in rs[top:] if r[1] == base_label]:
+        for us, lab, nb in rs[:top] + [r for r in rs[top:] if r[1] in (base_label, *keep)]:
             print(f"| {us:.2f} | {base / us:.2f}x | {nb / (us * 1e-6) / 1e12:.2f} | {lab} |")
