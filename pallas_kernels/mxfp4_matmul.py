@@ -408,13 +408,32 @@ def _load_w_tile(w: _W, w_refs, lead, row0, bn, g0, gt, g_end=None):
     ``row0 + [0, bn)`` and blocks ``g0 + [0, gt)``; rows >= O and blocks >= ``g_end`` (default
     G) are not read (code 0)."""
     g_end = w.G if g_end is None else g_end
-    ok = ((row0 + _iota(bn)) < w.O)[:, None] & ((g0 + _iota(gt)) < g_end)[None, :]  # [bn, gt]
+    row_ok = (row0 + _iota(bn)) < w.O
+    ok = row_ok[:, None] & ((g0 + _iota(gt)) < g_end)[None, :]             # [bn, gt]
     r, g = pl.ds(row0, bn), pl.ds(g0, gt)
     qs_ref, sc_ref = w_refs                     # [.., O, G, 4] words (or 16 bytes), [.., O, G]
-    width = qs_ref.shape[-1]
-    qs = pltriton.load(qs_ref.at[(*lead, r, g, pl.ds(0, width))], mask=ok[:, :, None], other=0)
+    if len(qs_ref.shape) == len(sc_ref.shape):
+        # flat code words [.., O, G * width]: the tile is loaded as [bn, gt * width], i.e. in
+        # the same (row, block) thread arrangement as the scale bytes (see flat_words)
+        width = qs_ref.shape[-1] // w.G
+        okf = row_ok[:, None] & ((g0 * width + _iota(gt * width)) < g_end * width)[None, :]
+        qs = pltriton.load(qs_ref.at[(*lead, r, pl.ds(g0 * width, gt * width))], mask=okf,
+                           other=0).reshape(bn, gt, width)
+    else:
+        width = qs_ref.shape[-1]
+        qs = pltriton.load(qs_ref.at[(*lead, r, g, pl.ds(0, width))], mask=ok[:, :, None],
+                           other=0)
     e = pltriton.load(sc_ref.at[(*lead, r, g)], mask=ok, other=128)
     return qs, e
+
+
+def flat_words(arrays):
+    """(code words [.., O, G, width], scales [.., O, G]) -> the words as [.., O, G * width] (a
+    free reshape): :func:`_load_w_tile` then loads a tile as one contiguous run per row, which
+    Triton lays out like the scale tile, so the per-block sums meet their scales without a
+    layout conversion through shared memory."""
+    qs, sc = arrays
+    return (qs.reshape(*qs.shape[:-2], qs.shape[-2] * qs.shape[-1]), sc)
 
 
 def load_x32(x_ref, rows, row_ok, g0, gt, g_end):
