@@ -155,9 +155,10 @@ CASES = [
     (1, 32, 4, 128, 96, True, True, jnp.bfloat16, dict(slots=4)),
     (2, 8, 4, 96, 64, False, False, jnp.float32, dict(block_n=16, block_k=64, slots=2)),
     (2, 6, 2, 96, 96, True, True, jnp.float32, dict(slots=2, block_n=64)),
-    # code words read as flat [rows, blocks * 4] runs (both kernels), ragged K step
+    # code words read as flat [rows, blocks * 4] runs (the default), ragged K step; and the
+    # [rows, blocks, 4] tile load
     (1, 32, 4, 160, 96, True, False, jnp.bfloat16, dict(flat=1, slots=4, block_k=128)),
-    (2, 8, 4, 96, 64, False, True, jnp.float32, dict(flat=1, block_n=16, block_k=64)),
+    (2, 8, 4, 96, 64, False, True, jnp.float32, dict(flat=0, block_n=16, block_k=64)),
 ]
 
 
