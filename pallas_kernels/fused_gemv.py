@@ -45,7 +45,6 @@ weights decoded exactly (``gptjax.quant``), i.e. the XLA reference path.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, NamedTuple
 
 import jax
@@ -76,9 +75,11 @@ NORMS = (None, "rms", "layer")
 FEW_ROWS = 256
 _STATIC = ("norm", "eps", "act", "round_to", "cdt", "norm_out", "block_n", "block_k",
            "num_warps", "flat", "interpret")
-#: Packed (Q8_0 / MXFP4, kernel layout) code bytes read as flat [rows, blocks * width] runs by
-#: default (``mxfp4_matmul.flat_words``).
-FLAT = os.environ.get("GPTJAX_FUSED_FLAT", "0") == "1"
+#: Packed (Q8_0 / MXFP4, kernel layout) code bytes read as flat [rows, blocks * width] runs
+#: (``mxfp4_matmul.flat_words``) when ``flat`` is not given.  Off: unlike the MoE GEMVs, the Q8_0
+#: projections of gpt-oss-20b did not change (H100, fused_sweep.py --flat, seventh session:
+#: q/k/v 9.29 / 9.29 µs, attention output 6.96 / 7.01 flat / not).
+FLAT = False
 
 
 # ---------------------------------------------------------------------------------------------
