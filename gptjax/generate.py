@@ -122,7 +122,6 @@ _CACHE_STEP = 128
 _EOS_PAD = 8                 # the EOS-id array is padded to a multiple of this (fewer shapes)
 DEFAULT_STREAM_CHUNK = 16    # decode steps per host round-trip when streaming
 DEFAULT_CHUNK = 32           # ... otherwise, when the loop runs in fixed-length chunks
-DEFAULT_CHECK_EVERY = 1      # decode steps per look at a while_loop's exit predicate
 
 
 def _round_up(n: int, step: int) -> int:
@@ -350,7 +349,6 @@ class Generator:
         cache_dtype=jnp.float32,
         unembed_fn: Callable | None = None,
         decode_unroll: int | None = None,
-        decode_check_every: int | None = None,
         memory_probe: Callable[[], int | None] = device_memory_available,
     ):
         if init_cache_fn is None:
@@ -379,16 +377,6 @@ class Generator:
         if isinstance(decode_unroll, bool) or not isinstance(decode_unroll, int) or decode_unroll < 1:
             raise GenerationError(f"decode_unroll must be an integer >= 1, got {decode_unroll!r}")
         self.decode_unroll = decode_unroll
-        # Decode steps between two looks at the early-exit predicate of a while_loop (each look
-        # is a device-to-host copy and a wait); up to this many - 1 steps run after every row
-        # is done (finished rows idle).
-        if decode_check_every is None:
-            decode_check_every = int(os.environ.get("GPTJAX_DECODE_CHECK", str(DEFAULT_CHECK_EVERY)))
-        if isinstance(decode_check_every, bool) or not isinstance(decode_check_every, int) \
-                or decode_check_every < 1:
-            raise GenerationError(f"decode_check_every must be an integer >= 1, got "
-                                  f"{decode_check_every!r}")
-        self.decode_check_every = decode_check_every
         self.vocab_size = int(config.vocab_size)
         self.context_length = int(config.context_length)
         if eos_ids is None and tokenizer is not None:
@@ -399,8 +387,7 @@ class Generator:
         self.trace_counts = {"prefill": 0, "decode": 0}
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("plan", "max_len"))
         # Cache (1) and loop state (2) are donated: updated in place, never copied per chunk.
-        self._decode = jax.jit(self._decode_impl, static_argnames=("plan", "chunk", "check_every"),
-                               donate_argnums=(1, 2))
+        self._decode = jax.jit(self._decode_impl, static_argnames=("plan", "chunk"), donate_argnums=(1, 2))
 
     # ----------------------------------------------------------------------------- validation
 
@@ -525,8 +512,7 @@ class Generator:
         st = self._advance(st, last, sp, eos, max_new, plan)
         return st, cache, self._summary(st, jnp.int32(0))
 
-    def _decode_impl(self, params, cache, st, sp, eos, max_new, n_steps, *, plan, chunk,
-                     check_every=1):
+    def _decode_impl(self, params, cache, st, sp, eos, max_new, n_steps, *, plan, chunk):
         """Decode steps in one compiled loop.  Returns (state, cache, summary).
 
         chunk None: a ``while_loop`` of up to ``n_steps`` (traced) steps that exits as soon as
@@ -549,10 +535,7 @@ class Generator:
 
             def body(carry):
                 i, st, cache = carry
-                if check_every == 1:
-                    return (i + 1, *step(st, cache))
-                st, cache = jax.lax.fori_loop(0, check_every, lambda _, c: step(*c), (st, cache))
-                return (i + check_every, st, cache)
+                return (i + 1, *step(st, cache))
 
             steps, st, cache = jax.lax.while_loop(cond, body, (jnp.int32(0), st, cache))
         else:
@@ -674,7 +657,7 @@ class Generator:
             fixed = n == req.chunk_size
             st, cache, summary = self._decode(
                 self.params, cache, st, sp, eos, max_new, jnp.int32(n), plan=plan,
-                chunk=n if fixed else None, check_every=1 if fixed else self.decode_check_every,
+                chunk=n if fixed else None,
             )
             queue.append(summary)
 

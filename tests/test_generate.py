@@ -301,30 +301,6 @@ def test_chunked_equals_one_shot_and_seeds(gen):
     assert [c.token_ids for c in one.completions] != [c.token_ids for c in other.completions]
 
 
-@pytest.mark.parametrize("every", [3, 4])
-def test_while_loop_checking_every_few_steps(every):
-    """An early-exiting while_loop that looks at its exit predicate every few steps (fewer
-    device-to-host round trips) gives the tokens and stop reasons of the step-by-step loop: rows
-    that finish mid-stretch idle, and nothing past max_new_tokens, an EOS or the context end
-    is emitted."""
-    g = Generator(toy_forward, PARAMS, ToyConfig(context_length=40), tokenizer=TOK,
-                  init_cache_fn=toy_init_cache, decode_check_every=every)
-    prompts = [_prompt(30, 6), _prompt(31, 13), _prompt(32, 33)]       # the last one hits 40
-    ref0 = naive_decode(prompts[0], 30)[0]
-    eos = ref0[next(i for i in range(3, 30) if ref0[i] not in ref0[:i])]
-    res = g.generate(prompts, max_new_tokens=10, eos_ids=[eos])
-    assert res.stats.decode_calls == 1                                  # one while_loop
-    assert res.stats.decode_steps % every == 0 and res.stats.decode_steps >= 9
-    for p, c in zip(prompts, res.completions):
-        want, reason = naive_decode(p, min(10, 40 - len(p)), eos={eos})
-        if reason == "max_tokens" and len(p) + 10 > 40:
-            reason = "context_full"
-        assert (list(c.token_ids), c.stop_reason) == (want, reason)
-    assert {c.stop_reason for c in res.completions} == {"eos", "max_tokens", "context_full"}
-    with pytest.raises(GenerationError, match="decode_check_every"):
-        Generator(toy_forward, PARAMS, CFG, decode_check_every=0)
-
-
 def test_bucketing_avoids_retrace():
     g = Generator(toy_forward, PARAMS, CFG, init_cache_fn=toy_init_cache)
     r1 = g.generate([_prompt(80, 5)], max_new_tokens=8)
