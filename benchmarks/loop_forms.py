@@ -37,8 +37,7 @@ def main():
     V = m.config.vocab_size
     rng = np.random.default_rng(0)
 
-    def rate(n_prompt, new, check=1, **kw):
-        gen.decode_check_every = check
+    def rate(n_prompt, new, **kw):
         def once():
             r = gen.generate([[int(t) for t in rng.integers(0, V, n_prompt)]], max_new_tokens=new,
                              **kw)
@@ -55,16 +54,8 @@ def main():
         ("b1, 128 new: one fixed loop of 127 steps", 16, 128, dict(eos_ids=(), chunk_size=127)),
         ("b1, 128 new, an EOS set that never fires: one while_loop of 127 steps", 16, 128,
          dict(eos_ids=(V - 1,))),
-        ("same, the while_loop looking at its predicate every 2 steps", 16, 128,
-         dict(eos_ids=(V - 1,), check=2)),
-        ("same, every 4 steps", 16, 128, dict(eos_ids=(V - 1,), check=4)),
-        ("same, every 8 steps", 16, 128, dict(eos_ids=(V - 1,), check=8)),
-        ("b1, 128 new, EOS off, remainder while_loop every 4 steps", 16, 128,
-         dict(eos_ids=(), check=4)),
         (f"{args.long}-token prompt, 64 new, EOS off (default: 32 fixed + 31 while)", args.long, 64,
          dict(eos_ids=())),
-        (f"{args.long}-token prompt, 64 new, EOS off, remainder while_loop every 4 steps",
-         args.long, 64, dict(eos_ids=(), check=4)),
         (f"{args.long}-token prompt, 65 new, EOS off: 2 chunks of 32", args.long, 65,
          dict(eos_ids=())),
     ]
