@@ -61,7 +61,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--set", choices=("tiles", "variants", "slots"), default="variants")
+    ap.add_argument("--set", choices=("tiles", "variants", "slots", "flat-tiles"), default="variants")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     ps = [params(rng) for _ in range(args.layers)]
@@ -114,6 +114,13 @@ def main():
               dict(slots=2, flat=1, block_n=16, num_warps=8), dict(slots=4, block_n=4, block_k=1024),
               dict(slots=4, flat=1, block_n=4)]
         ds = [dict(flat=1), dict(flat=1, block_k=512), dict(block_k=512), dict(flat=1, block_n=4)]
+    elif args.set == "flat-tiles":
+        # tiles around the defaults with the (default) flat code-word loads
+        gs = [dict(block_n=n, block_k=k, num_warps=w) for n, k, w in
+              ((4, 1024, 4), (8, 1024, 4), (16, 512, 4), (8, 256, 4), (8, 512, 2), (4, 512, 4),
+               (16, 256, 4))]
+        ds = [dict(block_n=n, block_k=k, num_warps=w) for n, k, w in
+              ((4, 1024, 4), (8, 512, 4), (8, 2048, 8), (8, 1024, 2), (4, 2048, 4), (16, 1024, 8))]
     else:      # decode-time variants: fill in while experimenting
         gs = [dict(h32=True)] + [dict(h32=True, block_n=n, block_k=k, num_warps=w)
                                  for n, k, w in ((8, 1024, 4), (4, 1024, 4), (8, 512, 8))]
