@@ -14,7 +14,7 @@ Flow of one request (a batch of right-padded prompts)::
                  sample, append, update penalties' counts and stop flags
              as  one ``lax.while_loop`` that exits when every row is done (the default when an
                  EOS can end rows and the host need not look midway), or
-                 fixed-length chunks (``chunk_size``; 16 when streaming, 32 with stop strings or
+                 fixed-length chunks (``chunk_size``; 16 when streaming, with stop strings or
                  no EOS set) queued two deep, then the remainder as one such while_loop
     host     between calls: decode text incrementally, look for stop strings, stream text
 
@@ -121,7 +121,11 @@ _LONG_PROMPT_STEP = 512
 _CACHE_STEP = 128
 _EOS_PAD = 8                 # the EOS-id array is padded to a multiple of this (fewer shapes)
 DEFAULT_STREAM_CHUNK = 16    # decode steps per host round-trip when streaming
-DEFAULT_CHUNK = 32           # ... otherwise, when the loop runs in fixed-length chunks
+# ... otherwise, when the loop runs in fixed-length chunks.  16, not 32: the remainder of a
+# request (needed steps mod chunk) runs as a while_loop, whose steps cost more (H100,
+# gpt-oss-20b, benchmarks/loop_forms.py: 64 tokens after a 4096-token prompt 541 -> 549.5 tok/s;
+# batch 1, 128 tokens unchanged), and stop strings are found sooner.
+DEFAULT_CHUNK = 16
 
 
 def _round_up(n: int, step: int) -> int:
@@ -713,7 +717,7 @@ class Generator:
         sampler: default :class:`Greedy`.  seed: PRNG seed (random when None; reported in the
         stats).  eos_ids: override the generator's EOS set for this call.  chunk_size: decode
         steps per fixed-length chunk (one host round-trip each); by default one early-exiting
-        while_loop when an EOS set exists and there are no stop strings, else chunks of 32
+        while_loop when an EOS set exists and there are no stop strings, else chunks of 16
         (module docstring).  Raises GenerationError for bad input before anything runs.
         """
         req = self._prepare(prompts, max_new_tokens, sampler, seed, stop_strings, eos_ids, chunk_size, False)
