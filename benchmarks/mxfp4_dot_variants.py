@@ -36,9 +36,6 @@ def main():
     ap.add_argument("--grouped-sweep", action="store_true",
                     help="only the grouped MoE kernel, over a grid of tiles")
     ap.add_argument("--decode-variants", action="store_true")
-    ap.add_argument("--f16", action="store_true",
-                    help="batch-64 grouped kernel: bf16 byte-view dots against float16 dots "
-                         "with the block scales after the dot (mx.F16_BYTE_DOTS)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     E, D = 32, 2880
@@ -74,21 +71,11 @@ def main():
         tilings = [("default", {})] + [
             (f"{bm}x{bn}x{bk} w{w}", dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w))
             for bm, bn, bk, w in itertools.product((16, 32, 64, 128), (64, 128), (64, 128), (4, 8))]
-    f16 = {}                                 # variant label -> F16_BYTE_DOTS while traced
-    if args.f16:
-        cases = {"moe gate_up T=64 (b64)": cases["moe gate_up T=64 (b64)"]}
-        tilings = [("default", {})] + [
-            (f"{bm}x{bn}x{bk} w{w}", dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w))
-            for bm, bn, bk, w in ((16, 128, 64, 4), (16, 64, 64, 8), (16, 256, 64, 8),
-                                  (16, 128, 128, 8), (16, 64, 128, 4), (32, 128, 64, 8))]
-        variants = [("bf16", bv0), ("f16", bv0)]
-        f16 = {"f16": True}
     fns, meta = {}, {}
     for cname, (f, x, w, i) in cases.items():
         want = None
         for vname, bv in variants:
             mx.BYTE_VIEW_MAX_ROWS = bv           # read at trace time: fresh=True below
-            mx.F16_BYTE_DOTS = f16.get(vname, False)
             for tname, t in tilings:
                 label = f"{vname} {tname}".strip()
                 name, y = add_candidate(fns, f"{cname} {label}",
@@ -99,9 +86,7 @@ def main():
                     # bytes: the whole weight (64 tokens x top-4 route to all 32 experts)
                     meta[name] = (cname, label, w.qs.size * 4 + w.scales.size)
     mx.BYTE_VIEW_MAX_ROWS = bv0
-    mx.F16_BYTE_DOTS = False
-    base = "default decode default" if args.decode_variants else \
-        "bf16 default" if args.f16 else "default"
+    base = "default decode default" if args.decode_variants else "default"
     print_ranked(device_us_per_call(fns, reps=10), meta, base, top=12)
 
 

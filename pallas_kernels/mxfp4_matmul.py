@@ -138,11 +138,6 @@ GEMV_MAX_ROWS = 2
 MAX_SPLITS_BATCH = 4
 #: Grouped MoE calls with at most this many routed rows decode bytes (:func:`_mxfp4_step_dot`).
 BYTE_VIEW_MAX_ROWS = 256
-#: The byte-view grouped kernel feeds the tensor cores float16 weights straight from the bit
-#: trick (``FP4 * 2^-14``, no conversion, no per-weight scale multiply: each block's scale is
-#: applied to its partial product) against x rescaled per row by a power of two into float16
-#: (:func:`f16_rows`).  Read at trace time.  16-bit compute dtypes only.
-F16_BYTE_DOTS = False
 #: GEMV grids with fewer programs than this prefetch the next K step in software.
 PREFETCH_MAX_PROGRAMS = 4 * SM_COUNT
 
@@ -337,31 +332,6 @@ def _byte_pair(qs):
     return _lanes(((b * np.uint32(0x00200200)) & _MAG) | ((b * np.uint32(0x01001000)) & _SGN))
 
 
-def _byte_pair_f16(qs):
-    """Code bytes uint8 [...] -> float16 (low nibble, high nibble) ``FP4[c] * 2^-14``, exactly
-    (the bits of :func:`_byte_pair` without the float32 conversion)."""
-    b = qs.astype(jnp.uint32)
-    p = ((b * np.uint32(0x00200200)) & _MAG) | ((b * np.uint32(0x01001000)) & _SGN)
-    lo = lax.bitcast_convert_type((p & _LO16).astype(jnp.uint16), jnp.float16)
-    hi = lax.bitcast_convert_type((p >> 16).astype(jnp.uint16), jnp.float16)
-    return lo, hi
-
-
-def f16_rows(x):
-    """x float [R, I] -> (float16 [R, I], float32 [R]): each row times a power of two ``2^s``
-    chosen so that its largest magnitude lands in [2^14, 2^15) (exact), rounded to float16, and
-    the factor ``2^-s`` that undoes it.  Exact for bfloat16 rows down to ``2^-31`` times the row's
-    largest magnitude (float16's subnormal spacing below that); zero or non-finite rows keep
-    factor 1."""
-    amax = jnp.max(jnp.abs(x.astype(F32)), axis=1)
-    _, ex = jnp.frexp(amax)                                   # amax < 2^ex, >= 2^(ex - 1)
-    ok = (amax > 0) & jnp.isfinite(amax)
-    shift = jnp.where(ok, jnp.clip(15 - ex, -100, 100), 0).astype(jnp.int32)
-    up = lax.bitcast_convert_type((shift + 127) << 23, F32)   # 2^shift, a normal float32
-    down = lax.bitcast_convert_type((127 - shift) << 23, F32)
-    return (x.astype(F32) * up[:, None]).astype(jnp.float16), down
-
-
 def _words_fp4(words):
     """Code words uint32 ``[..., 4]`` (one block) -> float32 ``[..., 32]``: ``FP4[c_r] * 2^-14``
     for the block's elements r = 0..31 in order.  The eight pieces are joined (Triton ``join``:
@@ -516,32 +486,6 @@ def _mxfp4_step_dot(acc, w: _W, w_refs, lead, x_ref, x_rows, x_ok, row0, bn, g0,
         xt = pltriton.load(x_ref.at[x_rows, pl.ds(g0, gt), pl.ds(0, 4), pl.ds(0, 2), _ix(s1),
                                     pl.ds(0, 2)], mask=ok, other=0)        # [bm, gt, 4, 2, 2]
         acc = _dot_nt(xt.reshape(bm, gt * 16), wt, interpret) + acc
-    return acc
-
-
-def _mxfp4_step_dot_f16(acc, w: _W, w_refs, lead, x_ref, x_rows, x_ok, row_down, row0, bn, g0,
-                        gt, interpret):
-    """One K step of the grouped byte-view dot with float16 operands (:data:`F16_BYTE_DOTS`):
-    per block g, the two nibble halves of the byte tile (``FP4 * 2^-14`` in float16, exact)
-    against x's matching elements (float16, rescaled per row: :func:`f16_rows`), two K=16 dots
-    into one float32 partial, times the rows' factors ``row_down`` [bm] (back to x's scale:
-    the partial cannot overflow before the block scale where the bf16 path would not) and the
-    block scale ``2^(e - 113)`` (two exact powers of two), added to ``acc``.  Products of
-    float16 values are exact in float32, so this is the bf16 reference's sum up to order (and
-    x's rounding to float16 below 2^-31 of its row maximum)."""
-    bm = x_ok.shape[0]
-    for gi in range(gt):
-        g = g0 + gi
-        qs, e = _load_w_tile(w, w_refs, lead, row0, bn, g, 1)              # [bn, 1, 16], [bn, 1]
-        ok = x_ok[:, None, None] & (g + _iota(1) < w.G)[None, :, None]
-        lo, hi = _byte_pair_f16(qs.reshape(bn, 16))                        # [bn, 16] each
-        wt = jnp.stack([lo, hi], axis=-1).reshape(bn, QK)                  # (byte, s1) order
-        # x viewed [R, G, 32] in the same (byte = (q, lane, s2), s1) order
-        xt = pltriton.load(x_ref.at[x_rows, pl.ds(g, 1), pl.ds(0, QK)], mask=ok,
-                           other=0)                                        # [bm, 1, 32]
-        part = _dot_nt(xt.reshape(bm, QK), wt, interpret)
-        d1, d2 = _e8m0_split(e.reshape(bn))
-        acc = acc + part * row_down[:, None] * d1[None, :] * d2[None, :]
     return acc
 
 
@@ -910,15 +854,11 @@ def _pairs_kernel(*refs, w: _W, p: Plan, k: int, has_bias: bool, cdt):
     _store_rows(out_ref, (i_s,) if p.k_splits > 1 else (), y, r, None, n0, bn, w.O)
 
 
-def _grouped_kernel(*refs, w: _W, p: Plan, has_bias: bool, cdt, interpret: bool,
-                    f16: bool = False):
-    """One program per (tile of block_m expert-sorted rows of one expert, block of output rows).
-    ``f16``: x is float16 rows rescaled by :func:`f16_rows` (their factors are the last input)
-    and the K steps are :func:`_mxfp4_step_dot_f16`."""
+def _grouped_kernel(*refs, w: _W, p: Plan, has_bias: bool, cdt, interpret: bool):
+    """One program per (tile of block_m expert-sorted rows of one expert, block of output rows)."""
     n_w = len(w.arrays)
     x_ref, tiles_ref, w_refs = refs[0], refs[1], refs[2:2 + n_w]
     bias_ref = refs[2 + n_w] if has_bias else None
-    down_ref = refs[-2] if f16 else None
     out_ref = refs[-1]
     i, i_n = pl.program_id(0), pl.program_id(1)
     e = jnp.clip(tiles_ref[0, i], 0, w.lead[0] - 1)
@@ -929,12 +869,8 @@ def _grouped_kernel(*refs, w: _W, p: Plan, has_bias: bool, cdt, interpret: bool,
     @pl.when(row0 < row_end)
     def _():
         m_ok = (row0 + _iota(bm)) < row_end
-        down = pltriton.load(down_ref.at[pl.ds(row0, bm)], mask=m_ok, other=0.0) if f16 else None
 
         def body(s, acc):
-            if f16:
-                return _mxfp4_step_dot_f16(acc, w, w_refs, (e,), x_ref, pl.ds(row0, bm), m_ok,
-                                           down, n0, bn, s * gt, gt, interpret)
             return _mxfp4_step_dot(acc, w, w_refs, (e,), x_ref, pl.ds(row0, bm), m_ok, n0, bn,
                                    s * gt, gt, cdt, interpret)
 
@@ -1052,20 +988,13 @@ def mxfp4_moe_matmul(x, w, expert_ids, bias=None, *, mode=None, block_m=None, bl
         return y.reshape(T, k, wp.O)
     order, tiles = moe_tiles(flat, E, p.block_m)
     xs = jnp.take(x, order // k, axis=0)                                    # expert-sorted rows
-    f16 = False
     if R <= BYTE_VIEW_MAX_ROWS:                                             # byte-wise decode
-        f16 = F16_BYTE_DOTS and x.dtype in (jnp.bfloat16, jnp.float16)
-        if f16:                     # [R, G, (q, lane, s2, s1)]: the byte tile's decode order
-            xs, down = f16_rows(xs)
-            xs = xs.reshape(R, wp.G, 4, 2, 2, 2).transpose(0, 1, 2, 3, 5, 4).reshape(R, wp.G, QK)
-            wp = byte_view(wp)
-        else:
-            xs, wp = xs.reshape(R, wp.G, 4, 2, 2, 2), byte_view(wp)
+        xs, wp = xs.reshape(R, wp.G, 4, 2, 2, 2), byte_view(wp)
     else:
         xs = xs.reshape(R, wp.G, QK)
-    args = [xs, tiles, *wp.arrays] + ([b] if b is not None else []) + ([down] if f16 else [])
+    args = [xs, tiles, *wp.arrays] + ([b] if b is not None else [])
     kernel = functools.partial(_grouped_kernel, w=wp.static(), p=p, has_bias=b is not None,
-                               cdt=x.dtype, interpret=interpret, f16=f16)
+                               cdt=x.dtype, interpret=interpret)
     ys = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((R, wp.O), F32),
                         grid=(tiles.shape[1], -(-wp.O // p.block_n)),
                         compiler_params=_params(p), interpret=interpret,

@@ -225,8 +225,7 @@ def test_mxfp4_kernel_identity_is_exact(layout, interpret):
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("f16", [False, True])
-def test_mxfp4_bf16_dots_identity_is_exact(interpret, f16, f16_byte_dots):
+def test_mxfp4_bf16_dots_identity_is_exact(interpret):
     """bf16 x = I through the bf16 tensor-core dots (weights decoded, then rounded to bf16): the
     dense dot mode (word decode) and the grouped MoE mode with few routed rows (byte view of the
     words) return every code byte under every scale byte 2..252 exactly (MXFP4 weights are exact
@@ -366,26 +365,9 @@ MOE_CASES = [
 ]
 
 
-@pytest.fixture
-def f16_byte_dots(request, monkeypatch):
-    """Traces the grouped byte-view kernel with float16 dots (mx.F16_BYTE_DOTS) when the test is
-    parametrized with f16=True; the jit caches are cleared around it (the switch is read at
-    trace time)."""
-    on = request.node.callspec.params.get("f16", False)
-    mx.mxfp4_moe_matmul.clear_cache()
-    monkeypatch.setattr(mx, "F16_BYTE_DOTS", on)
-    yield on
-    mx.mxfp4_moe_matmul.clear_cache()
-
-
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("case,f16", [(c, False) for c in MOE_CASES] + [
-    # float16 dots on the byte view: bf16 x, R <= 256 routed rows
-    ((9, 4, 5, 40, 64, jnp.bfloat16, "split", True, None), True),
-    ((5, 4, 3, 24, 64, jnp.bfloat16, "ggml", True, "grouped"), True),
-    ((12, 4, 6, 40, 160, jnp.bfloat16, "split", False, "grouped"), True)],
-    ids=lambda c: f"T{c[0]}-k{c[1]}-E{c[2]}-{c[6]}-{c[8]}" if isinstance(c, tuple) else f"f16{c}")
-def test_mxfp4_moe_vs_float64(case, f16, interpret, f16_byte_dots):
+@pytest.mark.parametrize("case", MOE_CASES, ids=lambda c: f"T{c[0]}-k{c[1]}-E{c[2]}-{c[6]}-{c[8]}")
+def test_mxfp4_moe_vs_float64(case, interpret):
     t, k, e, o, i, dtype, layout, with_bias, mode = case
     rng = np.random.default_rng(t * 100 + k)
     raw = mxfp4_bytes(rng, (e, o, i))
