@@ -48,7 +48,6 @@ for step in "$@"; do
                tests/test_kernels_e2e.py tests/test_attention_kernels.py 2>&1 | tail -25 ;;
     fused-sweep) timeout 300 python3 benchmarks/fused_sweep.py ;;
     fused-oss) timeout 400 python3 benchmarks/fused_sweep.py --oss --copies 4 ;;
-    fused-flat) timeout 400 python3 benchmarks/fused_sweep.py --oss --copies 4 --flat ;;
     attn-tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention_kernels.py \
                tests/test_kernels_e2e.py 2>&1 | tail -8 ;;
     loop-forms) timeout 500 python3 benchmarks/loop_forms.py --runs 5 ;;

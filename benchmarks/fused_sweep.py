@@ -61,8 +61,6 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--oss", action="store_true", help="only the gpt-oss-20b shapes")
     ap.add_argument("--copies", type=int, default=1)
-    ap.add_argument("--flat", action="store_true",
-                    help="tiles near the defaults, each with the packed weights read flat and not")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     grid = dict(block_n=[4, 8, 16, 32], block_k=[256, 512, 1024], num_warps=[4, 8])
@@ -71,10 +69,6 @@ def main():
     if args.quick:
         grid = dict(block_n=[8, 16], block_k=[512], num_warps=[4, 8])
     configs = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
-    if args.flat:
-        configs = [dict(block_n=n, block_k=k, num_warps=w, flat=f) for (n, k, w), f in
-                   itertools.product(((8, 1024, 4), (8, 2048, 8), (16, 1024, 4), (4, 1024, 4),
-                                      (8, 512, 4), (16, 2048, 8), (4, 2048, 8)), (0, 1))]
     fns, meta = {}, {}
     for si, (sname, (w, nbytes, I, O, nk, act, res, odt)) in enumerate(shapes(rng).items()):
         if args.oss and not sname.startswith("oss"):

@@ -74,12 +74,7 @@ NORMS = (None, "rms", "layer")
 #: Weights with at most this many output rows get whole-row K steps (:func:`plan`).
 FEW_ROWS = 256
 _STATIC = ("norm", "eps", "act", "round_to", "cdt", "norm_out", "block_n", "block_k",
-           "num_warps", "flat", "interpret")
-#: Packed (Q8_0 / MXFP4, kernel layout) code bytes read as flat [rows, blocks * width] runs
-#: (``mxfp4_matmul.flat_words``) when ``flat`` is not given.  Off: unlike the MoE GEMVs, the Q8_0
-#: projections of gpt-oss-20b did not change (H100, fused_sweep.py --flat, seventh session:
-#: q/k/v 9.29 / 9.29 µs, attention output 6.96 / 7.01 flat / not).
-FLAT = False
+           "num_warps", "interpret")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +324,7 @@ def _check(x, kind, wp: _W, norm, act, norm_weight, norm_bias, residual, fn):
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def fused_gemv(x, w, bias=None, norm_weight=None, norm_bias=None, residual=None, *, norm=None,
                eps=1e-5, act=None, round_to=None, cdt=jnp.bfloat16, norm_out=False, block_n=None,
-               block_k=None, num_warps=None, flat=None, interpret=False):
+               block_k=None, num_warps=None, interpret=False):
     """``act(norm(x) @ w^T + bias)`` rounded to ``round_to``, plus ``residual`` -> float32
     ``[..., O]`` in one kernel (module docstring).  ``norm_out=True`` (needs a norm): returns
     ``(y, h)`` with h ``cdt [..., I]``, the normalised rows that the matmul consumed (written by
@@ -352,10 +347,7 @@ def fused_gemv(x, w, bias=None, norm_weight=None, norm_bias=None, residual=None,
     def view(a, G):
         return a.reshape(a.shape[0], G, QK)
 
-    flat = FLAT if flat is None else bool(flat)
-    w_arrays = mx.flat_words(wp.arrays) if flat and kind != "plain" and wp.layout == "split" \
-        else wp.arrays
-    args = [view(x.reshape(M, wp.I), wp.G), *w_arrays]
+    args = [view(x.reshape(M, wp.I), wp.G), *wp.arrays]
     if norm:
         args.append(view(jnp.asarray(norm_weight, F32).reshape(1, wp.I), wp.G))
     if norm == "layer":
@@ -395,12 +387,12 @@ def _dense(kind: str, wp: _W):
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def fused_gemv_ref(x, w, bias=None, norm_weight=None, norm_bias=None, residual=None, *,
                    norm=None, eps=1e-5, act=None, round_to=None, cdt=jnp.bfloat16, norm_out=False,
-                   block_n=None, block_k=None, num_warps=None, flat=None, interpret=False):
+                   block_n=None, block_k=None, num_warps=None, interpret=False):
     """Plain-jnp twin of :func:`fused_gemv` (tiling arguments ignored): the norm in float32
     (``gptjax.models.layers`` formulas), the row rounded to ``cdt``, packed weights decoded
     exactly and rounded to ``cdt`` as the XLA reference path does (plain ones as they are), one
     float32-accumulated dot, bias, activation, rounding, residual."""
-    del block_n, block_k, num_warps, flat, interpret
+    del block_n, block_k, num_warps, interpret
     fn = "fused_gemv_ref"
     kind, wp = _parse(w, fn)
     _check(x, kind, wp, norm, act, norm_weight, norm_bias, residual, fn)

@@ -194,14 +194,7 @@ def _load_tile(w: _W, w_refs, lead, row0, bn, g0, gt, g_end=None):
         d = _f16_from_bytes(lo, hi, jnp).astype(F32)
     else:
         qs_ref, sc_ref = w_refs
-        if len(qs_ref.shape) == len(sc_ref.shape):     # flat [.., O, G * 32] (mx.flat_words)
-            okf = (((row0 + _iota(bn)) < w.O)[:, None]
-                   & ((g0 * QK + _iota(gt * QK)) < g_end * QK)[None, :])
-            qs = pltriton.load(qs_ref.at[(*lead, r, pl.ds(g0 * QK, gt * QK))], mask=okf,
-                               other=0).reshape(bn, gt, QK)
-        else:
-            qs = pltriton.load(qs_ref.at[(*lead, r, g, pl.ds(0, QK))], mask=ok[:, :, None],
-                               other=0)
+        qs = pltriton.load(qs_ref.at[(*lead, r, g, pl.ds(0, QK))], mask=ok[:, :, None], other=0)
         d = pltriton.load(sc_ref.at[(*lead, r, g)], mask=ok, other=0).astype(F32)
     return qs, d
 

@@ -17,8 +17,6 @@ A wrong gamma, beta, mean, bias, residual, activation or weight row is off by O(
 """
 from __future__ import annotations
 
-import itertools
-
 import math
 import warnings
 
@@ -133,18 +131,14 @@ def test_fused_gemv_against_float64(case, interpret):
     kw = dict(norm=norm, eps=eps, act=act, round_to=round_to, cdt=cdt)
     args = (x, w, None if bias is None else jnp.asarray(bias), jnp.asarray(g) if norm else None,
             jnp.asarray(b) if norm == "layer" else None, None if res is None else jnp.asarray(res))
+    y = np.asarray(fg.fused_gemv(*args, **kw, interpret=interpret), np.float64)
     want, bound = _oracle(x, w64, bias, g, b, res, norm, eps, act, round_to, cdt)
-    # packed weights in the kernel layout: code bytes read both as [rows, blocks, width] tiles
-    # and as flat [rows, blocks * width] runs
-    for flat in ((0, 1) if kind.endswith("split") else (None,)):
-        y = np.asarray(fg.fused_gemv(*args, **kw, flat=flat, interpret=interpret), np.float64)
-        assert y.shape == (M, O)
-        err = np.abs(y - want)
-        worst = np.unravel_index(np.argmax(err / bound), err.shape)
-        assert np.all(err <= bound), \
-            f"flat={flat}: err {err[worst]:.3e} > bound {bound[worst]:.3e} at {worst}"
-        if round_to is not None and not has_res:               # values representable in bf16
-            np.testing.assert_array_equal(y, _round(y, ml_dtypes.bfloat16))
+    assert y.shape == (M, O)
+    err = np.abs(y - want)
+    worst = np.unravel_index(np.argmax(err / bound), err.shape)
+    assert np.all(err <= bound), f"err {err[worst]:.3e} > bound {bound[worst]:.3e} at {worst}"
+    if round_to is not None and not has_res:                   # values representable in bf16
+        np.testing.assert_array_equal(y, _round(y, ml_dtypes.bfloat16))
     # The jnp twin: same composition, same bound (it rounds Q8_0 weights to bf16, the kernel not).
     yr = np.asarray(fg.fused_gemv_ref(*args, **kw), np.float64)
     assert np.all(np.abs(yr - want) <= bound)
@@ -158,8 +152,8 @@ def test_fused_gemv_tilings(interpret):
     x = jnp.asarray(rng.standard_normal((1, 320)).astype(np.float32))
     g = jnp.asarray(rng.standard_normal(320).astype(np.float32))
     base = fg.fused_gemv(x, w, norm_weight=g, norm="rms", interpret=interpret)
-    for (bn, bk), flat in itertools.product(((2, 32), (32, 64), (64, 512)), (0, 1)):
-        y = fg.fused_gemv(x, w, norm_weight=g, norm="rms", block_n=bn, block_k=bk, flat=flat,
+    for bn, bk in ((2, 32), (32, 64), (64, 512)):
+        y = fg.fused_gemv(x, w, norm_weight=g, norm="rms", block_n=bn, block_k=bk,
                           interpret=interpret)
         np.testing.assert_allclose(np.asarray(y), np.asarray(base), rtol=1e-5, atol=1e-5)
 
