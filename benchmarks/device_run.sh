@@ -55,6 +55,9 @@ for step in "$@"; do
     targets-b1) timeout 400 python3 benchmarks/gpt_oss_targets.py --skip pp512,b64,memory --out "$OUT/results.md" ;;
     profile-oss) timeout 240 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --new 32 --top 12 --hlo-dump /tmp/hlo_oss --sequence 40 ;;
     profile-oss-long) timeout 300 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --prompt-len 4096 --new 32 --top 12 --hlo-dump /tmp/hlo_long --sequence 40 ;;
+    profile-gaps)
+      timeout 200 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --prompt-len 4096 --new 64 --top 3 --module "" --gaps 12
+      timeout 200 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --prompt-len 16 --new 128 --top 3 --module "" --gaps 12 ;;
     profile-oss-b64) timeout 300 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --batch 64 --new 16 --top 45 ;;
     moe-tests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_moe_decode.py \
                tests/test_matmul_kernels.py tests/test_fused_gemv.py tests/test_kernels_e2e.py 2>&1 | tail -25 ;;

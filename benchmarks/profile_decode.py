@@ -85,7 +85,7 @@ def _key(name: str) -> str:
 
 def summarize(trace_dir: str, steps: int, wall_s: float, top: int, dump_names: bool,
               plane_prefix: str = "/device:", hlo: dict | None = None, module: str = "",
-              sequence: int = 0) -> None:
+              sequence: int = 0, gaps: int = 0) -> None:
     hlo = hlo or {}
     files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     if not files:
@@ -125,6 +125,30 @@ def summarize(trace_dir: str, steps: int, wall_s: float, top: int, dump_names: b
                 print("names:", sorted(agg))
             if sequence:
                 print_sequence(line, module, sequence, hlo)
+            if gaps:
+                print_gaps(line, gaps)
+
+
+def print_gaps(line, n: int) -> None:
+    """The ``n`` longest idle stretches of the line over the whole traced call (kernels of every
+    HLO module: prefill, each decode call), with the events on either side and when they start
+    (ms after the line's first event): where a request loses time between kernels."""
+    evs = sorted((ev.start_ns, ev.duration_ns, ev.name, str(dict(ev.stats).get("hlo_module", "")))
+                 for ev in line.events)
+    if len(evs) < 2:
+        return
+    t0, end, rows, idle = evs[0][0], evs[0][0] + evs[0][1], [], 0
+    for (s0, d0, n0, m0), (s1, d1, n1, m1) in zip(evs, evs[1:]):
+        end = max(end, s0 + d0)
+        gap = s1 - end
+        if gap > 0:
+            idle += gap
+            rows.append((gap, (end - t0) / 1e6, f"{n0[:40]} ({m0[:30]})", f"{n1[:40]} ({m1[:30]})"))
+    span = (max(s + d for s, d, *_ in evs) - t0) / 1e6
+    print(f"\nidle gaps: {idle / 1e6:.2f} ms of {span:.2f} ms from first to last event; the "
+          f"{n} longest:\n| gap µs | at ms | after | before |\n|---|---|---|---|")
+    for gap, at, a, b in sorted(rows, reverse=True)[:n]:
+        print(f"| {gap / 1e3:,.1f} | {at:.2f} | {a} | {b} |")
 
 
 def print_sequence(line, module: str, n: int, hlo: dict) -> None:
@@ -162,6 +186,8 @@ def main():
     ap.add_argument("--hlo-dump", default=None, help="dump optimized HLO here and map kernel names to op_names")
     ap.add_argument("--sequence", type=int, default=0,
                     help="also print this many kernels of one stretch in launch order, with gaps")
+    ap.add_argument("--gaps", type=int, default=0,
+                    help="also print the largest idle gaps of the whole traced call (every module)")
     args = ap.parse_args()
     if args.hlo_dump:
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.hlo_dump}"
@@ -183,7 +209,7 @@ def main():
     steps = args.new
     print(f"traced: decode {res.stats.decode_tokens_per_s:,.1f} tok/s (whole call {wall * 1e3:.1f} ms incl. prefill)")
     summarize(trace_dir, steps, wall, args.top, args.dump_names, args.plane, hlo_index(args.hlo_dump),
-              args.module, args.sequence)
+              args.module, args.sequence, args.gaps)
 
 
 if __name__ == "__main__":
