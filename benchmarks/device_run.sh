@@ -48,6 +48,8 @@ for step in "$@"; do
                tests/test_kernels_e2e.py tests/test_attention_kernels.py 2>&1 | tail -25 ;;
     fused-sweep) timeout 300 python3 benchmarks/fused_sweep.py ;;
     fused-oss) timeout 400 python3 benchmarks/fused_sweep.py --oss --copies 4 ;;
+    e2e-tests) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_e2e.py \
+               tests/test_moe_decode.py 2>&1 | tail -6 ;;
     attn-tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention_kernels.py \
                tests/test_kernels_e2e.py 2>&1 | tail -8 ;;
     loop-forms) timeout 500 python3 benchmarks/loop_forms.py --runs 5 ;;
