@@ -301,6 +301,21 @@ def test_chunked_equals_one_shot_and_seeds(gen):
     assert [c.token_ids for c in one.completions] != [c.token_ids for c in other.completions]
 
 
+def test_first_token_ends_every_row_in_chunk_mode(gen):
+    """Fixed-length chunks: the first decode chunk is queued before prefill's result is read; a
+    first token that ends every row (an EOS here) still gives the right completion, and the
+    queued chunk is neither read nor counted."""
+    prompt = _prompt(95, 7)
+    first = naive_decode(prompt, 1)[0][0]
+    res = gen.generate([prompt], max_new_tokens=20, eos_ids=[first], chunk_size=4)
+    c = res.completions[0]
+    assert (c.token_ids, c.stop_reason, c.stop_token) == ((), "eos", first)
+    assert res.stats.decode_calls == 0 and res.stats.decode_steps == 0
+    # and the generator is still usable afterwards (the unread chunk donated nothing we keep)
+    again = gen.generate([prompt], max_new_tokens=6, chunk_size=4).completions[0]
+    assert list(again.token_ids) == naive_decode(prompt, 6)[0]
+
+
 def test_bucketing_avoids_retrace():
     g = Generator(toy_forward, PARAMS, CFG, init_cache_fn=toy_init_cache)
     r1 = g.generate([_prompt(80, 5)], max_new_tokens=8)
