@@ -65,7 +65,6 @@ for step in "$@"; do
                tests/test_matmul_kernels.py tests/test_fused_gemv.py tests/test_kernels_e2e.py 2>&1 | tail -25 ;;
     moe-sweep) timeout 500 python3 benchmarks/moe_decode_sweep.py ;;
     moe-tiles) timeout 500 python3 benchmarks/moe_decode_sweep.py --set tiles ;;
-    moe-slots) timeout 500 python3 benchmarks/moe_decode_sweep.py --set slots ;;
     moe-flat-tiles) timeout 500 python3 benchmarks/moe_decode_sweep.py --set flat-tiles ;;
     moe-ceiling) timeout 400 python3 benchmarks/moe_read_ceiling.py ;;
     attn-sweep) timeout 300 python3 benchmarks/attention_kernels.py --decode-sweep --runs 10 2>&1 | grep -v "^ok" ;;

@@ -61,7 +61,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--set", choices=("tiles", "variants", "slots", "flat-tiles"), default="variants")
+    ap.add_argument("--set", choices=("tiles", "variants", "flat-tiles"), default="variants")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     ps = [params(rng) for _ in range(args.layers)]
@@ -105,15 +105,6 @@ def main():
               itertools.product((8, 16), (512, 1024, 2048), (4, 8))]
         ds = [dict(block_n=n, block_k=k, num_warps=w) for n, k, w in
               itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8))]
-    elif args.set == "slots":
-        # several routed experts per gate/up program (one x tile for all of them), and the code
-        # words loaded as flat [rows, blocks * 4] runs (laid out like the scale bytes)
-        gs = [dict(flat=1), dict(slots=2), dict(slots=2, flat=1), dict(slots=4, flat=1),
-              dict(slots=4, block_n=4), dict(slots=2, block_n=4), dict(slots=4, flat=1, block_k=256),
-              dict(slots=2, flat=1, block_k=1024), dict(flat=1, block_n=16, num_warps=8),
-              dict(slots=2, flat=1, block_n=16, num_warps=8), dict(slots=4, block_n=4, block_k=1024),
-              dict(slots=4, flat=1, block_n=4)]
-        ds = [dict(flat=1), dict(flat=1, block_k=512), dict(block_k=512), dict(flat=1, block_n=4)]
     elif args.set == "flat-tiles":
         # tiles around the defaults with the (default) flat code-word loads
         gs = [dict(block_n=n, block_k=k, num_warps=w) for n, k, w in

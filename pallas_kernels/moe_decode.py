@@ -61,37 +61,32 @@ __all__ = ["moe_gate_up_swiglu", "moe_gate_up_swiglu_ref", "moe_down_combine",
 F32 = jnp.float32
 #: Tokens the decode kernels take (GEMV math; more tokens go to the grouped kernel).
 MAX_ROWS = 2
-_STATIC = ("n_used", "alpha", "limit", "cdt", "block_n", "block_k", "num_warps", "slots",
-           "flat", "interpret")
+_STATIC = ("n_used", "alpha", "limit", "cdt", "block_n", "block_k", "num_warps", "flat",
+           "interpret")
 
 
 class Plan(NamedTuple):
     block_n: int
     block_k: int
     num_warps: int
-    slots: int = 1          # gate/up: routed experts per program (they share the x tile)
     flat: int = 0           # 1: code words loaded as [rows, blocks * 4] (mxfp4_matmul.flat_words)
 
 
-def plan(stage: str, *, block_n=None, block_k=None, num_warps=None, slots=None, flat=None,
-         n_used: int = 1) -> Plan:
+def plan(stage: str, *, block_n=None, block_k=None, num_warps=None, flat=None) -> Plan:
     """Tiles.  H100, gpt-oss-20b, one token (benchmarks/moe_decode_sweep.py): gate/up 8 rows x
     512 inputs, 4 warps, one expert per program; down 8 rows (the program runs all U experts,
     so few rows keep ~2.7 waves of programs) x 1024, 4 warps; both read the code words flat
-    (seventh session, ``--set slots``: gate/up 22.74 -> 21.87 µs, down 15.39 -> 15.08; every
-    ``slots`` > 1 was slower, 24.0-28.1 µs: fewer, fatter programs hide less latency).
-    ``slots`` (gate/up only) must divide ``n_used``."""
-    d = {"gate_up": Plan(8, 512, 4, 1, 1), "down": Plan(8, 1024, 4, 1, 1)}[stage]
+    (seventh session: gate/up 22.74 -> 21.87 µs, down 15.39 -> 15.08; two or four routed
+    experts per gate/up program, sharing one x tile, were slower every time, 24.0-28.1 µs:
+    fewer, fatter programs hide less latency)."""
+    d = {"gate_up": Plan(8, 512, 4, 1), "down": Plan(8, 1024, 4, 1)}[stage]
     p = Plan(block_n or d.block_n, block_k or d.block_k, num_warps or d.num_warps,
-             slots or d.slots, d.flat if flat is None else int(bool(flat)))
-    for name, v in zip(p._fields[:4], p):
+             d.flat if flat is None else int(bool(flat)))
+    for name, v in zip(p._fields[:3], p):
         if not mx._pow2(v):
             raise ValueError(f"moe_decode: {name}={v} must be a power of two")
     if p.block_k % QK:
         raise ValueError(f"moe_decode: block_k={p.block_k} must be a multiple of {QK}")
-    if n_used % p.slots or (stage == "down" and p.slots != 1):
-        raise ValueError(f"moe_decode: slots={p.slots} must divide n_used={n_used} "
-                         f"(and be 1 for the down stage)")
     return p
 
 
@@ -165,25 +160,20 @@ def _gate_up_kernel(h_ref, logits_ref, *refs, wg, wu, up_row0, F, U, E, p, cdt, 
     wu_refs, bu_ref = refs[n_g + 1:2 * n_g + 1], refs[2 * n_g + 1]
     out_ref = refs[-1]
     r, i_n = pl.program_id(0), pl.program_id(1)
-    S = p.slots                                   # slots u0 .. u0 + S - 1 of token t
-    t, j = lax.div(r, np.int32(U // S)), lax.rem(r, np.int32(U // S))
-    ranked = _ranks(logits_ref, t, E)
-    es = [_slot(*ranked, j * S + s, E)[0] for s in range(S)]
+    t, u = lax.div(r, np.int32(U)), lax.rem(r, np.int32(U))
+    e, _ = _slot(*_ranks(logits_ref, t, E), u, E)
     gt, bn = p.block_k // QK, p.block_n
     n0 = i_n * bn
 
     def x_tile(g0):
         return mx.load_x32(h_ref, t, None, g0, gt, wg.G).astype(F32)
 
-    streams = []
-    for e in es:
-        streams += [(wg, wg_refs, e, n0, x_tile), (wu, wu_refs, e, up_row0 + n0, x_tile)]
-    sums = _expert_gemvs(streams, wg.G, gt, bn)
-    for s, e in enumerate(es):
-        gate = sums[2 * s] + _load_row(bg_ref, e, n0, bn, F)
-        up = sums[2 * s + 1] + _load_row(bu_ref, e, n0, bn, F, up_row0)
-        h = swiglu_oai(gate, up, alpha=alpha, limit=limit).astype(cdt).astype(F32)
-        pltriton.store(out_ref.at[t * U + j * S + s, pl.ds(n0, bn)], h, mask=(n0 + _iota(bn)) < F)
+    gate, up = _expert_gemvs([(wg, wg_refs, e, n0, x_tile), (wu, wu_refs, e, up_row0 + n0, x_tile)],
+                             wg.G, gt, bn)
+    gate = gate + _load_row(bg_ref, e, n0, bn, F)
+    up = up + _load_row(bu_ref, e, n0, bn, F, up_row0)
+    h = swiglu_oai(gate, up, alpha=alpha, limit=limit).astype(cdt).astype(F32)
+    pltriton.store(out_ref.at[r, pl.ds(n0, bn)], h, mask=(n0 + _iota(bn)) < F)
 
 
 def _down_kernel(h_ref, logits_ref, *refs, w, U, E, p):
@@ -239,8 +229,8 @@ def _check_route(x, logits, n_used, E, fn):
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def moe_gate_up_swiglu(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_used, alpha, limit,
-                       cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None, slots=None,
-                       flat=None, interpret=False):
+                       cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None, flat=None,
+                       interpret=False):
     """``out[t*U + u] = round_cdt(swiglu(h_t @ gate_e.T + bg_e, h_t @ up_e.T + bu_e))`` with
     ``e = top_k(logits[t], n_used)[u]`` -> float32 ``[M*U, F]`` (values rounded to ``cdt``).
     h: float ``[M, D]``, the normalised block input in compute-dtype values (M <= MAX_ROWS;
@@ -253,8 +243,7 @@ def moe_gate_up_swiglu(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_use
     _check_route(h, logits, n_used, E, fn)
     if D != wg.I:
         raise WeightsError(f"{fn}: h [.., {D}] does not match experts of input size {wg.I}")
-    p = plan("gate_up", block_n=block_n, block_k=block_k, num_warps=num_warps, slots=slots,
-             flat=flat, n_used=n_used)
+    p = plan("gate_up", block_n=block_n, block_k=block_k, num_warps=num_warps, flat=flat)
     view = mx.flat_words if p.flat else tuple
     args = [h.reshape(M, wg.G, QK), logits.astype(F32),
             *view(wg.arrays), jnp.asarray(b_gate, F32), *view(wu.arrays), jnp.asarray(bu, F32)]
@@ -264,7 +253,7 @@ def moe_gate_up_swiglu(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_use
         wu=dataclasses.replace(wu.static(), O=up_row0 + F), up_row0=up_row0, F=F, U=n_used, E=E, p=p,
         cdt=jnp.dtype(cdt), alpha=float(alpha), limit=float(limit))
     return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((M * n_used, F), F32),
-                          grid=(M * n_used // p.slots, cdiv(F, p.block_n)),
+                          grid=(M * n_used, cdiv(F, p.block_n)),
                           compiler_params=pltriton.CompilerParams(num_warps=p.num_warps,
                                                                   num_stages=1),
                           interpret=interpret, name="moe_gate_up_swiglu")(*args)
@@ -272,8 +261,8 @@ def moe_gate_up_swiglu(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_use
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def moe_down_combine(h, logits, w_down, b_down, residual, *, n_used, alpha=None, limit=None,
-                     cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None, slots=None,
-                     flat=None, interpret=False):
+                     cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None, flat=None,
+                     interpret=False):
     """``out[t] = residual[t] + sum_u w_u (h[t*U + u] @ down_e.T + bd_e)``, ``e, w`` from
     ``top_k`` / softmax of ``logits[t]`` -> float32 ``[M, D]``.  h: float ``[M*U, F]``; logits
     float32 ``[M, E]``; w_down MXFP4 ``[E, D, F]``; b_down float ``[E, D]``; residual float
@@ -287,8 +276,7 @@ def moe_down_combine(h, logits, w_down, b_down, residual, *, n_used, alpha=None,
         raise WeightsError(f"{fn}: h {list(h.shape)}, residual {list(residual.shape)}, bias "
                            f"{list(b_down.shape)} do not fit experts [E={E}, D={w.O}, F={w.I}] "
                            f"with n_used={n_used}")
-    p = plan("down", block_n=block_n, block_k=block_k, num_warps=num_warps, slots=slots,
-             flat=flat)
+    p = plan("down", block_n=block_n, block_k=block_k, num_warps=num_warps, flat=flat)
     args = [h.reshape(M * n_used, w.G, QK), logits.astype(F32),
             *(mx.flat_words(w.arrays) if p.flat else w.arrays),
             jnp.asarray(b_down, F32), residual.astype(F32)]
@@ -312,9 +300,9 @@ def _route_ref(logits, n_used):
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def moe_gate_up_swiglu_ref(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_used, alpha,
                            limit, cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None,
-                           slots=None, flat=None, interpret=False):
+                           flat=None, interpret=False):
     """Plain-jnp twin of :func:`moe_gate_up_swiglu` (tiling arguments ignored)."""
-    del block_n, block_k, num_warps, slots, flat, interpret
+    del block_n, block_k, num_warps, flat, interpret
     fn = "moe_gate_up_swiglu_ref"
     wg, wu, bu, up_row0, F = _first(w_gate, b_gate, w_up, b_up, fn)
     _check_route(h, logits, n_used, wg.lead[0], fn)
@@ -332,9 +320,9 @@ def moe_gate_up_swiglu_ref(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def moe_down_combine_ref(h, logits, w_down, b_down, residual, *, n_used, alpha=None, limit=None,
                          cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None,
-                         slots=None, flat=None, interpret=False):
+                         flat=None, interpret=False):
     """Plain-jnp twin of :func:`moe_down_combine` (tiling arguments ignored)."""
-    del alpha, limit, cdt, block_n, block_k, num_warps, slots, flat, interpret
+    del alpha, limit, cdt, block_n, block_k, num_warps, flat, interpret
     w = mx._parse_weights(w_down, 1, "moe_down_combine_ref")
     M = residual.shape[0]
     _check_route(residual, logits, n_used, w.lead[0], "moe_down_combine_ref")

@@ -120,7 +120,6 @@ def _args(c, layout):
 
 def _run(c, cdt, *, ref=False, interpret=True, layout="kernel", **tiles):
     first, wd, bd = _args(c, layout)
-    slots = tiles.pop("slots", None)            # gate/up only
     kw = dict(n_used=c["U"], alpha=ALPHA, limit=LIMIT, cdt=cdt, **tiles)
     if not ref:
         kw["interpret"] = interpret
@@ -128,7 +127,7 @@ def _run(c, cdt, *, ref=False, interpret=True, layout="kernel", **tiles):
     f2 = md.moe_down_combine_ref if ref else md.moe_down_combine
     n = jnp.asarray(_normed(c, cdt), jnp.float32)
     logits = jnp.asarray(c["logits"])
-    h = f1(n, logits, *first, **kw, **({} if slots is None else dict(slots=slots)))
+    h = f1(n, logits, *first, **kw)
     # the hand-over: float32 holding compute-dtype values
     assert h.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(h), np.asarray(h.astype(cdt).astype(jnp.float32)))
@@ -151,13 +150,9 @@ CASES = [
     (1, 32, 4, 128, 96, True, False, jnp.bfloat16, {}),
     (2, 5, 5, 64, 32, False, True, jnp.bfloat16, dict(block_n=4, block_k=128)),  # U = E
     (1, 128, 4, 64, 32, True, True, jnp.float32, {}),                    # gpt-oss-120b's E
-    # several routed experts per gate/up program (sharing the x tile)
-    (1, 32, 4, 128, 96, True, True, jnp.bfloat16, dict(slots=4)),
-    (2, 8, 4, 96, 64, False, False, jnp.float32, dict(block_n=16, block_k=64, slots=2)),
-    (2, 6, 2, 96, 96, True, True, jnp.float32, dict(slots=2, block_n=64)),
     # code words read as flat [rows, blocks * 4] runs (the default), ragged K step; and the
     # [rows, blocks, 4] tile load
-    (1, 32, 4, 160, 96, True, False, jnp.bfloat16, dict(flat=1, slots=4, block_k=128)),
+    (1, 32, 4, 160, 96, True, False, jnp.bfloat16, dict(flat=1, block_k=128)),
     (2, 8, 4, 96, 64, False, True, jnp.float32, dict(flat=0, block_n=16, block_k=64)),
 ]
 
@@ -174,7 +169,7 @@ def test_moe_decode_vs_float64(case, interpret):
     M, E, U, D, F, fused, ties, cdt, tiles = case
     c = _case(np.random.default_rng(hash(_cid(case)) % 2 ** 32), M, E, U, D, F, fused, ties)
     h64, bh, out64, bo = _oracle(c, cdt)
-    h, out = _run(c, cdt, interpret=interpret, **dict(tiles))
+    h, out = _run(c, cdt, interpret=interpret, **tiles)
     _check(h, h64, bh, "h")
     _check(out, out64, bo, "out")
 
@@ -217,7 +212,4 @@ def test_moe_decode_errors():
                             **kw)
     with pytest.raises(ValueError, match="power of two"):
         md.plan("down", block_n=12)
-    with pytest.raises(ValueError, match="slots=2 must divide n_used=3"):
-        md.plan("gate_up", slots=2, n_used=3)
-    with pytest.raises(ValueError, match="be 1 for the down stage"):
-        md.plan("down", slots=2, n_used=4)
+
