@@ -72,6 +72,7 @@ for step in "$@"; do
     attn-dev-sweep) timeout 200 python3 benchmarks/decode_attention_sweep.py ;;
     dot-variants) timeout 300 python3 benchmarks/mxfp4_dot_variants.py ;;
     decode-variants) timeout 400 python3 benchmarks/mxfp4_dot_variants.py --decode-variants ;;
+    grouped-stages) timeout 400 python3 benchmarks/mxfp4_dot_variants.py --stages ;;
     grouped-sweep) timeout 300 python3 benchmarks/mxfp4_dot_variants.py --grouped-sweep ;;
     words-proto) timeout 400 python3 benchmarks/mxfp4_words_proto.py ;;
     profile-gpt2) timeout 120 python3 benchmarks/profile_decode.py --gpt2 --new 64 --top 30 --hlo-dump /tmp/hlo_gpt2 ;;

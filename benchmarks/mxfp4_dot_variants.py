@@ -36,6 +36,8 @@ def main():
     ap.add_argument("--grouped-sweep", action="store_true",
                     help="only the grouped MoE kernel, over a grid of tiles")
     ap.add_argument("--decode-variants", action="store_true")
+    ap.add_argument("--stages", action="store_true",
+                    help="batch-64 grouped kernel: software-pipeline depth (num_stages) x tiles")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     E, D = 32, 2880
@@ -71,6 +73,16 @@ def main():
         tilings = [("default", {})] + [
             (f"{bm}x{bn}x{bk} w{w}", dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w))
             for bm, bn, bk, w in itertools.product((16, 32, 64, 128), (64, 128), (64, 128), (4, 8))]
+    if args.stages:
+        # more K steps' tiles in flight per program (cp.async stages): bytes in flight per SM,
+        # not decode arithmetic, is the suspect for the grouped kernel (RESULTS.md, seventh session)
+        cases = {"moe gate_up T=64 (b64)": cases["moe gate_up T=64 (b64)"]}
+        tilings = [("default", {})] + [
+            (f"{bm}x{bn}x{bk} w{w} s{st}", dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w,
+                                                num_stages=st))
+            for (bm, bn, bk, w), st in itertools.product(
+                ((16, 128, 64, 8), (16, 128, 64, 4), (16, 128, 128, 4), (16, 64, 128, 4)),
+                (2, 4, 6))]
     fns, meta = {}, {}
     for cname, (f, x, w, i) in cases.items():
         want = None
