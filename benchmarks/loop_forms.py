@@ -1,7 +1,7 @@
 """What the decode loop's form costs on gpt-oss-20b (synthetic weights, ggml layout): decode
 tokens/s of the same request run as fixed-length chunks (static trip count: asynchronous), as one
 early-exiting ``while_loop`` (a device-to-host copy of the loop predicate every step), and the
-generator's default mix (fixed chunks of 32, the remainder as a while_loop), in one process.
+generator's default mix (fixed chunks of 16, the remainder as a while_loop), in one process.
 
     python benchmarks/loop_forms.py [--runs 3] [--long 4096]
 
@@ -48,24 +48,25 @@ def main():
         return statistics.median(g[0] for g in got), got[0][1], got[0][2]
 
     rows = [
-        ("b1, 128 new, EOS off: chunks of 32 + remainder 31 in a while_loop (default)", 16, 128,
-         dict(eos_ids=())),
-        ("b1, 129 new, EOS off: 4 chunks of 32, no remainder", 16, 129, dict(eos_ids=())),
+        ("b1, 128 new, EOS off: chunks of 32 + remainder 31 in a while_loop", 16, 128,
+         dict(eos_ids=(), chunk_size=32)),
+        ("b1, 129 new, EOS off: 4 chunks of 32, no remainder", 16, 129,
+         dict(eos_ids=(), chunk_size=32)),
         ("b1, 128 new: one fixed loop of 127 steps", 16, 128, dict(eos_ids=(), chunk_size=127)),
         ("b1, 128 new, an EOS set that never fires: one while_loop of 127 steps", 16, 128,
          dict(eos_ids=(V - 1,))),
-        ("b1, 128 new, EOS off, chunks of 16 (remainder 15 in a while_loop)", 16, 128,
-         dict(eos_ids=(), chunk_size=16)),
+        ("b1, 128 new, EOS off, chunks of 16 (remainder 15 in a while_loop; default)", 16, 128,
+         dict(eos_ids=())),
         ("b1, 128 new, EOS off, chunks of 8 (remainder 7 in a while_loop)", 16, 128,
          dict(eos_ids=(), chunk_size=8)),
-        (f"{args.long}-token prompt, 64 new, EOS off (default: 32 fixed + 31 while)", args.long, 64,
+        (f"{args.long}-token prompt, 64 new, EOS off: 32 fixed + 31 while", args.long, 64,
+         dict(eos_ids=(), chunk_size=32)),
+        (f"{args.long}-token prompt, 64 new, EOS off, chunks of 16 (default)", args.long, 64,
          dict(eos_ids=())),
-        (f"{args.long}-token prompt, 64 new, EOS off, chunks of 16", args.long, 64,
-         dict(eos_ids=(), chunk_size=16)),
         (f"{args.long}-token prompt, 64 new, EOS off, chunks of 8", args.long, 64,
          dict(eos_ids=(), chunk_size=8)),
         (f"{args.long}-token prompt, 65 new, EOS off: 2 chunks of 32", args.long, 65,
-         dict(eos_ids=())),
+         dict(eos_ids=(), chunk_size=32)),
     ]
     print("| loop form | decode tok/s | generated | decode calls |\n|---|---|---|---|")
     for label, n_prompt, new, kw in rows:
