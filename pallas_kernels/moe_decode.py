@@ -69,7 +69,7 @@ class Plan(NamedTuple):
     block_n: int
     block_k: int
     num_warps: int
-    flat: int = 0           # 1: code words loaded as [rows, blocks * 4] (mxfp4_matmul.flat_words)
+    flat: bool = True       # code words loaded as [rows, blocks * 4] (mxfp4_matmul.flat_words)
 
 
 def plan(stage: str, *, block_n=None, block_k=None, num_warps=None, flat=None) -> Plan:
@@ -79,9 +79,9 @@ def plan(stage: str, *, block_n=None, block_k=None, num_warps=None, flat=None) -
     (seventh session: gate/up 22.74 -> 21.87 µs, down 15.39 -> 15.08; two or four routed
     experts per gate/up program, sharing one x tile, were slower every time, 24.0-28.1 µs:
     fewer, fatter programs hide less latency)."""
-    d = {"gate_up": Plan(8, 512, 4, 1), "down": Plan(8, 1024, 4, 1)}[stage]
+    d = {"gate_up": Plan(8, 512, 4), "down": Plan(8, 1024, 4)}[stage]
     p = Plan(block_n or d.block_n, block_k or d.block_k, num_warps or d.num_warps,
-             d.flat if flat is None else int(bool(flat)))
+             d.flat if flat is None else bool(flat))
     for name, v in zip(p._fields[:3], p):
         if not mx._pow2(v):
             raise ValueError(f"moe_decode: {name}={v} must be a power of two")
@@ -217,6 +217,11 @@ def _first(w_gate, b_gate, w_up, b_up, fn):
     return wg, wu, b_up, 0, wg.O
 
 
+def _weight_arrays(w, p: Plan) -> tuple:
+    """The kernel arguments of a parsed expert stack: its arrays, code words flat if planned."""
+    return mx.flat_words(w.arrays) if p.flat else tuple(w.arrays)
+
+
 def _check_route(x, logits, n_used, E, fn):
     M = x.shape[0]
     if x.ndim != 2 or M > MAX_ROWS:
@@ -244,9 +249,8 @@ def moe_gate_up_swiglu(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_use
     if D != wg.I:
         raise WeightsError(f"{fn}: h [.., {D}] does not match experts of input size {wg.I}")
     p = plan("gate_up", block_n=block_n, block_k=block_k, num_warps=num_warps, flat=flat)
-    view = mx.flat_words if p.flat else tuple
-    args = [h.reshape(M, wg.G, QK), logits.astype(F32),
-            *view(wg.arrays), jnp.asarray(b_gate, F32), *view(wu.arrays), jnp.asarray(bu, F32)]
+    args = [h.reshape(M, wg.G, QK), logits.astype(F32), *_weight_arrays(wg, p),
+            jnp.asarray(b_gate, F32), *_weight_arrays(wu, p), jnp.asarray(bu, F32)]
     # Row bounds for the masks: gate rows [0, F), up rows [up_row0, up_row0 + F).
     kernel = functools.partial(
         _gate_up_kernel, wg=dataclasses.replace(wg.static(), O=F),
@@ -277,8 +281,7 @@ def moe_down_combine(h, logits, w_down, b_down, residual, *, n_used, alpha=None,
                            f"{list(b_down.shape)} do not fit experts [E={E}, D={w.O}, F={w.I}] "
                            f"with n_used={n_used}")
     p = plan("down", block_n=block_n, block_k=block_k, num_warps=num_warps, flat=flat)
-    args = [h.reshape(M * n_used, w.G, QK), logits.astype(F32),
-            *(mx.flat_words(w.arrays) if p.flat else w.arrays),
+    args = [h.reshape(M * n_used, w.G, QK), logits.astype(F32), *_weight_arrays(w, p),
             jnp.asarray(b_down, F32), residual.astype(F32)]
     kernel = functools.partial(_down_kernel, w=w.static(), U=n_used, E=E, p=p)
     return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((M, w.O), F32),

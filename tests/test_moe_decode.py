@@ -212,4 +212,3 @@ def test_moe_decode_errors():
                             **kw)
     with pytest.raises(ValueError, match="power of two"):
         md.plan("down", block_n=12)
-
