@@ -60,12 +60,14 @@ for step in "$@"; do
     profile-gaps)
       timeout 200 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --prompt-len 4096 --new 64 --top 3 --module "" --gaps 12
       timeout 200 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --prompt-len 16 --new 128 --top 3 --module "" --gaps 12 ;;
+    profile-gaps-b64) timeout 300 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --batch 64 --prompt-len 16 --new 64 --top 30 --module "" --gaps 16 --sequence 60 ;;
     profile-oss-b64) timeout 300 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --batch 64 --new 16 --top 45 ;;
     moe-tests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_moe_decode.py \
                tests/test_matmul_kernels.py tests/test_fused_gemv.py tests/test_kernels_e2e.py 2>&1 | tail -25 ;;
     moe-sweep) timeout 500 python3 benchmarks/moe_decode_sweep.py ;;
     moe-tiles) timeout 500 python3 benchmarks/moe_decode_sweep.py --set tiles ;;
     moe-flat-tiles) timeout 500 python3 benchmarks/moe_decode_sweep.py --set flat-tiles ;;
+    moe-prefetch) timeout 500 python3 benchmarks/moe_decode_sweep.py --set prefetch ;;
     moe-ceiling) timeout 400 python3 benchmarks/moe_read_ceiling.py ;;
     attn-sweep) timeout 300 python3 benchmarks/attention_kernels.py --decode-sweep --runs 10 2>&1 | grep -v "^ok" ;;
     rows-sweep) timeout 300 python3 benchmarks/dense_rows_sweep.py --head ;;
@@ -75,6 +77,10 @@ for step in "$@"; do
     grouped-stages) timeout 400 python3 benchmarks/mxfp4_dot_variants.py --stages ;;
     grouped-sweep) timeout 300 python3 benchmarks/mxfp4_dot_variants.py --grouped-sweep ;;
     words-proto) timeout 400 python3 benchmarks/mxfp4_words_proto.py ;;
+    ncu-moe) timeout 500 /usr/local/cuda/bin/ncu --set full -k regex:"mxfp4_moe_grouped|moe_gate_up|moe_down" --launch-skip 4 --launch-count 4 python3 benchmarks/ncu_moe.py 2>&1 | grep -v "^==PROF==" ;;
+    ncu-grouped) timeout 400 /usr/local/cuda/bin/ncu --section WarpStateStats --section InstructionStats --section SourceCounters --section MemoryWorkloadAnalysis_Tables --print-details all -k regex:"mxfp4_moe_grouped|moe_down" --launch-skip 4 --launch-count 4 python3 benchmarks/ncu_moe.py 2>&1 | grep -v "^==PROF==" ;;
+    ncu-sass) timeout 400 /usr/local/cuda/bin/ncu --set full --page source --print-source sass --csv -k regex:"mxfp4_moe_grouped" --launch-skip 4 --launch-count 1 python3 benchmarks/ncu_moe.py > $OUT/sass.csv 2>&1; wc -l $OUT/sass.csv ;;
+    route-proto) timeout 300 python3 benchmarks/moe_route_proto.py ;;
     profile-gpt2) timeout 120 python3 benchmarks/profile_decode.py --gpt2 --new 64 --top 30 --hlo-dump /tmp/hlo_gpt2 ;;
     gpu-tests) python3 -m pytest -q -m gpu tests 2>&1 | tail -30 ;;
     *) echo "unknown step $step" ;;
