@@ -127,6 +127,13 @@ DEFAULT_STREAM_CHUNK = 16    # decode steps per host round-trip when streaming
 # gpt-oss-20b, benchmarks/loop_forms.py: 64 tokens after a 4096-token prompt 541 -> 549.5 tok/s;
 # batch 1, 128 tokens unchanged), and stop strings are found sooner.
 DEFAULT_CHUNK = 16
+# Whether the first fixed-length decode chunk is queued behind prefill before prefill's result
+# is read (see Generator._execute; a switch for benchmarks/first_token.py).
+EARLY_FIRST_CHUNK = True
+# Whether each call's summary starts its device-to-host copy as soon as the call is queued
+# (before the next call is queued behind it).  Device-to-host copies may run on the compute
+# stream: one requested later waits for every kernel queued before it.
+EARLY_HOST_COPY = True
 
 
 def _round_up(n: int, step: int) -> int:
@@ -655,6 +662,8 @@ class Generator:
                 self.params, cache, st, sp, eos, max_new, np.int32(n), plan=plan,
                 chunk=n if fixed else None,
             )
+            if EARLY_HOST_COPY:
+                summary.copy_to_host_async()
             queue.append(summary)
 
         t0 = time.perf_counter()
@@ -662,13 +671,15 @@ class Generator:
             self.params, req.tokens, req.lengths, req.live, key, sp, eos, max_new,
             plan=plan, max_len=req.cache_len,
         )
+        if EARLY_HOST_COPY:
+            summary.copy_to_host_async()
         # The first fixed-length decode chunk is queued behind prefill before its result is
         # read, so its host dispatch overlaps the prefill and decode starts the moment prefill
         # ends (an H100 trace of gpt-oss-20b showed 1.6-1.8 ms between the last prefill kernel
         # and the first decode kernel: profile_decode.py --gaps).  A while_loop call is
         # synchronous, so it still waits for the prefill result.  Should the first token end
         # every row, that one chunk's work is wasted.
-        if calls_planned and calls_planned[0] == req.chunk_size:
+        if EARLY_FIRST_CHUNK and calls_planned and calls_planned[0] == req.chunk_size:
             enqueue()
         host = fetch(summary)
         prefill_s = time.perf_counter() - t0

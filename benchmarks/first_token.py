@@ -1,0 +1,82 @@
+"""Where a request's time goes around prefill, on gpt-oss-20b (synthetic weights, ggml layout):
+the generator's two dispatch switches (``gptjax.generate.EARLY_FIRST_CHUNK``: the first decode
+chunk queued behind prefill before prefill's result is read; ``EARLY_HOST_COPY``: every call's
+summary starts its device-to-host copy the moment the call is queued) on and off, in one process.
+
+Per case and setting, medians of ``--runs`` calls after a warm-up: the whole call's wall time,
+``stats.prefill_s`` (prefill until its result, the first token, is on the host: the time to first
+token), ``stats.decode_s`` and the decode tokens/s the stats report, and the time to the first
+streamed text piece (batch 1).  A switch that only moves time from decode to prefill leaves the
+wall time alone and raises the time to first token.
+
+    python benchmarks/first_token.py [--runs 5]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+import gptjax  # noqa: E402
+from gptjax import generate as G  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    import synthetic_gguf
+
+    path = os.path.join(tempfile.gettempdir(), "gpt-oss-20b-synthetic.gguf")
+    if not os.path.exists(path):
+        synthetic_gguf.write("gpt-oss-20b", path)
+    m = gptjax.load(path)
+    gen = m._generator
+    V = m.config.vocab_size
+    rng = np.random.default_rng(0)
+    prompt = lambda n: [int(t) for t in rng.integers(0, V, n)]  # noqa: E731
+
+    def call(batch, n_prompt, new):
+        prompts = [prompt(n_prompt) for _ in range(batch)]
+        t0 = time.perf_counter()
+        s = gen.generate(prompts, max_new_tokens=new, eos_ids=()).stats
+        return time.perf_counter() - t0, s.prefill_s, s.decode_s, s.decode_tokens_per_s
+
+    def first_piece(n_prompt, new):
+        t0 = time.perf_counter()
+        it = iter(gen.stream(prompt(n_prompt), max_new_tokens=new, eos_ids=()))
+        next(it)
+        t = time.perf_counter() - t0
+        for _ in it:
+            pass
+        return t
+
+    cases = [("b1, 16-token prompt, 128 new", 1, 16, 128), ("b64, 16-token prompts, 64 new", 64, 16, 64),
+             ("b1, 4096-token prompt, 64 new", 1, 4096, 64)]
+    print("| case | early first chunk | early host copy | wall ms | prefill_s ms | decode_s ms | "
+          "decode tok/s (stats) | first streamed piece ms |\n|---|---|---|---|---|---|---|---|")
+    for (label, b, n, new), (early, copy) in itertools.product(
+            cases, [(False, False), (True, False), (True, True), (False, True)]):
+        G.EARLY_FIRST_CHUNK, G.EARLY_HOST_COPY = early, copy
+        call(b, n, new)
+        got = [call(b, n, new) for _ in range(args.runs)]
+        med = [statistics.median(g[i] for g in got) for i in range(4)]
+        try:
+            ttfp = statistics.median(first_piece(n, new) for _ in range(3)) if b == 1 else np.nan
+        except gptjax.errors.GptjaxError as e:          # e.g. a file without a tokenizer
+            print(f"(no streamed timing: {e})")
+            ttfp = np.nan
+        print(f"| {label} | {early} | {copy} | {med[0] * 1e3:.1f} | {med[1] * 1e3:.1f} | "
+              f"{med[2] * 1e3:.1f} | {med[3]:,.1f} | {ttfp * 1e3:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
