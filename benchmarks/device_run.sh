@@ -68,7 +68,6 @@ for step in "$@"; do
     moe-sweep) timeout 500 python3 benchmarks/moe_decode_sweep.py ;;
     moe-tiles) timeout 500 python3 benchmarks/moe_decode_sweep.py --set tiles ;;
     moe-flat-tiles) timeout 500 python3 benchmarks/moe_decode_sweep.py --set flat-tiles ;;
-    moe-prefetch) timeout 500 python3 benchmarks/moe_decode_sweep.py --set prefetch ;;
     moe-ceiling) timeout 400 python3 benchmarks/moe_read_ceiling.py ;;
     attn-sweep) timeout 300 python3 benchmarks/attention_kernels.py --decode-sweep --runs 10 2>&1 | grep -v "^ok" ;;
     rows-sweep) timeout 300 python3 benchmarks/dense_rows_sweep.py --head ;;
@@ -79,8 +78,7 @@ for step in "$@"; do
     grouped-sweep) timeout 300 python3 benchmarks/mxfp4_dot_variants.py --grouped-sweep ;;
     words-proto) timeout 400 python3 benchmarks/mxfp4_words_proto.py ;;
     ncu-moe) timeout 500 /usr/local/cuda/bin/ncu --set full -k regex:"mxfp4_moe_grouped|moe_gate_up|moe_down" --launch-skip 4 --launch-count 4 python3 benchmarks/ncu_moe.py 2>&1 | grep -v "^==PROF==" ;;
-    ncu-grouped) timeout 400 /usr/local/cuda/bin/ncu --section WarpStateStats --section InstructionStats --section SourceCounters --section MemoryWorkloadAnalysis_Tables --print-details all -k regex:"mxfp4_moe_grouped|moe_down" --launch-skip 4 --launch-count 4 python3 benchmarks/ncu_moe.py 2>&1 | grep -v "^==PROF==" ;;
-    ncu-sass) timeout 400 /usr/local/cuda/bin/ncu --set full --page source --print-source sass --csv -k regex:"mxfp4_moe_grouped" --launch-skip 4 --launch-count 1 python3 benchmarks/ncu_moe.py > $OUT/sass.csv 2>&1; wc -l $OUT/sass.csv ;;
+    ncu-grouped) timeout 300 /usr/local/cuda/bin/ncu --section WarpStateStats --section InstructionStats --print-details all -k regex:"mxfp4_moe_grouped" --launch-skip 4 --launch-count 1 python3 benchmarks/ncu_moe.py 2>&1 | grep -v "^==PROF==" ;;
     route-proto) timeout 300 python3 benchmarks/moe_route_proto.py ;;
     profile-gpt2) timeout 120 python3 benchmarks/profile_decode.py --gpt2 --new 64 --top 30 --hlo-dump /tmp/hlo_gpt2 ;;
     gpu-tests) python3 -m pytest -q -m gpu tests 2>&1 | tail -30 ;;

@@ -1,13 +1,21 @@
 """Where a request's time goes around prefill, on gpt-oss-20b (synthetic weights, ggml layout):
-the generator's two dispatch switches (``gptjax.generate.EARLY_FIRST_CHUNK``: the first decode
-chunk queued behind prefill before prefill's result is read; ``EARLY_HOST_COPY``: every call's
-summary starts its device-to-host copy the moment the call is queued) on and off, in one process.
+``gptjax.generate.EARLY_FIRST_CHUNK`` (the first fixed-length decode chunk queued behind prefill
+before prefill's result is read) on and off, in one process.
 
 Per case and setting, medians of ``--runs`` calls after a warm-up: the whole call's wall time,
 ``stats.prefill_s`` (prefill until its result, the first token, is on the host: the time to first
 token), ``stats.decode_s`` and the decode tokens/s the stats report, and the time to the first
-streamed text piece (batch 1).  A switch that only moves time from decode to prefill leaves the
-wall time alone and raises the time to first token.
+streamed text piece (batch 1, files with a tokenizer).  A switch that only moves time from decode
+to prefill leaves the wall time alone and raises the time to first token.
+
+Eighth session, H100 (RESULTS.md): with a while_loop inside the decode step (``jnp.searchsorted``
+in the batch-64 MoE routing, since removed) the early chunk's dispatch ran synchronously and the
+first token waited for the whole chunk (batch 64: prefill_s 44 -> 228 ms, wall unchanged, the
+stats' decode rate inflated by a third).  Without it: batch 1 wall -2.5..-7 ms, prefill_s
+unchanged; batch 64 unchanged; 4096-token prompt wall unchanged within noise, about half of the
+3 ms drop in decode_s moved into prefill_s.  A second switch, starting every summary's
+device-to-host copy when its call is queued (``Array.copy_to_host_async``), changed nothing
+measurable and was removed.
 
     python benchmarks/first_token.py [--runs 5]
 """
@@ -61,11 +69,10 @@ def main():
 
     cases = [("b1, 16-token prompt, 128 new", 1, 16, 128), ("b64, 16-token prompts, 64 new", 64, 16, 64),
              ("b1, 4096-token prompt, 64 new", 1, 4096, 64)]
-    print("| case | early first chunk | early host copy | wall ms | prefill_s ms | decode_s ms | "
-          "decode tok/s (stats) | first streamed piece ms |\n|---|---|---|---|---|---|---|---|")
-    for (label, b, n, new), (early, copy) in itertools.product(
-            cases, [(False, False), (True, False), (True, True), (False, True)]):
-        G.EARLY_FIRST_CHUNK, G.EARLY_HOST_COPY = early, copy
+    print("| case | early first chunk | wall ms | prefill_s ms | decode_s ms | decode tok/s (stats) | "
+          "first streamed piece ms |\n|---|---|---|---|---|---|---|")
+    for (label, b, n, new), early in itertools.product(cases, [False, True, False, True]):
+        G.EARLY_FIRST_CHUNK = early
         call(b, n, new)
         got = [call(b, n, new) for _ in range(args.runs)]
         med = [statistics.median(g[i] for g in got) for i in range(4)]
@@ -74,7 +81,7 @@ def main():
         except gptjax.errors.GptjaxError as e:          # e.g. a file without a tokenizer
             print(f"(no streamed timing: {e})")
             ttfp = np.nan
-        print(f"| {label} | {early} | {copy} | {med[0] * 1e3:.1f} | {med[1] * 1e3:.1f} | "
+        print(f"| {label} | {early} | {med[0] * 1e3:.1f} | {med[1] * 1e3:.1f} | "
               f"{med[2] * 1e3:.1f} | {med[3]:,.1f} | {ttfp * 1e3:.1f} |", flush=True)
 
 

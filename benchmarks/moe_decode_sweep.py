@@ -61,8 +61,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--set", choices=("tiles", "variants", "flat-tiles", "prefetch"),
-                    default="variants")
+    ap.add_argument("--set", choices=("tiles", "variants", "flat-tiles"), default="variants")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     ps = [params(rng) for _ in range(args.layers)]
@@ -113,14 +112,6 @@ def main():
                (16, 256, 4))]
         ds = [dict(block_n=n, block_k=k, num_warps=w) for n, k, w in
               ((4, 1024, 4), (8, 512, 4), (8, 2048, 8), (8, 1024, 2), (4, 2048, 4), (16, 1024, 8))]
-    elif args.set == "prefetch":
-        # next step's loads issued before this step's arithmetic (ncu, eighth session: the down
-        # kernel runs 10 warps per SM, 167 registers, no warp eligible 42 % of cycles)
-        gs = [dict(block_n=n, block_k=k, num_warps=w, prefetch=True) for n, k, w in
-              ((8, 512, 4), (8, 256, 4), (4, 512, 4), (8, 1024, 4), (16, 256, 4))]
-        ds = [dict(block_n=n, block_k=k, num_warps=w, prefetch=True) for n, k, w in
-              ((8, 1024, 4), (8, 512, 4), (8, 256, 4), (4, 512, 4), (4, 1024, 4), (16, 512, 8),
-               (8, 512, 8))]
     else:      # decode-time variants: fill in while experimenting
         gs = [dict(h32=True)] + [dict(h32=True, block_n=n, block_k=k, num_warps=w)
                                  for n, k, w in ((8, 1024, 4), (4, 1024, 4), (8, 512, 8))]

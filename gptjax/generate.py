@@ -130,10 +130,6 @@ DEFAULT_CHUNK = 16
 # Whether the first fixed-length decode chunk is queued behind prefill before prefill's result
 # is read (see Generator._execute; a switch for benchmarks/first_token.py).
 EARLY_FIRST_CHUNK = True
-# Whether each call's summary starts its device-to-host copy as soon as the call is queued
-# (before the next call is queued behind it).  Device-to-host copies may run on the compute
-# stream: one requested later waits for every kernel queued before it.
-EARLY_HOST_COPY = True
 
 
 def _round_up(n: int, step: int) -> int:
@@ -662,8 +658,6 @@ class Generator:
                 self.params, cache, st, sp, eos, max_new, np.int32(n), plan=plan,
                 chunk=n if fixed else None,
             )
-            if EARLY_HOST_COPY:
-                summary.copy_to_host_async()
             queue.append(summary)
 
         t0 = time.perf_counter()
@@ -671,13 +665,13 @@ class Generator:
             self.params, req.tokens, req.lengths, req.live, key, sp, eos, max_new,
             plan=plan, max_len=req.cache_len,
         )
-        if EARLY_HOST_COPY:
-            summary.copy_to_host_async()
         # The first fixed-length decode chunk is queued behind prefill before its result is
         # read, so its host dispatch overlaps the prefill and decode starts the moment prefill
         # ends (an H100 trace of gpt-oss-20b showed 1.6-1.8 ms between the last prefill kernel
         # and the first decode kernel: profile_decode.py --gaps).  A while_loop call is
-        # synchronous, so it still waits for the prefill result.  Should the first token end
+        # synchronous, so it still waits for the prefill result -- and so would a fixed chunk
+        # with a while loop inside its step: the first token would wait for the whole chunk
+        # (tests/test_kernels_e2e.py keeps the step free of them).  Should the first token end
         # every row, that one chunk's work is wasted.
         if EARLY_FIRST_CHUNK and calls_planned and calls_planned[0] == req.chunk_size:
             enqueue()

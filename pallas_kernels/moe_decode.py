@@ -62,7 +62,7 @@ F32 = jnp.float32
 #: Tokens the decode kernels take (GEMV math; more tokens go to the grouped kernel).
 MAX_ROWS = 2
 _STATIC = ("n_used", "alpha", "limit", "cdt", "block_n", "block_k", "num_warps", "flat",
-           "prefetch", "interpret")
+           "interpret")
 
 
 class Plan(NamedTuple):
@@ -70,11 +70,9 @@ class Plan(NamedTuple):
     block_k: int
     num_warps: int
     flat: bool = True       # code words loaded as [rows, blocks * 4] (mxfp4_matmul.flat_words)
-    prefetch: bool = False  # issue step s+1's loads before step s's arithmetic
 
 
-def plan(stage: str, *, block_n=None, block_k=None, num_warps=None, flat=None,
-         prefetch=None) -> Plan:
+def plan(stage: str, *, block_n=None, block_k=None, num_warps=None, flat=None) -> Plan:
     """Tiles.  H100, gpt-oss-20b, one token (benchmarks/moe_decode_sweep.py): gate/up 8 rows x
     512 inputs, 4 warps, one expert per program; down 8 rows (the program runs all U experts,
     so few rows keep ~2.7 waves of programs) x 1024, 4 warps; both read the code words flat
@@ -83,8 +81,7 @@ def plan(stage: str, *, block_n=None, block_k=None, num_warps=None, flat=None,
     fewer, fatter programs hide less latency)."""
     d = {"gate_up": Plan(8, 512, 4), "down": Plan(8, 1024, 4)}[stage]
     p = Plan(block_n or d.block_n, block_k or d.block_k, num_warps or d.num_warps,
-             d.flat if flat is None else bool(flat),
-             d.prefetch if prefetch is None else bool(prefetch))
+             d.flat if flat is None else bool(flat))
     for name, v in zip(p._fields[:3], p):
         if not mx._pow2(v):
             raise ValueError(f"moe_decode: {name}={v} must be a power of two")
@@ -127,35 +124,24 @@ def _route(logits_ref, t, E: int, U: int):
     return list(ids), [v / total for v in ex]
 
 
-def _expert_gemvs(streams, G: int, gt: int, bn: int, prefetch: bool = False):
+def _expert_gemvs(streams, G: int, gt: int, bn: int):
     """Several expert GEMVs in one K loop: ``streams`` is a list of ``(w, w_refs, e, row0,
     x_tile)`` (rows ``row0 + [0, bn)`` of expert e, rows past ``w.O`` read 0, against the input
     given tile by tile by ``x_tile(g0) -> [gt, 32]``) -> a float32 [bn] sum per stream.  Each
     step issues every stream's loads before any arithmetic, so the streams' memory latencies
     overlap (one loop per stream would run them back to back: a program's chain of dependent
-    steps is what limits these small grids).  ``prefetch``: step s + 1's loads are issued
-    before step s's arithmetic (masked off past the last block, so the last prefetch reads
-    nothing)."""
-    def load(g0):
+    steps is what limits these small grids)."""
+    def step(s, accs):
+        g0 = s * gt
         xs = {}                                   # one load per distinct x (streams share it)
         for *_, x_tile in streams:
             if x_tile not in xs:
                 xs[x_tile] = x_tile(g0)
-        return [(*mx._load_w_tile(w, w_refs, (e,), row0, bn, g0, gt), (xs[x_tile],))
-                for w, w_refs, e, row0, x_tile in streams]
-
-    def compute(accs, tiles):
+        tiles = [(*mx._load_w_tile(w, w_refs, (e,), row0, bn, g0, gt), (xs[x_tile],))
+                 for w, w_refs, e, row0, x_tile in streams]
         return tuple(mx._mxfp4_gemv_compute((acc,), tile)[0] for acc, tile in zip(accs, tiles))
 
-    zeros = tuple(jnp.zeros((bn, gt), F32) for _ in streams)
-    if prefetch:
-        def body(s, carry):
-            accs, cur = carry
-            return compute(accs, cur), load((s + 1) * gt)
-
-        accs, _ = lax.fori_loop(0, cdiv(G, gt), body, (zeros, load(0)))
-    else:
-        accs = lax.fori_loop(0, cdiv(G, gt), lambda s, a: compute(a, load(s * gt)), zeros)
+    accs = lax.fori_loop(0, cdiv(G, gt), step, tuple(jnp.zeros((bn, gt), F32) for _ in streams))
     return [jnp.sum(acc, axis=1) for acc in accs]
 
 
@@ -183,7 +169,7 @@ def _gate_up_kernel(h_ref, logits_ref, *refs, wg, wu, up_row0, F, U, E, p, cdt, 
         return mx.load_x32(h_ref, t, None, g0, gt, wg.G).astype(F32)
 
     gate, up = _expert_gemvs([(wg, wg_refs, e, n0, x_tile), (wu, wu_refs, e, up_row0 + n0, x_tile)],
-                             wg.G, gt, bn, p.prefetch)
+                             wg.G, gt, bn)
     gate = gate + _load_row(bg_ref, e, n0, bn, F)
     up = up + _load_row(bu_ref, e, n0, bn, F, up_row0)
     h = swiglu_oai(gate, up, alpha=alpha, limit=limit).astype(cdt).astype(F32)
@@ -203,8 +189,7 @@ def _down_kernel(h_ref, logits_ref, *refs, w, U, E, p):
     def x_tile(u):
         return lambda g0: mx.load_x32(h_ref, t * U + u, None, g0, gt, w.G).astype(F32)
 
-    ys = _expert_gemvs([(w, w_refs, ids[u], n0, x_tile(u)) for u in range(U)], w.G, gt, bn,
-                       p.prefetch)
+    ys = _expert_gemvs([(w, w_refs, ids[u], n0, x_tile(u)) for u in range(U)], w.G, gt, bn)
     terms = [wu * (yu + _load_row(b_ref, e, n0, bn, w.O)) for wu, yu, e in zip(weights, ys, ids)]
     y = y + functools.reduce(lambda a, b: a + b, terms)
     pltriton.store(out_ref.at[t, pl.ds(n0, bn)], y, mask=n_ok)
@@ -250,7 +235,7 @@ def _check_route(x, logits, n_used, E, fn):
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def moe_gate_up_swiglu(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_used, alpha, limit,
                        cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None, flat=None,
-                       prefetch=None, interpret=False):
+                       interpret=False):
     """``out[t*U + u] = round_cdt(swiglu(h_t @ gate_e.T + bg_e, h_t @ up_e.T + bu_e))`` with
     ``e = top_k(logits[t], n_used)[u]`` -> float32 ``[M*U, F]`` (values rounded to ``cdt``).
     h: float ``[M, D]``, the normalised block input in compute-dtype values (M <= MAX_ROWS;
@@ -263,8 +248,7 @@ def moe_gate_up_swiglu(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_use
     _check_route(h, logits, n_used, E, fn)
     if D != wg.I:
         raise WeightsError(f"{fn}: h [.., {D}] does not match experts of input size {wg.I}")
-    p = plan("gate_up", block_n=block_n, block_k=block_k, num_warps=num_warps, flat=flat,
-             prefetch=prefetch)
+    p = plan("gate_up", block_n=block_n, block_k=block_k, num_warps=num_warps, flat=flat)
     args = [h.reshape(M, wg.G, QK), logits.astype(F32), *_weight_arrays(wg, p),
             jnp.asarray(b_gate, F32), *_weight_arrays(wu, p), jnp.asarray(bu, F32)]
     # Row bounds for the masks: gate rows [0, F), up rows [up_row0, up_row0 + F).
@@ -282,7 +266,7 @@ def moe_gate_up_swiglu(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_use
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def moe_down_combine(h, logits, w_down, b_down, residual, *, n_used, alpha=None, limit=None,
                      cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None, flat=None,
-                     prefetch=None, interpret=False):
+                     interpret=False):
     """``out[t] = residual[t] + sum_u w_u (h[t*U + u] @ down_e.T + bd_e)``, ``e, w`` from
     ``top_k`` / softmax of ``logits[t]`` -> float32 ``[M, D]``.  h: float ``[M*U, F]``; logits
     float32 ``[M, E]``; w_down MXFP4 ``[E, D, F]``; b_down float ``[E, D]``; residual float
@@ -296,8 +280,7 @@ def moe_down_combine(h, logits, w_down, b_down, residual, *, n_used, alpha=None,
         raise WeightsError(f"{fn}: h {list(h.shape)}, residual {list(residual.shape)}, bias "
                            f"{list(b_down.shape)} do not fit experts [E={E}, D={w.O}, F={w.I}] "
                            f"with n_used={n_used}")
-    p = plan("down", block_n=block_n, block_k=block_k, num_warps=num_warps, flat=flat,
-             prefetch=prefetch)
+    p = plan("down", block_n=block_n, block_k=block_k, num_warps=num_warps, flat=flat)
     args = [h.reshape(M * n_used, w.G, QK), logits.astype(F32), *_weight_arrays(w, p),
             jnp.asarray(b_down, F32), residual.astype(F32)]
     kernel = functools.partial(_down_kernel, w=w.static(), U=n_used, E=E, p=p)
@@ -320,9 +303,9 @@ def _route_ref(logits, n_used):
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def moe_gate_up_swiglu_ref(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_used, alpha,
                            limit, cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None,
-                           flat=None, prefetch=None, interpret=False):
+                           flat=None, interpret=False):
     """Plain-jnp twin of :func:`moe_gate_up_swiglu` (tiling arguments ignored)."""
-    del block_n, block_k, num_warps, flat, prefetch, interpret
+    del block_n, block_k, num_warps, flat, interpret
     fn = "moe_gate_up_swiglu_ref"
     wg, wu, bu, up_row0, F = _first(w_gate, b_gate, w_up, b_up, fn)
     _check_route(h, logits, n_used, wg.lead[0], fn)
@@ -340,9 +323,9 @@ def moe_gate_up_swiglu_ref(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def moe_down_combine_ref(h, logits, w_down, b_down, residual, *, n_used, alpha=None, limit=None,
                          cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None,
-                         flat=None, prefetch=None, interpret=False):
+                         flat=None, interpret=False):
     """Plain-jnp twin of :func:`moe_down_combine` (tiling arguments ignored)."""
-    del alpha, limit, cdt, block_n, block_k, num_warps, flat, prefetch, interpret
+    del alpha, limit, cdt, block_n, block_k, num_warps, flat, interpret
     w = mx._parse_weights(w_down, 1, "moe_down_combine_ref")
     M = residual.shape[0]
     _check_route(residual, logits, n_used, w.lead[0], "moe_down_combine_ref")

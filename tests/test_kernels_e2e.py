@@ -182,3 +182,29 @@ def test_fused_decode_gemv_wiring_in_interpret_mode(tmp_path, monkeypatch, arch)
         assert len(moe_calls) == (2 * config.n_layers if arch == "gpt_oss" else 0)
         moe_calls.clear()
         assert rel_err(got, ref) < F32_RTOL
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_decode_chunk_has_no_inner_while_loop(tmp_path, monkeypatch, batch):
+    """The GPU decode step (kernels on, lowered for CUDA on any machine) holds no while loop of
+    its own: a fixed-length chunk lowers to exactly one, the chunk's.  On the GPU every
+    iteration of an inner while loop waits on a device-to-host copy of its predicate, which
+    also makes the chunk's dispatch synchronous (H100: ``jnp.searchsorted`` in the batch-64
+    MoE routing cost 12 host round trips per layer, 9 % of the step, and made the first token
+    wait for a whole decode chunk).  Batch 1 takes the decode MoE kernels, batch 64 the grouped
+    kernel and its routing."""
+    import gptjax
+    from tiny_models import tiny_gpt_oss, write_gpt_oss_gguf
+
+    m = gptjax.load(write_gpt_oss_gguf(tiny_gpt_oss(seed=2), tmp_path / "m.gguf"))
+    gen = m._generator
+    req = gen._prepare([[1, 2, 3, 4]] * batch, 8, None, 0, (), (), 4, False)
+    eos, max_new = jnp.asarray(req.eos), jnp.asarray(req.max_new, jnp.int32)
+    st, cache, _ = gen._prefill(gen.params, req.tokens, req.lengths, req.live, jax.random.key(0),
+                                req.params, eos, max_new, plan=req.plan, max_len=req.cache_len)
+    monkeypatch.setenv("GPTJAX_KERNELS", "pallas")
+    jax.clear_caches()
+    text = gen._decode.trace(gen.params, cache, st, req.params, eos, max_new, np.int32(4),
+                             plan=req.plan, chunk=4).lower(lowering_platforms=("cuda",)).as_text()
+    assert "tpu_custom_call" not in text and "__gpu$xla.gpu.triton" in text    # kernels taken
+    assert text.count("stablehlo.while") == 1
