@@ -68,6 +68,7 @@ for step in "$@"; do
     moe-sweep) timeout 500 python3 benchmarks/moe_decode_sweep.py ;;
     moe-tiles) timeout 500 python3 benchmarks/moe_decode_sweep.py --set tiles ;;
     moe-flat-tiles) timeout 500 python3 benchmarks/moe_decode_sweep.py --set flat-tiles ;;
+    moe-warps) timeout 300 python3 benchmarks/moe_decode_sweep.py --set warps ;;
     moe-ceiling) timeout 400 python3 benchmarks/moe_read_ceiling.py ;;
     attn-sweep) timeout 300 python3 benchmarks/attention_kernels.py --decode-sweep --runs 10 2>&1 | grep -v "^ok" ;;
     rows-sweep) timeout 300 python3 benchmarks/dense_rows_sweep.py --head ;;

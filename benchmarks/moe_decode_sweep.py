@@ -61,7 +61,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--set", choices=("tiles", "variants", "flat-tiles"), default="variants")
+    ap.add_argument("--set", choices=("tiles", "variants", "flat-tiles", "warps"),
+                    default="variants")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     ps = [params(rng) for _ in range(args.layers)]
@@ -112,6 +113,12 @@ def main():
                (16, 256, 4))]
         ds = [dict(block_n=n, block_k=k, num_warps=w) for n, k, w in
               ((4, 1024, 4), (8, 512, 4), (8, 2048, 8), (8, 1024, 2), (4, 2048, 4), (16, 1024, 8))]
+    elif args.set == "warps":
+        # 8 warps per program (ncu, eighth session: the down kernel has 10 warps per SM and no
+        # eligible warp 42 % of the time)
+        gs = [dict(block_n=n, block_k=k, num_warps=8) for n, k in ((8, 512), (4, 512), (16, 512))]
+        ds = [dict(block_n=n, block_k=k, num_warps=8) for n, k in
+              ((8, 1024), (4, 1024), (8, 512), (4, 512), (16, 1024))]
     else:      # decode-time variants: fill in while experimenting
         gs = [dict(h32=True)] + [dict(h32=True, block_n=n, block_k=k, num_warps=w)
                                  for n, k, w in ((8, 1024, 4), (4, 1024, 4), (8, 512, 8))]
