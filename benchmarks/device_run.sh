@@ -55,6 +55,7 @@ for step in "$@"; do
     loop-forms) timeout 500 python3 benchmarks/loop_forms.py --runs 5 ;;
     first-token) timeout 500 python3 benchmarks/first_token.py --runs 5 ;;
     targets-b1-unroll2) GPTJAX_DECODE_UNROLL=2 timeout 400 python3 benchmarks/gpt_oss_targets.py --skip pp512,b64,memory,long --out "$OUT/results.md" ;;
+    targets-b64) timeout 400 python3 benchmarks/gpt_oss_targets.py --skip b1,long,memory --out "$OUT/results.md" ;;
     targets-b1) timeout 400 python3 benchmarks/gpt_oss_targets.py --skip pp512,b64,memory --out "$OUT/results.md" ;;
     profile-oss) timeout 240 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --new 32 --top 12 --hlo-dump /tmp/hlo_oss --sequence 40 ;;
     profile-oss-long) timeout 300 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --prompt-len 4096 --new 32 --top 12 --hlo-dump /tmp/hlo_long --sequence 40 ;;
