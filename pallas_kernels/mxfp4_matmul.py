@@ -108,11 +108,6 @@ __all__ = [
     "mxfp4_matmul_ref",
     "mxfp4_moe_matmul",
     "mxfp4_moe_matmul_ref",
-    "mxfp4_moe_matmul_sorted",
-    "mxfp4_moe_matmul_sorted_ref",
-    "moe_tiles",
-    "grouped_block_m",
-    "inverse_order",
     "fp4_kvalues",
     "e8m0_half",
     "use_kernel",
@@ -943,7 +938,8 @@ def plan_moe(T: int, k: int, O: int, I: int, *, mode=None, block_m=None, block_n
     # top-4 random routing): 64 tokens 16 x 128 x 64, 8 warps (byte view, 293 µs); 512 tokens
     # 64 x 128 x 64, 4 warps (words, 604 µs; 801 with the 128 x 64 x 64 of the byte layout).
     small = R <= BYTE_VIEW_MAX_ROWS                          # the byte view's tiles (see above)
-    d = dict(block_m=grouped_block_m(R), block_n=128, block_k=64, num_warps=8 if small else 4)
+    d = dict(block_m=16, block_n=128, block_k=64, num_warps=8) if small else \
+        dict(block_m=64, block_n=128, block_k=64, num_warps=4)
     base = plan_dense(max(R, 64), O, I, mode="dot", block_m=block_m or d["block_m"],
                       block_n=block_n or d["block_n"], block_k=block_k or d["block_k"], k_splits=1,
                       num_warps=num_warps or d["num_warps"], num_stages=num_stages or 3)
@@ -997,61 +993,19 @@ def mxfp4_moe_matmul(x, w, expert_ids, bias=None, *, mode=None, block_m=None, bl
         return y.reshape(T, k, wp.O)
     order, tiles = moe_tiles(flat, E, p.block_m)
     xs = jnp.take(x, order // k, axis=0)                                    # expert-sorted rows
-    ys = _grouped_call(xs, wp, tiles, b, p, interpret)
-    return jnp.take(ys, inverse_order(order), axis=0).reshape(T, k, wp.O)
-
-
-def inverse_order(order):
-    """The inverse permutation of ``order`` (row -> sorted position)."""
-    R = order.shape[0]
-    return jnp.zeros((R,), jnp.int32).at[order].set(jnp.arange(R, dtype=jnp.int32))
-
-
-def _grouped_call(xs, wp: _W, tiles, b, p: Plan, interpret: bool):
-    """The grouped kernel on expert-sorted rows xs [R, I] and :func:`moe_tiles` tiles made with
-    ``p.block_m`` -> float32 [R, O] in the same (sorted) order."""
-    R = xs.shape[0]
-    cdt = xs.dtype
     if R <= BYTE_VIEW_MAX_ROWS:                                             # byte-wise decode
         xs, wp = xs.reshape(R, wp.G, 4, 2, 2, 2), byte_view(wp)
     else:
         xs = xs.reshape(R, wp.G, QK)
     args = [xs, tiles, *wp.arrays] + ([b] if b is not None else [])
     kernel = functools.partial(_grouped_kernel, w=wp.static(), p=p, has_bias=b is not None,
-                               cdt=cdt, interpret=interpret)
-    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((R, wp.O), F32),
-                          grid=(tiles.shape[1], -(-wp.O // p.block_n)),
-                          compiler_params=_params(p), interpret=interpret,
-                          name="mxfp4_moe_grouped")(*args)
-
-
-def grouped_block_m(R: int) -> int:
-    """Rows per tile of the grouped kernel's default plan for R routed rows (:func:`plan_moe`):
-    the ``block_m`` to build :func:`moe_tiles` with for :func:`mxfp4_moe_matmul_sorted`."""
-    return 16 if R <= BYTE_VIEW_MAX_ROWS else 64
-
-
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def mxfp4_moe_matmul_sorted(xs, w, tiles, bias=None, *, interpret=False):
-    """The grouped MoE matmul on rows already sorted by expert: ``y[j] = xs[j] @
-    dequant(w[e_j])^T (+ bias[e_j])`` with e_j the expert of the :func:`moe_tiles` tile holding
-    sorted row j.  xs: float ``[R, I]`` (the compute dtype); tiles: int32 ``[3, n]`` from
-    ``moe_tiles(ids, E, grouped_block_m(R))``; w, bias as :func:`mxfp4_moe_matmul` -> float32
-    ``[R, O]``, sorted order.  Lets a caller chain the two expert projections without putting the
-    rows back in token order in between (gptjax.models.moe)."""
-    wp = _parse_weights(w, 1, "mxfp4_moe_matmul_sorted")
-    R, i = xs.shape
-    if i != wp.I:
-        raise WeightsError(f"mxfp4_moe_matmul_sorted: xs[R, {i}] does not match the experts "
-                           f"[E={wp.lead[0]}, O={wp.O}, I={wp.I}]")
-    if tiles.ndim != 2 or tiles.shape[0] != 3:
-        raise WeightsError(f"mxfp4_moe_matmul_sorted: tiles must be int32 [3, n] (moe_tiles), "
-                           f"got {list(tiles.shape)}")
-    p = plan_moe(R, 1, wp.O, wp.I, mode="grouped")
-    _check_plan(dataclasses.replace(p, mode="dot"), "mxfp4_moe_matmul_sorted")
-    E = wp.lead[0]
-    b = None if bias is None else jnp.asarray(bias, F32).reshape(E, wp.O)
-    return _grouped_call(xs, wp, tiles.astype(jnp.int32), b, p, interpret)
+                               cdt=x.dtype, interpret=interpret)
+    ys = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((R, wp.O), F32),
+                        grid=(tiles.shape[1], -(-wp.O // p.block_n)),
+                        compiler_params=_params(p), interpret=interpret,
+                        name="mxfp4_moe_grouped")(*args)
+    inv = jnp.zeros((R,), jnp.int32).at[order].set(jnp.arange(R, dtype=jnp.int32))
+    return jnp.take(ys, inv, axis=0).reshape(T, k, wp.O)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -1077,16 +1031,3 @@ def mxfp4_moe_matmul_ref(x, w, expert_ids, bias=None, *, mode=None, block_m=None
     if bias is not None:
         y = y + jnp.take(jnp.asarray(bias, F32), ids, axis=0)
     return y
-
-
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def mxfp4_moe_matmul_sorted_ref(xs, w, tiles, bias=None, *, interpret=False):
-    """Plain-jnp twin of :func:`mxfp4_moe_matmul_sorted`: each sorted row's expert read off the
-    tiles, then :func:`mxfp4_moe_matmul_ref`."""
-    del interpret
-    R = xs.shape[0]
-    j = jnp.arange(R, dtype=jnp.int32)[:, None]                                  # [R, 1]
-    e, row0, row_end = tiles.astype(jnp.int32)                                     # [n] each
-    inside = (row0[None, :] <= j) & (j < row_end[None, :])                         # [R, n]
-    ids = jnp.sum(jnp.where(inside, e[None, :], 0), axis=1, keepdims=True)         # [R, 1]
-    return mxfp4_moe_matmul_ref(xs, w, ids, bias).reshape(R, -1)

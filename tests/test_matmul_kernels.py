@@ -412,37 +412,6 @@ def test_mxfp4_moe_vs_float64(case, interpret):
                 check_bound(got, x64[tt][None], w64[ex], b64, tol(dtype, i))
 
 
-@pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("t, k, e, dtype", [(9, 4, 5, jnp.float32), (70, 4, 6, jnp.bfloat16)],
-                         ids=["R36-bytes", "R280-words"])
-def test_mxfp4_moe_sorted_vs_float64(t, k, e, dtype, interpret):
-    """``mxfp4_moe_matmul_sorted`` (and its _ref) on expert-sorted rows against the float64
-    oracle per row, and equal to ``mxfp4_moe_matmul`` put in sorted order (same kernel and
-    tiles: identical floats)."""
-    o, i = 40, 96
-    rng = np.random.default_rng(t + k + e)
-    raw = mxfp4_bytes(rng, (e, o, i))
-    w64 = oracle(raw.reshape(e * o, -1), T.MXFP4).reshape(e, o, i)
-    x, x64 = as_x(rng, (t, i), dtype)
-    ids = rng.integers(0, e, size=(t, k)).astype(np.int32)
-    b = rng.standard_normal((e, o)).astype(np.float32)
-    w = mx.repack_mxfp4(raw)
-    R = t * k
-    order, tiles = mx.moe_tiles(jnp.asarray(ids.reshape(R)), e, mx.grouped_block_m(R))
-    xs = jnp.take(x, order // k, axis=0)
-    y = np.asarray(mx.mxfp4_moe_matmul_sorted(xs, w, tiles, jnp.asarray(b), interpret=interpret))
-    y_ref = np.asarray(mx.mxfp4_moe_matmul_sorted_ref(xs, w, tiles, jnp.asarray(b)))
-    rows = np.asarray(order)
-    for j in range(R):
-        tt, u = divmod(int(rows[j]), k)
-        ex = ids[tt, u]
-        for got in (y[j][None], y_ref[j][None]):
-            check_bound(got, x64[tt][None], w64[ex], b[ex].astype(np.float64), tol(dtype, i))
-    y_tok = np.asarray(mx.mxfp4_moe_matmul(x, w, jnp.asarray(ids), jnp.asarray(b),
-                                           interpret=interpret)).reshape(R, o)
-    np.testing.assert_array_equal(y, y_tok[rows])
-    np.testing.assert_array_equal(np.asarray(mx.inverse_order(order))[rows], np.arange(R))
-
 def test_moe_shape_errors():
     rng = np.random.default_rng(0)
     w = jnp.asarray(mxfp4_bytes(rng, (3, 8, 64)))

@@ -170,39 +170,15 @@ def _experts_gather_kernel(x, ids, weights, p, config):
     "pairs" mode for decode): only the routed experts' packed bytes are read, decoded in registers.
     The down projection treats each (row, slot) pair as its own row with one expert."""
     from pallas_kernels import kernel_mode
-    from pallas_kernels.mxfp4_matmul import QK, mxfp4_moe_matmul, plan_moe
+    from pallas_kernels.mxfp4_matmul import mxfp4_moe_matmul
 
     interpret = kernel_mode() == "interpret"
     M, U = ids.shape
-    if plan_moe(M, U, 1, QK).mode == "grouped":
-        return _experts_grouped_kernel(x, ids, weights, p, config, interpret)
     g, u = gate_up(p, lambda q: mxfp4_moe_matmul(x, q["weight"].data, ids, q["bias"],
                                                  interpret=interpret))         # [M, U, F] f32 x 2
     h = swiglu_oai(g, u, alpha=config.swiglu_alpha, limit=config.swiglu_limit).astype(x.dtype)
     y = mxfp4_moe_matmul(h.reshape(M * U, -1), p["ffn_down_exps"]["weight"].data, ids.reshape(M * U, 1),
                          p["ffn_down_exps"]["bias"], interpret=interpret)       # [M*U, 1, D] f32
-    return jnp.einsum("mu,mud->md", weights, y.reshape(M, U, -1))              # [M, D] f32
-
-
-def _experts_grouped_kernel(x, ids, weights, p, config, interpret):
-    """:func:`_experts_gather_kernel` for more routed rows than the "pairs" mode takes: the rows
-    are sorted by expert once, both projections run as grouped kernels on the sorted rows with
-    the SwiGLU between them in sorted order, and only the down projection's output goes back to
-    token order (the two separate grouped calls put gate/up's [R, 2F] float32 output back in
-    token order and sorted the SwiGLU output again)."""
-    from pallas_kernels import mxfp4_matmul as mx
-
-    M, U = ids.shape
-    R = M * U
-    pd = p["ffn_down_exps"]
-    order, tiles = mx.moe_tiles(ids.reshape(R), config.n_experts, mx.grouped_block_m(R))
-    xs = jnp.take(x, order // U, axis=0)                                      # [R, D] sorted
-    g, u = gate_up(p, lambda q: mx.mxfp4_moe_matmul_sorted(xs, q["weight"].data, tiles, q["bias"],
-                                                           interpret=interpret))   # [R, F] x 2
-    h = swiglu_oai(g, u, alpha=config.swiglu_alpha, limit=config.swiglu_limit).astype(x.dtype)
-    y = mx.mxfp4_moe_matmul_sorted(h, pd["weight"].data, tiles, pd["bias"],
-                                   interpret=interpret)                        # [R, D] sorted
-    y = jnp.take(y, mx.inverse_order(order), axis=0)                           # token order
     return jnp.einsum("mu,mud->md", weights, y.reshape(M, U, -1))              # [M, D] f32
 
 
