@@ -301,6 +301,18 @@ def test_experts_match_transformers(expert_case, tiny_config, path, kind):
     assert err < BLOCK_TOL, err
 
 
+@pytest.mark.parametrize("rows", [8, 13])
+def test_kernel_experts_match_transformers(expert_case, tiny_config, monkeypatch, rows):
+    """The Pallas MoE path in interpret mode (packed MXFP4 experts): 8 tokens x top-2 = 16
+    routed rows take the "pairs" kernel, 13 tokens (26 rows) the grouped kernel."""
+    c = expert_case
+    monkeypatch.setenv("GPTJAX_KERNELS", "interpret")
+    got = moe_mod.experts_gather(jnp.asarray(c["x"][:rows]), jnp.asarray(c["ids"][:rows]),
+                                 jnp.asarray(c["weights"][:rows]), c["packed"], tiny_config)
+    ref = c["ref"][:rows]
+    err = np.linalg.norm(np.asarray(got) - ref) / np.linalg.norm(ref)
+    assert err < BLOCK_TOL, err
+
 def test_sorted_path_any_chunk(expert_case, tiny_config):
     """Chunks of 1 and 3 rows (many inner steps, ragged last chunks) give the same result."""
     c = expert_case
