@@ -4,9 +4,8 @@ before prefill's result is read) on and off, in one process.
 
 Per case and setting, medians of ``--runs`` calls after a warm-up: the whole call's wall time,
 ``stats.prefill_s`` (prefill until its result, the first token, is on the host: the time to first
-token), ``stats.decode_s`` and the decode tokens/s the stats report, and the time to the first
-streamed text piece (batch 1, files with a tokenizer).  A switch that only moves time from decode
-to prefill leaves the wall time alone and raises the time to first token.
+token), ``stats.decode_s`` and the decode tokens/s the stats report.  A switch that only moves
+time from decode to prefill leaves the wall time alone and raises the time to first token.
 
 Eighth session, H100 (RESULTS.md): with a while_loop inside the decode step (``jnp.searchsorted``
 in the batch-64 MoE routing, since removed) the early chunk's dispatch ran synchronously and the
@@ -58,31 +57,17 @@ def main():
         s = gen.generate(prompts, max_new_tokens=new, eos_ids=()).stats
         return time.perf_counter() - t0, s.prefill_s, s.decode_s, s.decode_tokens_per_s
 
-    def first_piece(n_prompt, new):
-        t0 = time.perf_counter()
-        it = iter(gen.stream(prompt(n_prompt), max_new_tokens=new, eos_ids=()))
-        next(it)
-        t = time.perf_counter() - t0
-        for _ in it:
-            pass
-        return t
-
     cases = [("b1, 16-token prompt, 128 new", 1, 16, 128), ("b64, 16-token prompts, 64 new", 64, 16, 64),
              ("b1, 4096-token prompt, 64 new", 1, 4096, 64)]
-    print("| case | early first chunk | wall ms | prefill_s ms | decode_s ms | decode tok/s (stats) | "
-          "first streamed piece ms |\n|---|---|---|---|---|---|---|")
+    print("| case | early first chunk | wall ms | prefill_s ms | decode_s ms | decode tok/s (stats) |"
+          "\n|---|---|---|---|---|---|")
     for (label, b, n, new), early in itertools.product(cases, [False, True, False, True]):
         G.EARLY_FIRST_CHUNK = early
         call(b, n, new)
         got = [call(b, n, new) for _ in range(args.runs)]
         med = [statistics.median(g[i] for g in got) for i in range(4)]
-        try:
-            ttfp = statistics.median(first_piece(n, new) for _ in range(3)) if b == 1 else np.nan
-        except gptjax.errors.GptjaxError as e:          # e.g. a file without a tokenizer
-            print(f"(no streamed timing: {e})")
-            ttfp = np.nan
         print(f"| {label} | {early} | {med[0] * 1e3:.1f} | {med[1] * 1e3:.1f} | "
-              f"{med[2] * 1e3:.1f} | {med[3]:,.1f} | {ttfp * 1e3:.1f} |", flush=True)
+              f"{med[2] * 1e3:.1f} | {med[3]:,.1f} |", flush=True)
 
 
 if __name__ == "__main__":
