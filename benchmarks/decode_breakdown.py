@@ -21,7 +21,6 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 import time
 
 import jax
@@ -56,10 +55,7 @@ def load(model: str, dtype):
     from gptjax.formats.gguf import read_gguf
     from gptjax.weights import load_params_gguf
 
-    path = os.path.join(tempfile.gettempdir(), f"{model}-synthetic.gguf")
-    if not os.path.exists(path):
-        synthetic_gguf.write(model, path)
-    gf = read_gguf(path)
+    gf = read_gguf(synthetic_gguf.cached(model))
     config = ModelConfig.from_gguf(gf)
     return config, load_params_gguf(gf, config, dtype)
 

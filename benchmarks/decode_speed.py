@@ -17,7 +17,6 @@ import argparse
 import importlib
 import os
 import statistics
-import tempfile
 import time
 
 import jax
@@ -108,11 +107,7 @@ def main():
     if args.synthetic:
         import synthetic_gguf
 
-        path = os.path.join(tempfile.gettempdir(), f"{args.synthetic}-synthetic.gguf")
-        if not os.path.exists(path):
-            t0 = time.perf_counter()
-            synthetic_gguf.write(args.synthetic, path)
-            print(f"wrote {path} in {time.perf_counter() - t0:.1f} s")
+        path = synthetic_gguf.cached(args.synthetic)
     t0 = time.perf_counter()
     gf = read_gguf(path)
     config = ModelConfig.from_gguf(gf)

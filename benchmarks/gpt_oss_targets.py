@@ -28,7 +28,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -63,11 +62,7 @@ def main():
     skip = set(filter(None, args.skip.split(",")))
     import synthetic_gguf
 
-    path = os.path.join(tempfile.gettempdir(), f"{args.model}-synthetic.gguf")
-    if not os.path.exists(path):
-        t0 = time.perf_counter()
-        synthetic_gguf.write(args.model, path)
-        print(f"wrote {path} in {time.perf_counter() - t0:.1f} s", flush=True)
+    path = synthetic_gguf.cached(args.model)
     rng = np.random.default_rng(0)
     kernels = os.environ.get("GPTJAX_KERNELS", "auto")
     rows = []

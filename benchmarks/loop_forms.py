@@ -13,7 +13,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,10 +28,7 @@ def main():
     args = ap.parse_args()
     import synthetic_gguf
 
-    path = os.path.join(tempfile.gettempdir(), "gpt-oss-20b-synthetic.gguf")
-    if not os.path.exists(path):
-        synthetic_gguf.write("gpt-oss-20b", path)
-    m = gptjax.load(path)
+    m = gptjax.load(synthetic_gguf.cached("gpt-oss-20b"))
     gen = m._generator
     V = m.config.vocab_size
     rng = np.random.default_rng(0)

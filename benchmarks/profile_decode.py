@@ -48,12 +48,7 @@ def load_model(args, dtype):
     from gptjax.formats.gguf import read_gguf
     from gptjax.weights import load_params_gguf
 
-    path = os.path.join(tempfile.gettempdir(), f"{args.synthetic}-synthetic.gguf")
-    if not os.path.exists(path):
-        t0 = time.perf_counter()
-        synthetic_gguf.write(args.synthetic, path)
-        print(f"wrote {path} in {time.perf_counter() - t0:.1f} s", flush=True)
-    gf = read_gguf(path)
+    gf = read_gguf(synthetic_gguf.cached(args.synthetic))
     config = ModelConfig.from_gguf(gf)
     return config, load_params_gguf(gf, config, dtype)
 

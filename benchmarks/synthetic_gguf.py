@@ -10,7 +10,10 @@ list comes from gptjax.config.expected_tensors, so the file is exactly what the 
 """
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
+import time
 
 import gguf
 import numpy as np
@@ -113,6 +116,17 @@ def write(model: str, path: str, seed: int = 0) -> ModelConfig:
     w.write_tensors_to_file()
     w.close()
     return config
+
+
+def cached(model: str) -> str:
+    """Path of ``{tempdir}/{model}-synthetic.gguf``, written by :func:`write` (seed 0) unless it
+    exists: the benchmarks share one file per model."""
+    path = os.path.join(tempfile.gettempdir(), f"{model}-synthetic.gguf")
+    if not os.path.exists(path):
+        t0 = time.perf_counter()
+        write(model, path)
+        print(f"wrote {path} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return path
 
 
 if __name__ == "__main__":
