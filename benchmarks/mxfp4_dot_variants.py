@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels import mxfp4_matmul as mx  # noqa: E402
-from report import add_candidate, device_us_per_call, print_ranked  # noqa: E402
+from report import add_candidate, device_us_per_call, print_ranked, random_mxfp4  # noqa: E402
 
 
 def main():
@@ -42,13 +42,8 @@ def main():
     rng = np.random.default_rng(0)
     E, D = 32, 2880
 
-    def stack(*shape):
-        b = rng.integers(0, 256, (*shape[:-1], shape[-1] // 32, 17), dtype=np.uint8)
-        b[..., 0] = rng.integers(118, 128, b.shape[:-1])
-        return mx.repack_mxfp4(jnp.asarray(b.reshape(*shape[:-1], -1)))
-
-    w_dense = stack(D, D)
-    w_moe = stack(E, 2 * D, D)
+    w_dense = random_mxfp4(rng, D, D)
+    w_moe = random_mxfp4(rng, E, 2 * D, D)
     bf = jnp.bfloat16
     x512 = jnp.asarray(rng.standard_normal((512, D)), bf)
     ids = {T: jnp.asarray(rng.integers(0, E, (T, 4)), jnp.int32) for T in (64, 512)}

@@ -19,18 +19,14 @@ import numpy as np  # noqa: E402
 
 from pallas_kernels import moe_decode as md  # noqa: E402
 from pallas_kernels import mxfp4_matmul as mx  # noqa: E402
+from report import random_mxfp4  # noqa: E402
 
 
 def main():
     rng = np.random.default_rng(0)
     E, D = 32, 2880
 
-    def stack(*shape):
-        b = rng.integers(0, 256, (*shape[:-1], shape[-1] // 32, 17), dtype=np.uint8)
-        b[..., 0] = rng.integers(118, 128, b.shape[:-1])
-        return mx.repack_mxfp4(jnp.asarray(b.reshape(*shape[:-1], -1)))
-
-    w_gu, w_dn = stack(E, 2 * D, D), stack(E, D, D)
+    w_gu, w_dn = random_mxfp4(rng, E, 2 * D, D), random_mxfp4(rng, E, D, D)
     b_gu = jnp.asarray(rng.standard_normal((E, 2 * D)), jnp.float32)
     b_dn = jnp.asarray(rng.standard_normal((E, D)), jnp.float32)
     bf = jnp.bfloat16

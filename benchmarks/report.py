@@ -116,3 +116,16 @@ def print_ranked(times: dict, meta: dict, base_label: str, top: int = 8, keep=()
         print(f"| µs | vs {base_label} | TB/s | config |\n|---|---|---|---|")
         for us, lab, nb in rs[:top] + [r for r in rs[top:] if r[1] in (base_label, *keep)]:
             print(f"| {us:.2f} | {base / us:.2f}x | {nb / (us * 1e-6) / 1e12:.2f} | {lab} |")
+
+
+def random_mxfp4(rng, *shape):
+    """Random MXFP4 weights of logical shape ``[..., O, I]`` in the kernel layout (random code
+    bytes, scale bytes 118..127): ``pallas_kernels.mxfp4_matmul.Mxfp4Weights``."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pallas_kernels import mxfp4_matmul as mx
+
+    b = rng.integers(0, 256, (*shape[:-1], shape[-1] // 32, 17), dtype=np.uint8)
+    b[..., 0] = rng.integers(118, 128, b.shape[:-1])
+    return mx.repack_mxfp4(jnp.asarray(b.reshape(*shape[:-1], -1)))
