@@ -81,7 +81,6 @@ for step in "$@"; do
     words-proto) timeout 400 python3 benchmarks/mxfp4_words_proto.py ;;
     ncu-moe) timeout 500 /usr/local/cuda/bin/ncu --set full -k regex:"mxfp4_moe_grouped|moe_gate_up|moe_down" --launch-skip 4 --launch-count 4 python3 benchmarks/ncu_moe.py 2>&1 | grep -v "^==PROF==" ;;
     ncu-grouped) timeout 300 /usr/local/cuda/bin/ncu --section WarpStateStats --section InstructionStats --print-details all -k regex:"mxfp4_moe_grouped" --launch-skip 4 --launch-count 1 python3 benchmarks/ncu_moe.py 2>&1 | grep -v "^==PROF==" ;;
-    route-proto) timeout 300 python3 benchmarks/moe_route_proto.py ;;
     profile-gpt2) timeout 120 python3 benchmarks/profile_decode.py --gpt2 --new 64 --top 30 --hlo-dump /tmp/hlo_gpt2 ;;
     gpu-tests) python3 -m pytest -q -m gpu tests 2>&1 | tail -30 ;;
     *) echo "unknown step $step" ;;
