@@ -36,6 +36,9 @@ def main():
     ap.add_argument("--grouped-sweep", action="store_true",
                     help="only the grouped MoE kernel, over a grid of tiles")
     ap.add_argument("--decode-variants", action="store_true")
+    ap.add_argument("--asm", action="store_true",
+                    help="batch-64 grouped kernel (gate/up and down): inline-PTX byte decode "
+                         "straight to bf16 (mx.ASM_BYTE_DECODE) on / off x tiles")
     ap.add_argument("--stages", action="store_true",
                     help="batch-64 grouped kernel: software-pipeline depth (num_stages) x tiles")
     args = ap.parse_args()
@@ -78,11 +81,25 @@ def main():
             for (bm, bn, bk, w), st in itertools.product(
                 ((16, 128, 64, 8), (16, 128, 64, 4), (16, 128, 128, 4), (16, 64, 128, 4)),
                 (2, 4, 6))]
+    asm0 = mx.ASM_BYTE_DECODE
+    asm = {vname: asm0 for vname, _ in variants}
+    if args.asm:
+        w_down = random_mxfp4(rng, E, D, D)
+        cases = {"moe gate_up T=64 (b64)": cases["moe gate_up T=64 (b64)"],
+                 "moe down T=64 (b64)": (cases["moe gate_up T=64 (b64)"][0], x512[:64], w_down,
+                                         ids[64])}
+        variants = [("jnp decode", bv0), ("asm decode", bv0)]
+        asm = {"jnp decode": False, "asm decode": True}
+        tilings = [("default", {})] + [
+            (f"{bm}x{bn}x{bk} w{w}", dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w))
+            for bm, bn, bk, w in ((16, 128, 64, 4), (16, 64, 64, 4), (16, 128, 128, 8),
+                                  (16, 256, 64, 8), (16, 64, 128, 4), (32, 128, 64, 8))]
     fns, meta = {}, {}
     for cname, (f, x, w, i) in cases.items():
         want = None
         for vname, bv in variants:
             mx.BYTE_VIEW_MAX_ROWS = bv           # read at trace time: fresh=True below
+            mx.ASM_BYTE_DECODE = asm[vname]
             for tname, t in tilings:
                 label = f"{vname} {tname}".strip()
                 name, y = add_candidate(fns, f"{cname} {label}",
@@ -92,8 +109,9 @@ def main():
                     want = y if want is None else want
                     # bytes: the whole weight (64 tokens x top-4 route to all 32 experts)
                     meta[name] = (cname, label, w.qs.size * 4 + w.scales.size)
-    mx.BYTE_VIEW_MAX_ROWS = bv0
-    base = "default decode default" if args.decode_variants else "default"
+    mx.BYTE_VIEW_MAX_ROWS, mx.ASM_BYTE_DECODE = bv0, asm0
+    base = ("default decode default" if args.decode_variants else
+            "jnp decode default" if args.asm else "default")
     print_ranked(device_us_per_call(fns, reps=10), meta, base, top=12)
 
 

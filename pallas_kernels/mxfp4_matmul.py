@@ -332,6 +332,64 @@ def _byte_pair(qs):
     return _lanes(((b * np.uint32(0x00200200)) & _MAG) | ((b * np.uint32(0x01001000)) & _SGN))
 
 
+#: Byte-view dot decode on the GPU: inline PTX straight to bf16 (:func:`_byte_pair_bf16_asm`)
+#: instead of the jnp f16 -> f32 -> scale -> bf16 chain (:func:`_byte_pair`).  Read at trace
+#: time; interpret mode and non-bf16 compute always take the jnp chain.
+ASM_BYTE_DECODE = True
+
+# Four code bytes (pack=4: one b32 in $1) -> the exact bf16 weights of their low (or high)
+# nibbles, two per b32 in element order ($0: elements 0 and 1, ...).  prmt spreads bytes 0/1
+# (2/3) into the two 16-bit lanes; a nibble n then becomes ``sign << 15 | (n & 7) << 6`` by one
+# and / multiply / and (``n * 0x1040`` puts copies of n at bits 6 and 12, no carries), which is
+# exactly ``FP4[n] * 2^-126`` as bf16 (E2M1 subnormals land on bf16 subnormals); then two packed
+# bf16 multiplies by the normal powers of two $2/$3 = ``2^(min(e,128) - 1)`` and $4/$5 =
+# ``2^(max(e,128) - 128)`` (exact; mul.bf16x2 keeps subnormals).  One call per nibble half:
+# Pallas lowers a multi-result elementwise_inline_asm wrongly (jax 0.10.2).
+_NIBBLE_BF16_PTX = """{{
+.reg .b32 t<2>;
+prmt.b32 t0, $2, 0, 0x4140;
+prmt.b32 t1, $2, 0, 0x4342;
+and.b32 t0, t0, {mask};
+and.b32 t1, t1, {mask};
+mul.lo.u32 t0, t0, {mul};
+mul.lo.u32 t1, t1, {mul};
+and.b32 t0, t0, 0x81C081C0;
+and.b32 t1, t1, 0x81C081C0;
+mul.rn.bf16x2 t0, t0, $3;
+mul.rn.bf16x2 t1, t1, $4;
+mul.rn.bf16x2 $0, t0, $5;
+mul.rn.bf16x2 $1, t1, $6;
+}}"""
+_NIBBLE_BF16_ASM = (_NIBBLE_BF16_PTX.format(mask="0x000F000F", mul="0x1040"),     # low nibbles
+                    _NIBBLE_BF16_PTX.format(mask="0x00F000F0", mul="0x104"))      # high nibbles
+
+
+def _bf16_pow2(n):
+    """bfloat16 ``2^(n - 127)`` for uint32 n in 1..254 (a normal power of two)."""
+    return lax.bitcast_convert_type((n << 7).astype(jnp.uint16), jnp.bfloat16)
+
+
+def _byte_asm_factors(e):
+    """Scale bytes -> the two bf16 factors of the PTX byte decode, ``2^(min(e,128) - 1)`` and
+    ``2^(max(e,128) - 128)``: both normal for every byte, product ``2^126 * 2^(e - 127)`` (the
+    bias of the bf16 bit pattern times the block scale ``2^(e - 128)`` of the doubled table)."""
+    e = e.astype(jnp.uint32)
+    return (_bf16_pow2(jnp.minimum(e, np.uint32(128)) + np.uint32(126)),
+            _bf16_pow2(jnp.maximum(e, np.uint32(128)) - np.uint32(1)))
+
+
+def _byte_pair_bf16_asm(qs, e):
+    """Code bytes uint8 [bn, gt, 16] and scale bytes uint8 [bn, gt] -> bfloat16 (low nibble,
+    high nibble) weights ``kvalues[c] * 2^(e - 128)``, exactly (the values of :func:`_byte_pair`
+    times its two factors, rounded to bf16: a no-op).  GPU only (inline PTX, sm_90)."""
+    f1, f2 = (jnp.broadcast_to(f[..., None], qs.shape) for f in _byte_asm_factors(e))
+    out = jax.ShapeDtypeStruct(qs.shape, jnp.bfloat16)
+    return [pltriton.elementwise_inline_asm(asm, args=[qs, f1, f2], pack=4,
+                                            constraints="=r,=r,r,r,r,r,r",
+                                            result_shape_dtypes=[out])[0]
+            for asm in _NIBBLE_BF16_ASM]
+
+
 def _words_fp4(words):
     """Code words uint32 ``[..., 4]`` (one block) -> float32 ``[..., 32]``: ``FP4[c_r] * 2^-14``
     for the block's elements r = 0..31 in order.  The eight pieces are joined (Triton ``join``:
@@ -479,10 +537,14 @@ def _mxfp4_step_dot(acc, w: _W, w_refs, lead, x_ref, x_rows, x_ok, row0, bn, g0,
         wt = _decode_words(qs, e).astype(cdt).reshape(bn, gt * QK)         # exact, then cdt
         xt = load_x32(x_ref, x_rows, x_ok, g0, gt, w.G).reshape(bm, gt * QK)
         return _dot_nt(xt, wt, interpret) + acc
-    d1, d2 = _e8m0_split(e)
     ok = x_ok[:, None, None, None, None] & ((g0 + _iota(gt)) < w.G)[None, :, None, None, None]
-    for s1, h in enumerate(_byte_pair(qs)):                                 # [bn, gt, 16] each
-        wt = (h * d1[..., None] * d2[..., None]).astype(cdt).reshape(bn, gt * 16)
+    if ASM_BYTE_DECODE and not interpret and cdt == jnp.bfloat16:
+        halves = _byte_pair_bf16_asm(qs, e)                                 # bf16 [bn, gt, 16]
+    else:
+        d1, d2 = _e8m0_split(e)
+        halves = [(h * d1[..., None] * d2[..., None]).astype(cdt) for h in _byte_pair(qs)]
+    for s1, h in enumerate(halves):                                         # [bn, gt, 16] each
+        wt = h.reshape(bn, gt * 16)
         xt = pltriton.load(x_ref.at[x_rows, pl.ds(g0, gt), pl.ds(0, 4), pl.ds(0, 2), _ix(s1),
                                     pl.ds(0, 2)], mask=ok, other=0)        # [bm, gt, 4, 2, 2]
         acc = _dot_nt(xt.reshape(bm, gt * 16), wt, interpret) + acc

@@ -157,6 +157,79 @@ def test_mxfp4_decode_denormal_scales_flush_or_exact():
     assert np.all((got == want) | (got == 0)) and np.abs(want).max() <= 12 * 2.0 ** -127
 
 
+def _run_ptx(asm: str, regs: dict) -> dict:
+    """A tiny interpreter for the PTX subset of ``mx._NIBBLE_BF16_ASM`` (prmt.b32 default mode,
+    and.b32, mul.lo.u32, mul.rn.bf16x2 with round-to-nearest-even), on numpy uint32 arrays.
+    ``regs`` maps "$n" to inputs; returns every register after the run."""
+    regs = dict(regs)
+
+    def val(a):
+        return regs[a] if a in regs else np.uint32(int(a, 0))
+
+    def bf16x2(v):
+        lanes = [(v & 0xFFFF).astype(np.uint16), (v >> 16).astype(np.uint16)]
+        return [lane.view(ml_dtypes.bfloat16).astype(np.float32) for lane in lanes]
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}." :
+            continue
+        op, rest = line.split(None, 1)
+        d, *a = [t.strip() for t in rest.split(",")]
+        if op == "prmt.b32":
+            src = [(val(a[0]) >> (8 * i)) & 0xFF for i in range(4)] + \
+                  [(val(a[1]) >> (8 * i)) & 0xFF for i in range(4)]
+            sel = int(a[2], 0)
+            out = np.zeros_like(val(a[0]))
+            for i in range(4):
+                nib = (sel >> (4 * i)) & 0xF
+                assert nib < 8                                   # no sign-replicate selectors
+                out = out | (src[nib] << (8 * i)).astype(np.uint32)
+            regs[d] = out.astype(np.uint32)
+        elif op == "and.b32":
+            regs[d] = (val(a[0]) & val(a[1])).astype(np.uint32)
+        elif op == "mul.lo.u32":
+            regs[d] = (val(a[0]).astype(np.uint64) * val(a[1])).astype(np.uint32)
+        elif op == "mul.rn.bf16x2":
+            # products of bf16 values are exact in float32; one rounding to bf16 (RNE)
+            lo, hi = (x * y for x, y in zip(bf16x2(val(a[0])), bf16x2(val(a[1]))))
+            lo, hi = (v.astype(ml_dtypes.bfloat16).view(np.uint16).astype(np.uint32)
+                      for v in (lo, hi))
+            regs[d] = (lo | (hi << 16)).astype(np.uint32)
+        else:
+            raise AssertionError(f"unexpected PTX op {op}")
+    return regs
+
+
+def test_byte_decode_ptx_every_code_and_scale():
+    """The inline-PTX byte decode of the grouped kernel (``mx._NIBBLE_BF16_ASM``), run by an
+    interpreter of its instructions on Triton's operand packing (pack=4: four code bytes in one
+    b32, bf16 operands two per b32, element 0 in the low half), for all 256 code bytes under all
+    256 scale bytes and both nibbles, against gguf.quants: bitwise (up to the sign of 0),
+    including the denormal results of scale bytes 0 and 1 and the overflow of 254 / 255.  (The
+    GPU identity test runs the real thing.)"""
+    e = np.repeat(np.arange(256, dtype=np.uint32), 256)         # [65536] scale per element
+    code = np.tile(np.arange(256, dtype=np.uint32), 256)         # code byte per element
+    blocks = np.zeros((256, 16, 17), np.uint8)                  # want: element j of a block is
+    blocks[..., 0] = np.arange(256, dtype=np.uint8)[:, None]   # the low nibble of byte j,
+    blocks[..., 1:] = np.arange(256, dtype=np.uint8).reshape(16, 16)   # j + 16 the high nibble
+    want = oracle(blocks.reshape(256, -1), T.MXFP4).reshape(256, 16, 32).astype(np.float32)
+    want = [want[..., :16].reshape(-1), want[..., 16:].reshape(-1)]      # by (scale, byte)
+    f1, f2 = (np.asarray(f).view(np.uint16).astype(np.uint32)
+              for f in mx._byte_asm_factors(jnp.asarray(e, jnp.uint8)))
+    g = lambda a: a.reshape(-1, 4)                                # packs of four elements
+    pair = lambda a, i: g(a)[:, 2 * i] | (g(a)[:, 2 * i + 1] << 16)
+    packed = {"$2": (g(code) << np.arange(0, 32, 8, dtype=np.uint32)).sum(1, dtype=np.uint32),
+              "$3": pair(f1, 0), "$4": pair(f1, 1), "$5": pair(f2, 0), "$6": pair(f2, 1)}
+    assert len(mx._NIBBLE_BF16_ASM) == 2
+    for half, asm in enumerate(mx._NIBBLE_BF16_ASM):
+        r = _run_ptx(asm, packed)
+        bits = np.stack([r["$0"] & 0xFFFF, r["$0"] >> 16, r["$1"] & 0xFFFF, r["$1"] >> 16], 1)
+        got = bits.astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float32).reshape(-1)
+        same_numbers_and_bits(got, want[half])
+    assert np.isinf(want[0]).any() and (np.abs(want[0][want[0] != 0]) < 2.0 ** -126).any()
+
+
 def test_e8m0_half_every_byte():
     e = np.arange(256, dtype=np.uint8)
     got = np.asarray(mx.e8m0_half(jnp.asarray(e))).view(np.uint32)
@@ -224,12 +297,16 @@ def test_mxfp4_kernel_identity_is_exact(layout, interpret):
     same_numbers_and_bits(y, want[:, cols].T)
 
 
+@pytest.mark.parametrize("asm", [False, True], ids=["jnp-decode", "asm-decode"])
 @pytest.mark.parametrize("interpret", MODES)
-def test_mxfp4_bf16_dots_identity_is_exact(interpret):
+def test_mxfp4_bf16_dots_identity_is_exact(interpret, asm, monkeypatch):
     """bf16 x = I through the bf16 tensor-core dots (weights decoded, then rounded to bf16): the
     dense dot mode (word decode) and the grouped MoE mode with few routed rows (byte view of the
     words) return every code byte under every scale byte 2..252 exactly (MXFP4 weights are exact
-    in bf16).  The float32 identity test above does not reach these bf16 paths."""
+    in bf16).  The float32 identity test above does not reach these bf16 paths.  ``asm``: the
+    grouped mode's inline-PTX byte decode (GPU only; interpret mode takes the jnp decode)."""
+    monkeypatch.setattr(mx, "ASM_BYTE_DECODE", asm)
+    jax.clear_caches()                                           # the switch is read when traced
     e = np.resize(np.arange(2, 253, dtype=np.uint8), 252)
     blocks = np.zeros((126, 2, 17), np.uint8)                   # O = 126, I = 64
     blocks[..., 0] = e.reshape(126, 2)
