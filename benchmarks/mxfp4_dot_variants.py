@@ -24,6 +24,9 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_c
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gguf import GGMLQuantizationType as T  # noqa: E402
+
+from gptjax.packed import PackedWeight  # noqa: E402
 from pallas_kernels import mxfp4_matmul as mx  # noqa: E402
 from report import add_candidate, device_us_per_call, print_ranked, random_mxfp4  # noqa: E402
 
@@ -88,17 +91,22 @@ def main():
         cases = {"moe gate_up T=64 (b64)": cases["moe gate_up T=64 (b64)"],
                  "moe down T=64 (b64)": (cases["moe gate_up T=64 (b64)"][0], x512[:64], w_down,
                                          ids[64])}
-        variants = [("jnp decode", bv0), ("asm decode", bv0)]
-        asm = {"jnp decode": False, "asm decode": True}
+        asm = {"jnp decode": False, "asm decode": True, "asm 1 factor": True}
+        variants = [(v, bv0) for v in asm]
         tilings = [("default", {})] + [
             (f"{bm}x{bn}x{bk} w{w}", dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w))
-            for bm, bn, bk, w in ((16, 128, 64, 4), (16, 64, 64, 4), (16, 128, 128, 8),
-                                  (16, 256, 64, 8), (16, 64, 128, 4), (32, 128, 64, 8))]
+            for bm, bn, bk, w in ((16, 128, 64, 4), (16, 256, 64, 8), (32, 128, 64, 8),
+                                  (16, 256, 64, 4))]
     fns, meta = {}, {}
     for cname, (f, x, w, i) in cases.items():
-        want = None
+        want, wbytes = None, w.qs.size * 4 + w.scales.size
         for vname, bv in variants:
             mx.BYTE_VIEW_MAX_ROWS = bv           # read at trace time: fresh=True below
+            if vname == "asm 1 factor":
+                # the PackedWeight the model passes, with its scale_max (random_mxfp4 draws
+                # scale bytes 118..127): one bf16 multiply per weight pair instead of two
+                w = PackedWeight(w, T.MXFP4, (*w.scales.shape[:-1], w.scales.shape[-1] * 32),
+                                 layout="kernel", scale_max=int(w.scales.max()))
             mx.ASM_BYTE_DECODE = asm[vname]
             for tname, t in tilings:
                 label = f"{vname} {tname}".strip()
@@ -108,7 +116,7 @@ def main():
                 if name:
                     want = y if want is None else want
                     # bytes: the whole weight (64 tokens x top-4 route to all 32 experts)
-                    meta[name] = (cname, label, w.qs.size * 4 + w.scales.size)
+                    meta[name] = (cname, label, wbytes)
     mx.BYTE_VIEW_MAX_ROWS, mx.ASM_BYTE_DECODE = bv0, asm0
     base = ("default decode default" if args.decode_variants else
             "jnp decode default" if args.asm else "default")

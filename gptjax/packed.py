@@ -113,6 +113,11 @@ class PackedWeight:
     :meth:`to_kernel_layout` when the kernels are on (the kernels read it ~1.4-1.7x faster than
     the 17/34-byte ggml blocks, benchmarks/RESULTS.md); every operation here accepts both.
 
+    ``scale_max``: MXFP4 in the kernel layout only, the largest E8M0 scale byte of the tensor
+    (set by :meth:`to_kernel_layout`; None: unknown).  A static hint for the kernels: with every
+    scale byte <= 128 the grouped MoE kernel's byte decode needs one multiply per weight pair
+    instead of two (``pallas_kernels.mxfp4_matmul._byte_pair_bf16_asm``).
+
     Build one with :meth:`from_bytes` (validates); the raw constructor does not validate because
     JAX rebuilds the object from tracers and placeholders.
     """
@@ -122,12 +127,15 @@ class PackedWeight:
     shape: tuple[int, ...]
     dtype: Any = np.dtype(np.float32)
     layout: str = "ggml"
+    scale_max: int | None = None
 
     def __post_init__(self):
         # Static fields normalised to hashable plain values (jit caches on them).
         object.__setattr__(self, "ggml_type", int(self.ggml_type))
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         object.__setattr__(self, "dtype", np.dtype(self.dtype))
+        if self.scale_max is not None:
+            object.__setattr__(self, "scale_max", int(self.scale_max))
         if self.layout not in ("ggml", "kernel"):
             raise WeightsError(f"PackedWeight layout {self.layout!r}: expected 'ggml' or 'kernel'")
 
@@ -186,7 +194,9 @@ class PackedWeight:
         if self.layout == "kernel" or self.ggml_type not in _kernel_layouts() or self.ndim < 2:
             return self
         repack, _ = _kernel_layouts()[self.ggml_type]
-        return dataclasses.replace(self, data=repack(self.data), layout="kernel")
+        data = repack(self.data)
+        scale_max = int(jnp.max(data.scales)) if self.ggml_type == int(_T.MXFP4) else None
+        return dataclasses.replace(self, data=data, layout="kernel", scale_max=scale_max)
 
     def to_ggml_layout(self) -> PackedWeight:
         """This weight with ``data`` as ggml bytes ``uint8[*shape[:-1], row_bytes]`` (inverse of
@@ -194,7 +204,7 @@ class PackedWeight:
         if self.layout == "ggml":
             return self
         _, unpack = _kernel_layouts()[self.ggml_type]
-        return dataclasses.replace(self, data=unpack(self.data), layout="ggml")
+        return dataclasses.replace(self, data=unpack(self.data), layout="ggml", scale_max=None)
 
     def take(self, indices, *, mode: str = "clip") -> PackedWeight:
         """Rows along axis 0, still packed: ``[*indices.shape, *shape[1:]]``.
@@ -206,11 +216,11 @@ class PackedWeight:
             raise WeightsError(f"{self!r}: take() needs at least 2 dimensions (rows of blocks)")
         data = jax.tree_util.tree_map(lambda a: jnp.take(a, indices, axis=0, mode=mode), self.data)
         shape = (*jnp.shape(indices), *self.shape[1:])
-        return PackedWeight(data, self.ggml_type, shape, self.dtype, self.layout)
+        return PackedWeight(data, self.ggml_type, shape, self.dtype, self.layout, self.scale_max)
 
 
 jax.tree_util.register_dataclass(PackedWeight, data_fields=["data"],
-                                 meta_fields=["ggml_type", "shape", "dtype", "layout"])
+                                 meta_fields=["ggml_type", "shape", "dtype", "layout", "scale_max"])
 
 
 @functools.cache

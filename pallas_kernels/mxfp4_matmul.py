@@ -227,6 +227,7 @@ class _W:
     lead: tuple              # leading (expert) dims
     O: int
     G: int
+    scale_max: int | None = None   # MXFP4: largest scale byte if known (PackedWeight.scale_max)
 
     @property
     def I(self) -> int:
@@ -247,6 +248,7 @@ def parse_packed(w, n_lead: int, fn: str, *, split_cls, type_id: int, type_label
     ``layout="kernel"``), with ``n_lead`` leading (expert) dims.  int8 code bytes are viewed as
     uint8.  Anything else raises WeightsError naming ``fn``."""
     t = getattr(w, "ggml_type", None)
+    scale_max = getattr(w, "scale_max", None)              # a PackedWeight's hint, else None
     if t is not None and int(t) != type_id:
         raise WeightsError(f"{fn}: packed weight of ggml type {int(t)}, expected {type_label} ({type_id})")
     if getattr(w, "layout", "ggml") == "kernel":                            # PackedWeight, kernel layout
@@ -263,7 +265,8 @@ def parse_packed(w, n_lead: int, fn: str, *, split_cls, type_id: int, type_label
                                f"[{lead}O, G, {qs_width}] and "
                                f"scales {np.dtype(scale_dtype).name}[{lead}O, G]; got qs {qs.dtype}"
                                f"{list(qs.shape)}, scales {sc.dtype}{list(sc.shape)}")
-        return _W("split", (qs, sc), tuple(qs.shape[:n_lead]), qs.shape[-3], qs.shape[-2])
+        return _W("split", (qs, sc), tuple(qs.shape[:n_lead]), qs.shape[-3], qs.shape[-2],
+                  scale_max)
     data = jnp.asarray(getattr(w, "data", w))
     if data.dtype != jnp.uint8 or data.ndim != n_lead + 2 or data.shape[-1] % block_bytes:
         raise WeightsError(f"{fn}: expected ggml {type_label} bytes uint8[{lead}O, G*{block_bytes}], "
@@ -337,14 +340,15 @@ def _byte_pair(qs):
 #: time; interpret mode and non-bf16 compute always take the jnp chain.
 ASM_BYTE_DECODE = True
 
-# Four code bytes (pack=4: one b32 in $1) -> the exact bf16 weights of their low (or high)
-# nibbles, two per b32 in element order ($0: elements 0 and 1, ...).  prmt spreads bytes 0/1
-# (2/3) into the two 16-bit lanes; a nibble n then becomes ``sign << 15 | (n & 7) << 6`` by one
-# and / multiply / and (``n * 0x1040`` puts copies of n at bits 6 and 12, no carries), which is
-# exactly ``FP4[n] * 2^-126`` as bf16 (E2M1 subnormals land on bf16 subnormals); then two packed
-# bf16 multiplies by the normal powers of two $2/$3 = ``2^(min(e,128) - 1)`` and $4/$5 =
-# ``2^(max(e,128) - 128)`` (exact; mul.bf16x2 keeps subnormals).  One call per nibble half:
-# Pallas lowers a multi-result elementwise_inline_asm wrongly (jax 0.10.2).
+# Four code bytes (pack=4: one b32 in $2) -> the exact bf16 weights of their low (or high)
+# nibbles, two per b32 in element order ($0: elements 0 and 1, $1: 2 and 3).  prmt spreads bytes
+# 0/1 (2/3) into the two 16-bit lanes; a nibble n then becomes ``sign << 15 | (n & 7) << 6`` by
+# one and / multiply / and (``n * 0x1040`` puts copies of n at bits 6 and 12, no carries), which
+# is exactly ``FP4[n] * 2^-126`` as bf16 (E2M1 subnormals land on bf16 subnormals); then packed
+# bf16 multiplies by normal powers of two (exact; mul.bf16x2 keeps subnormals): $3/$4 =
+# ``2^(min(e,128) - 1)`` and, unless every scale byte is <= 128 (``one``), $5/$6 =
+# ``2^(max(e,128) - 128)`` (:func:`_byte_asm_factors`).  One call per nibble half: Pallas lowers
+# a multi-result elementwise_inline_asm wrongly (jax 0.10.2).
 _NIBBLE_BF16_PTX = """{{
 .reg .b32 t<2>;
 prmt.b32 t0, $2, 0, 0x4140;
@@ -355,13 +359,19 @@ mul.lo.u32 t0, t0, {mul};
 mul.lo.u32 t1, t1, {mul};
 and.b32 t0, t0, 0x81C081C0;
 and.b32 t1, t1, 0x81C081C0;
-mul.rn.bf16x2 t0, t0, $3;
+{scale}}}"""
+_SCALE_2 = """mul.rn.bf16x2 t0, t0, $3;
 mul.rn.bf16x2 t1, t1, $4;
 mul.rn.bf16x2 $0, t0, $5;
 mul.rn.bf16x2 $1, t1, $6;
-}}"""
-_NIBBLE_BF16_ASM = (_NIBBLE_BF16_PTX.format(mask="0x000F000F", mul="0x1040"),     # low nibbles
-                    _NIBBLE_BF16_PTX.format(mask="0x00F000F0", mul="0x104"))      # high nibbles
+"""
+_SCALE_1 = """mul.rn.bf16x2 $0, t0, $3;
+mul.rn.bf16x2 $1, t1, $4;
+"""
+#: {one factor?: (low-nibble asm, high-nibble asm)}
+_NIBBLE_BF16_ASM = {one: tuple(_NIBBLE_BF16_PTX.format(mask=m, mul=k, scale=sc)
+                               for m, k in (("0x000F000F", "0x1040"), ("0x00F000F0", "0x104")))
+                    for one, sc in ((False, _SCALE_2), (True, _SCALE_1))}
 
 
 def _bf16_pow2(n):
@@ -378,16 +388,18 @@ def _byte_asm_factors(e):
             _bf16_pow2(jnp.maximum(e, np.uint32(128)) - np.uint32(1)))
 
 
-def _byte_pair_bf16_asm(qs, e):
+def _byte_pair_bf16_asm(qs, e, one: bool = False):
     """Code bytes uint8 [bn, gt, 16] and scale bytes uint8 [bn, gt] -> bfloat16 (low nibble,
     high nibble) weights ``kvalues[c] * 2^(e - 128)``, exactly (the values of :func:`_byte_pair`
-    times its two factors, rounded to bf16: a no-op).  GPU only (inline PTX, sm_90)."""
+    times its two factors, rounded to bf16: a no-op).  ``one``: every scale byte is <= 128 (the
+    weight's ``scale_max``), so the second factor is 1 and skipped.  GPU only (inline PTX, sm_90).
+    """
     f1, f2 = (jnp.broadcast_to(f[..., None], qs.shape) for f in _byte_asm_factors(e))
     out = jax.ShapeDtypeStruct(qs.shape, jnp.bfloat16)
-    return [pltriton.elementwise_inline_asm(asm, args=[qs, f1, f2], pack=4,
-                                            constraints="=r,=r,r,r,r,r,r",
+    args, cons = ([qs, f1], "=r,=r,r,r,r") if one else ([qs, f1, f2], "=r,=r,r,r,r,r,r")
+    return [pltriton.elementwise_inline_asm(asm, args=args, pack=4, constraints=cons,
                                             result_shape_dtypes=[out])[0]
-            for asm in _NIBBLE_BF16_ASM]
+            for asm in _NIBBLE_BF16_ASM[one]]
 
 
 def _words_fp4(words):
@@ -539,7 +551,8 @@ def _mxfp4_step_dot(acc, w: _W, w_refs, lead, x_ref, x_rows, x_ok, row0, bn, g0,
         return _dot_nt(xt, wt, interpret) + acc
     ok = x_ok[:, None, None, None, None] & ((g0 + _iota(gt)) < w.G)[None, :, None, None, None]
     if ASM_BYTE_DECODE and not interpret and cdt == jnp.bfloat16:
-        halves = _byte_pair_bf16_asm(qs, e)                                 # bf16 [bn, gt, 16]
+        one = w.scale_max is not None and w.scale_max <= 128
+        halves = _byte_pair_bf16_asm(qs, e, one)                            # bf16 [bn, gt, 16]
     else:
         d1, d2 = _e8m0_split(e)
         halves = [(h * d1[..., None] * d2[..., None]).astype(cdt) for h in _byte_pair(qs)]
@@ -999,9 +1012,12 @@ def plan_moe(T: int, k: int, O: int, I: int, *, mode=None, block_m=None, block_n
     # H100 sweep (benchmarks/mxfp4_dot_variants.py --grouped-sweep; gate_up [32, 5760, 2880],
     # top-4 random routing): 64 tokens 16 x 128 x 64, 8 warps (byte view, 293 µs); 512 tokens
     # 64 x 128 x 64, 4 warps (words, 604 µs; 801 with the 128 x 64 x 64 of the byte layout).
+    # Ninth session, byte view with the PTX decode (mxfp4_dot_variants.py --asm): gate/up [32,
+    # 5760, 2880] 16 x 128 x 64 / 8 warps 223 µs (16 x 256: 240); down [32, 2880, 2880] 16 x 256
+    # x 64 / 8 warps 129 µs (16 x 128: 139): the narrower output keeps the grid to about one wave.
     small = R <= BYTE_VIEW_MAX_ROWS                          # the byte view's tiles (see above)
-    d = dict(block_m=16, block_n=128, block_k=64, num_warps=8) if small else \
-        dict(block_m=64, block_n=128, block_k=64, num_warps=4)
+    d = dict(block_m=16, block_n=128 if O > 4096 else 256, block_k=64, num_warps=8) if small \
+        else dict(block_m=64, block_n=128, block_k=64, num_warps=4)
     base = plan_dense(max(R, 64), O, I, mode="dot", block_m=block_m or d["block_m"],
                       block_n=block_n or d["block_n"], block_k=block_k or d["block_k"], k_splits=1,
                       num_warps=num_warps or d["num_warps"], num_stages=num_stages or 3)

@@ -201,33 +201,40 @@ def _run_ptx(asm: str, regs: dict) -> dict:
     return regs
 
 
-def test_byte_decode_ptx_every_code_and_scale():
+@pytest.mark.parametrize("one", [False, True], ids=["two-factors", "one-factor"])
+def test_byte_decode_ptx_every_code_and_scale(one):
     """The inline-PTX byte decode of the grouped kernel (``mx._NIBBLE_BF16_ASM``), run by an
     interpreter of its instructions on Triton's operand packing (pack=4: four code bytes in one
-    b32, bf16 operands two per b32, element 0 in the low half), for all 256 code bytes under all
-    256 scale bytes and both nibbles, against gguf.quants: bitwise (up to the sign of 0),
-    including the denormal results of scale bytes 0 and 1 and the overflow of 254 / 255.  (The
-    GPU identity test runs the real thing.)"""
-    e = np.repeat(np.arange(256, dtype=np.uint32), 256)         # [65536] scale per element
-    code = np.tile(np.arange(256, dtype=np.uint32), 256)         # code byte per element
-    blocks = np.zeros((256, 16, 17), np.uint8)                  # want: element j of a block is
-    blocks[..., 0] = np.arange(256, dtype=np.uint8)[:, None]   # the low nibble of byte j,
+    b32, bf16 operands two per b32, element 0 in the low half), for all 256 code bytes under
+    every scale byte and both nibbles, against gguf.quants: bitwise (up to the sign of 0),
+    including the denormal results of scale bytes 0 and 1 and the overflow of 254 / 255.  The
+    one-factor variant (a weight whose ``scale_max`` is <= 128) on scale bytes 0..128.  (The GPU
+    identity tests run the real thing.)"""
+    n_e = 129 if one else 256
+    idx = np.arange(n_e * 256, dtype=np.uint32)
+    e, code = idx % n_e, idx // n_e         # scale, code byte per element (scales vary in a pack)
+    blocks = np.zeros((n_e, 16, 17), np.uint8)                  # want: element j of a block is
+    blocks[..., 0] = np.arange(n_e, dtype=np.uint8)[:, None]   # the low nibble of byte j,
     blocks[..., 1:] = np.arange(256, dtype=np.uint8).reshape(16, 16)   # j + 16 the high nibble
-    want = oracle(blocks.reshape(256, -1), T.MXFP4).reshape(256, 16, 32).astype(np.float32)
-    want = [want[..., :16].reshape(-1), want[..., 16:].reshape(-1)]      # by (scale, byte)
+    want = oracle(blocks.reshape(n_e, -1), T.MXFP4).reshape(n_e, 16, 32).astype(np.float32)
+    want = [want[..., :16].reshape(n_e, 256)[e, code], want[..., 16:].reshape(n_e, 256)[e, code]]
     f1, f2 = (np.asarray(f).view(np.uint16).astype(np.uint32)
               for f in mx._byte_asm_factors(jnp.asarray(e, jnp.uint8)))
     g = lambda a: a.reshape(-1, 4)                                # packs of four elements
     pair = lambda a, i: g(a)[:, 2 * i] | (g(a)[:, 2 * i + 1] << 16)
     packed = {"$2": (g(code) << np.arange(0, 32, 8, dtype=np.uint32)).sum(1, dtype=np.uint32),
-              "$3": pair(f1, 0), "$4": pair(f1, 1), "$5": pair(f2, 0), "$6": pair(f2, 1)}
-    assert len(mx._NIBBLE_BF16_ASM) == 2
-    for half, asm in enumerate(mx._NIBBLE_BF16_ASM):
+              "$3": pair(f1, 0), "$4": pair(f1, 1)}
+    if not one:
+        packed |= {"$5": pair(f2, 0), "$6": pair(f2, 1)}
+    asms = mx._NIBBLE_BF16_ASM[one]
+    assert len(asms) == 2
+    for half, asm in enumerate(asms):
         r = _run_ptx(asm, packed)
         bits = np.stack([r["$0"] & 0xFFFF, r["$0"] >> 16, r["$1"] & 0xFFFF, r["$1"] >> 16], 1)
         got = bits.astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float32).reshape(-1)
         same_numbers_and_bits(got, want[half])
-    assert np.isinf(want[0]).any() and (np.abs(want[0][want[0] != 0]) < 2.0 ** -126).any()
+    assert (np.abs(want[0][want[0] != 0]) < 2.0 ** -126).any()   # denormal results covered
+    assert one or np.isinf(want[0]).any()                          # and overflow
 
 
 def test_e8m0_half_every_byte():
@@ -320,6 +327,14 @@ def test_mxfp4_bf16_dots_identity_is_exact(interpret, asm, monkeypatch):
     we = mx.Mxfp4Weights(w.qs[None], w.scales[None])             # one expert
     y = mx.mxfp4_moe_matmul(eye, we, jnp.zeros((64, 1), jnp.int32), interpret=interpret)
     same_numbers_and_bits(np.asarray(y)[:, 0].T, want)
+    # a PackedWeight with scale_max <= 128 (scale bytes 2..128 here): the one-factor decode
+    narrow = raw.reshape(126, 2, 17).copy()
+    narrow[..., 0] = np.minimum(narrow[..., 0], 128)
+    narrow = narrow.reshape(1, 126, 34)
+    pw = PackedWeight.from_bytes(narrow, T.MXFP4, (1, 126, 64)).to_kernel_layout()
+    assert pw.scale_max == 128
+    y = mx.mxfp4_moe_matmul(eye, pw, jnp.zeros((64, 1), jnp.int32), interpret=interpret)
+    same_numbers_and_bits(np.asarray(y)[:, 0].T, oracle(narrow[0], T.MXFP4).astype(np.float32))
 
 
 @pytest.mark.parametrize("interpret", MODES)

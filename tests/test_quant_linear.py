@@ -271,6 +271,11 @@ def test_kernel_layout_is_an_exact_reshuffle(t):
     ids = jnp.asarray([[2, 0], [1, 2]], jnp.int32)
     kt = k.take(ids)
     assert kt.layout == "kernel" and kt.shape == (2, 2, o, i)
+    # MXFP4: the largest scale byte rides along as a static hint (kept by take, dropped by the
+    # way back to the file's bytes)
+    want_max = int(raw.reshape(-1, 17)[:, 0].max()) if t == T.MXFP4 else None
+    assert k.scale_max == kt.scale_max == want_max and w.scale_max is None
+    assert k.to_ggml_layout().scale_max is None
     bits_equal(kt.dequantize(), w.take(ids).dequantize())
     x = jnp.asarray(rng.standard_normal((4, i)), jnp.float32)
     bits_equal(jax.jit(linear)(x, k.take(1)), linear(x, w.take(1)))          # reference path

@@ -174,10 +174,11 @@ def _experts_gather_kernel(x, ids, weights, p, config):
 
     interpret = kernel_mode() == "interpret"
     M, U = ids.shape
-    g, u = gate_up(p, lambda q: mxfp4_moe_matmul(x, q["weight"].data, ids, q["bias"],
+    # the PackedWeights themselves: their static scale_max lets the kernel skip a multiply
+    g, u = gate_up(p, lambda q: mxfp4_moe_matmul(x, q["weight"], ids, q["bias"],
                                                  interpret=interpret))         # [M, U, F] f32 x 2
     h = swiglu_oai(g, u, alpha=config.swiglu_alpha, limit=config.swiglu_limit).astype(x.dtype)
-    y = mxfp4_moe_matmul(h.reshape(M * U, -1), p["ffn_down_exps"]["weight"].data, ids.reshape(M * U, 1),
+    y = mxfp4_moe_matmul(h.reshape(M * U, -1), p["ffn_down_exps"]["weight"], ids.reshape(M * U, 1),
                          p["ffn_down_exps"]["bias"], interpret=interpret)       # [M*U, 1, D] f32
     return jnp.einsum("mu,mud->md", weights, y.reshape(M, U, -1))              # [M, D] f32
 
