@@ -506,34 +506,14 @@ def flat_words(arrays):
     return (qs.reshape(*qs.shape[:-2], qs.shape[-2] * qs.shape[-1]), sc)
 
 
-def _gather_index(rows, *axes):
-    """Index arrays broadcast to ``[len(rows), *sizes]`` for a load of arbitrary ``rows`` (int32
-    [bm]) of a ref: ``axes`` are ``(start, size)`` ranges (a size of None: one fixed index,
-    dropped from the result).  All-array indexing, which both interpret mode and Triton take
-    (interpret mode cannot mix an index array with slices); built with ``broadcast_in_dim``
-    (Triton expand_dims), not reshapes, so Triton still sees the contiguous last axis."""
-    sizes = [len(rows)] + [n for _, n in axes if n is not None]
-    out, d = [lax.broadcast_in_dim(rows, sizes, (0,))], 1
-    for start, n in axes:
-        if n is None:
-            out.append(jnp.full(sizes, start, jnp.int32))
-        else:
-            out.append(lax.broadcast_in_dim(start + _iota(n), sizes, (d,)))
-            d += 1
-    return tuple(out)
-
-
 def load_x32(x_ref, rows, row_ok, g0, gt, g_end):
     """x viewed [M, G, 32] -> [bm, gt, 32] (or [gt, 32] for a single row); rows with ``row_ok``
-    false and blocks >= ``g_end`` read 0.  ``rows``: a scalar, a ``pl.ds`` or an int32 [bm]
-    array of any rows."""
+    false and blocks >= ``g_end`` read 0."""
     g_ok = (g0 + _iota(gt)) < g_end
     if row_ok is None:
         return pltriton.load(x_ref.at[_ix(rows), pl.ds(g0, gt), pl.ds(0, QK)],
                              mask=g_ok[:, None], other=0)
     ok = row_ok[:, None, None] & g_ok[None, :, None]
-    if isinstance(rows, jax.Array):
-        return pltriton.load(x_ref.at[_gather_index(rows, (g0, gt), (0, QK))], mask=ok, other=0)
     return pltriton.load(x_ref.at[rows, pl.ds(g0, gt), pl.ds(0, QK)], mask=ok, other=0)
 
 
@@ -578,11 +558,8 @@ def _mxfp4_step_dot(acc, w: _W, w_refs, lead, x_ref, x_rows, x_ok, row0, bn, g0,
         halves = [(h * d1[..., None] * d2[..., None]).astype(cdt) for h in _byte_pair(qs)]
     for s1, h in enumerate(halves):                                         # [bn, gt, 16] each
         wt = h.reshape(bn, gt * 16)
-        if isinstance(x_rows, jax.Array):                                   # gathered rows
-            idx = _gather_index(x_rows, (g0, gt), (0, 4), (0, 2), (s1, None), (0, 2))
-        else:
-            idx = (x_rows, pl.ds(g0, gt), pl.ds(0, 4), pl.ds(0, 2), _ix(s1), pl.ds(0, 2))
-        xt = pltriton.load(x_ref.at[idx], mask=ok, other=0)                # [bm, gt, 4, 2, 2]
+        xt = pltriton.load(x_ref.at[x_rows, pl.ds(g0, gt), pl.ds(0, 4), pl.ds(0, 2), _ix(s1),
+                                    pl.ds(0, 2)], mask=ok, other=0)        # [bm, gt, 4, 2, 2]
         acc = _dot_nt(xt.reshape(bm, gt * 16), wt, interpret) + acc
     return acc
 
@@ -632,9 +609,6 @@ def _store_rows(out_ref, prefix, y, m_rows, m_ok, n0, bn, n_out):
     n_ok = (n0 + _iota(bn)) < n_out
     if m_ok is None:
         pltriton.store(out_ref.at[(*prefix, _ix(m_rows), pl.ds(n0, bn))], y, mask=n_ok)
-    elif isinstance(m_rows, jax.Array):                                     # scattered rows
-        pltriton.store(out_ref.at[(*prefix, *_gather_index(m_rows, (n0, bn)))], y,
-                       mask=m_ok[:, None] & n_ok[None, :])
     else:
         pltriton.store(out_ref.at[(*prefix, m_rows, pl.ds(n0, bn))], y,
                        mask=m_ok[:, None] & n_ok[None, :])
@@ -955,14 +929,11 @@ def _pairs_kernel(*refs, w: _W, p: Plan, k: int, has_bias: bool, cdt):
     _store_rows(out_ref, (i_s,) if p.k_splits > 1 else (), y, r, None, n0, bn, w.O)
 
 
-def _grouped_kernel(*refs, w: _W, p: Plan, k: int, has_bias: bool, cdt, interpret: bool):
-    """One program per (tile of block_m expert-sorted rows of one expert, block of output rows).
-    The routed rows stay where they are: the program reads its x rows and writes its output rows
-    through ``order`` (sorted position -> routed row ``t * k + u``; x row ``t``), so no sorted
-    copy of x and no un-sort of the output are made outside."""
+def _grouped_kernel(*refs, w: _W, p: Plan, has_bias: bool, cdt, interpret: bool):
+    """One program per (tile of block_m expert-sorted rows of one expert, block of output rows)."""
     n_w = len(w.arrays)
-    x_ref, order_ref, tiles_ref, w_refs = refs[0], refs[1], refs[2], refs[3:3 + n_w]
-    bias_ref = refs[3 + n_w] if has_bias else None
+    x_ref, tiles_ref, w_refs = refs[0], refs[1], refs[2:2 + n_w]
+    bias_ref = refs[2 + n_w] if has_bias else None
     out_ref = refs[-1]
     i, i_n = pl.program_id(0), pl.program_id(1)
     e = jnp.clip(tiles_ref[0, i], 0, w.lead[0] - 1)
@@ -973,17 +944,15 @@ def _grouped_kernel(*refs, w: _W, p: Plan, k: int, has_bias: bool, cdt, interpre
     @pl.when(row0 < row_end)
     def _():
         m_ok = (row0 + _iota(bm)) < row_end
-        rows = order_ref[pl.ds(row0, bm)]           # routed rows (padded past R: distinct)
-        x_rows = lax.div(rows, np.int32(k))                                     # their tokens
 
         def body(s, acc):
-            return _mxfp4_step_dot(acc, w, w_refs, (e,), x_ref, x_rows, m_ok, n0, bn, s * gt,
-                                   gt, cdt, interpret)
+            return _mxfp4_step_dot(acc, w, w_refs, (e,), x_ref, pl.ds(row0, bm), m_ok, n0, bn,
+                                   s * gt, gt, cdt, interpret)
 
         y = lax.fori_loop(0, -(-w.G // gt), body, jnp.zeros((bm, bn), F32))
         if has_bias:
             y = y + _load_bias(bias_ref, (e,), n0, bn, w.O)[None, :]
-        _store_rows(out_ref, (), y, rows, m_ok, n0, bn, w.O)
+        _store_rows(out_ref, (), y, pl.ds(row0, bm), m_ok, n0, bn, w.O)
 
 
 def moe_tiles(flat_ids, n_experts: int, block_m: int):
@@ -1101,21 +1070,20 @@ def mxfp4_moe_matmul(x, w, expert_ids, bias=None, *, mode=None, block_m=None, bl
                 y = y + jnp.take(b, jnp.clip(flat, 0, E - 1), axis=0)
         return y.reshape(T, k, wp.O)
     order, tiles = moe_tiles(flat, E, p.block_m)
+    xs = jnp.take(x, order // k, axis=0)                                    # expert-sorted rows
     if R <= BYTE_VIEW_MAX_ROWS:                                             # byte-wise decode
-        xv, wp = x.reshape(T, wp.G, 4, 2, 2, 2), byte_view(wp)
+        xs, wp = xs.reshape(R, wp.G, 4, 2, 2, 2), byte_view(wp)
     else:
-        xv = x.reshape(T, wp.G, QK)
-    # order padded with block_m distinct rows past R: a tile's rows past its end (masked) never
-    # alias its own rows (interpret mode writes masked lanes back; the GPU skips them)
-    order = jnp.concatenate([order, jnp.arange(R, R + p.block_m, dtype=jnp.int32)])
-    args = [xv, order, tiles, *wp.arrays] + ([b] if b is not None else [])
-    kernel = functools.partial(_grouped_kernel, w=wp.static(), p=p, k=k, has_bias=b is not None,
+        xs = xs.reshape(R, wp.G, QK)
+    args = [xs, tiles, *wp.arrays] + ([b] if b is not None else [])
+    kernel = functools.partial(_grouped_kernel, w=wp.static(), p=p, has_bias=b is not None,
                                cdt=x.dtype, interpret=interpret)
-    y = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((R + p.block_m, wp.O), F32),
-                       grid=(tiles.shape[1], -(-wp.O // p.block_n)),
-                       compiler_params=_params(p), interpret=interpret,
-                       name="mxfp4_moe_grouped")(*args)                     # routed-row order
-    return y[:R].reshape(T, k, wp.O)
+    ys = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((R, wp.O), F32),
+                        grid=(tiles.shape[1], -(-wp.O // p.block_n)),
+                        compiler_params=_params(p), interpret=interpret,
+                        name="mxfp4_moe_grouped")(*args)
+    inv = jnp.zeros((R,), jnp.int32).at[order].set(jnp.arange(R, dtype=jnp.int32))
+    return jnp.take(ys, inv, axis=0).reshape(T, k, wp.O)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
