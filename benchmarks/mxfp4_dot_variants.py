@@ -9,9 +9,13 @@ Fifth session (``--decode-variants``: each candidate traced afresh, see ``report
 a decode straight to bf16 bit patterns (packed bf16 multiplies by the scale, in jnp or inline
 PTX, four dots on a pre-permuted x) cut the loop's SASS from 10.3 to 6.5 instructions per weight
 at 64 tokens, yet ran 315-402 µs against the byte view's 289 (512 tokens: 615-1,067 against
-602-613): these kernels are not bound by the decode arithmetic.  Removed.
+602-613).  Removed.  Ninth session (``--asm``): the same idea kept inside the byte view -- the
+PTX decodes four code bytes into the two dots' operands elementwise, in the layout Triton already
+gives the byte tile, so no join, no pre-permuted x and no extra layout conversion -- cut the
+64-token loop from 331 to 204 SASS instructions per K step (184 with one scale factor) and did
+pay: gate/up 261 -> 223 µs, down 155 -> 129 µs (``mx.ASM_BYTE_DECODE``, now the default).
 
-    python benchmarks/mxfp4_dot_variants.py [--grouped-sweep | --decode-variants]
+    python benchmarks/mxfp4_dot_variants.py [--grouped-sweep | --decode-variants | --asm]
 """
 from __future__ import annotations
 
