@@ -41,6 +41,8 @@ for step in "$@"; do
     targets) timeout 420 python3 benchmarks/gpt_oss_targets.py --out "$OUT/results.md" ;;
     targets-grouped) GPTJAX_MOE_KERNEL_MAX_ROWS=100000 timeout 300 python3 benchmarks/gpt_oss_targets.py \
                --skip b1,long,memory --out "$OUT/results.md" ;;
+    long-grouped) GPTJAX_MOE_KERNEL_MAX_ROWS=100000 timeout 240 python3 benchmarks/gpt_oss_targets.py \
+               --skip b1,pp512,b64,memory --out "$OUT/results.md" ;;
     targets-ref) GPTJAX_KERNELS=ref timeout 400 python3 benchmarks/gpt_oss_targets.py --skip b64,memory --runs 3 \
                --out "$OUT/results.md" ;;
     sweep) timeout 400 python3 benchmarks/tile_sweep.py ;;
