@@ -71,11 +71,13 @@ __all__ = [
 GATHER_MAX_ROWS = 8
 #: With the kernels on, routed rows up to which the Pallas MoE kernel runs instead of the sorted
 #: path.  H100, gpt-oss-20b (benchmarks/RESULTS.md): the grouped kernel reads each routed expert
-#: once per tile and wins at batch-64 decode (3,414 vs 468 tok/s) and pp512 (7,233 vs 3,394
-#: tok/s); the sorted path's fixed cost (decode every used expert to bf16 once, ~130 ms for the
-#: model) amortises over long prompts (4096 tokens: 14,377 tok/s), crossing over near 1,300
-#: tokens: 4096 routed rows = 1,024 tokens at top-4.
-KERNEL_MAX_ROWS = 4096
+#: once per tile and wins at batch-64 decode and pp512 by 5-10x (second session), and since the
+#: kernels' later speed-ups also at 4096 tokens: prefill 26,220 tok/s against the sorted path's
+#: 13,142 (ninth session; the sorted path waits on the host at every expert's ``cond`` and
+#: chunk loop), with a lower peak (13.5 vs ~20.7 GiB).  Both scale linearly in the rows past
+#: that; the bound is for memory: the grouped path holds float32 [R, 2F] gate/up outputs (and
+#: their un-sorted copy), ~3 GB at 65,536 rows (16k tokens at top-4) for gpt-oss.
+KERNEL_MAX_ROWS = 65536
 #: Largest row chunk of the sorted path.
 MAX_CHUNK = 256
 
