@@ -195,7 +195,9 @@ class PackedWeight:
             return self
         repack, _ = _kernel_layouts()[self.ggml_type]
         data = repack(self.data)
-        scale_max = int(jnp.max(data.scales)) if self.ggml_type == int(_T.MXFP4) else None
+        scale_max = None                      # unknown under tracing (a hint, never required)
+        if self.ggml_type == int(_T.MXFP4) and not isinstance(data.scales, jax.core.Tracer):
+            scale_max = int(jnp.max(data.scales))
         return dataclasses.replace(self, data=data, layout="kernel", scale_max=scale_max)
 
     def to_ggml_layout(self) -> PackedWeight:

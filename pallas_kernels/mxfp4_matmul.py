@@ -38,8 +38,8 @@ exactly ``FP4[c] * 2^-126``: E2M1's subnormals land on bf16's), then packed bf16
 or two normal powers of two (:func:`_byte_pair_bf16_asm`; one when the weight's ``scale_max`` is
 <= 128).  Same exact weights as the jnp chain (tested for every code and scale byte, by a PTX
 interpreter on the CPU and through the kernel on the GPU); interpret mode takes the jnp chain.
-H100, gpt-oss-20b batch 64: 331 -> 204 (two factors) / 184 (one) SASS per K step, gate/up 261 -> 223 µs,
-down 155 -> 129 µs (with its 16 x 256 tiles), b64 decode 5,407 -> 6,233 tok/s.
+H100, gpt-oss-20b batch 64: 331 -> 204 (two factors) / 184 (one) SASS instructions per K step,
+gate/up 261 -> 223 µs, down 155 -> 129 µs (with its 16 x 256 tiles), b64 5,407 -> 6,233 tok/s.
 
 Numerics per kernel mode:
 
@@ -1023,7 +1023,8 @@ def plan_moe(T: int, k: int, O: int, I: int, *, mode=None, block_m=None, block_n
     # 64 x 128 x 64, 4 warps (words, 604 µs; 801 with the 128 x 64 x 64 of the byte layout).
     # Ninth session, byte view with the PTX decode (mxfp4_dot_variants.py --asm): gate/up [32,
     # 5760, 2880] 16 x 128 x 64 / 8 warps 223 µs (16 x 256: 240); down [32, 2880, 2880] 16 x 256
-    # x 64 / 8 warps 129 µs (16 x 128: 139): the narrower output keeps the grid to about one wave.
+    # x 64 / 8 warps 129 µs (16 x 128: 139); probably because the narrower output then keeps the
+    # grid to about one wave.
     small = R <= BYTE_VIEW_MAX_ROWS                          # the byte view's tiles (see above)
     d = dict(block_m=16, block_n=128 if O > 4096 else 256, block_k=64, num_warps=8) if small \
         else dict(block_m=64, block_n=128, block_k=64, num_warps=4)

@@ -276,6 +276,7 @@ def test_kernel_layout_is_an_exact_reshuffle(t):
     want_max = int(raw.reshape(-1, 17)[:, 0].max()) if t == T.MXFP4 else None
     assert k.scale_max == kt.scale_max == want_max and w.scale_max is None
     assert k.to_ggml_layout().scale_max is None
+    assert jax.jit(lambda w: w.to_kernel_layout())(w).scale_max is None   # traced: unknown
     bits_equal(kt.dequantize(), w.take(ids).dequantize())
     x = jnp.asarray(rng.standard_normal((4, i)), jnp.float32)
     bits_equal(jax.jit(linear)(x, k.take(1)), linear(x, w.take(1)))          # reference path
