@@ -196,8 +196,11 @@ class PackedWeight:
         repack, _ = _kernel_layouts()[self.ggml_type]
         data = repack(self.data)
         scale_max = None                      # unknown under tracing (a hint, never required)
-        if self.ggml_type == int(_T.MXFP4) and not isinstance(data.scales, jax.core.Tracer):
-            scale_max = int(jnp.max(data.scales))
+        if self.ggml_type == int(_T.MXFP4):
+            try:
+                scale_max = int(jnp.max(data.scales))
+            except jax.errors.ConcretizationTypeError:
+                pass
         return dataclasses.replace(self, data=data, layout="kernel", scale_max=scale_max)
 
     def to_ggml_layout(self) -> PackedWeight:
