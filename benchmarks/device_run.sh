@@ -75,6 +75,7 @@ for step in "$@"; do
     moe-ceiling) timeout 400 python3 benchmarks/moe_read_ceiling.py ;;
     attn-sweep) timeout 300 python3 benchmarks/attention_kernels.py --decode-sweep --runs 10 2>&1 | grep -v "^ok" ;;
     rows-sweep) timeout 300 python3 benchmarks/dense_rows_sweep.py --head ;;
+    rows-sweep-cold) timeout 400 python3 benchmarks/dense_rows_sweep.py --copies 4 --wide ;;
     attn-dev-sweep) timeout 200 python3 benchmarks/decode_attention_sweep.py ;;
     dot-variants) timeout 300 python3 benchmarks/mxfp4_dot_variants.py ;;
     decode-variants) timeout 400 python3 benchmarks/mxfp4_dot_variants.py --decode-variants ;;
