@@ -383,18 +383,13 @@ _NIBBLE_BF16_ASM = {one: tuple(_NIBBLE_BF16_PTX.format(mask=m, mul=k, scale=sc)
                     for one, sc in ((False, _SCALE_2), (True, _SCALE_1))}
 
 
-def _bf16_pow2(n):
-    """bfloat16 ``2^(n - 127)`` for uint32 n in 1..254 (a normal power of two)."""
-    return lax.bitcast_convert_type((n << 7).astype(jnp.uint16), jnp.bfloat16)
-
-
 def _byte_asm_factors(e):
     """Scale bytes -> the two bf16 factors of the PTX byte decode, ``2^(min(e,128) - 1)`` and
     ``2^(max(e,128) - 128)``: both normal for every byte, product ``2^126 * 2^(e - 127)`` (the
     bias of the bf16 bit pattern times the block scale ``2^(e - 128)`` of the doubled table)."""
     e = e.astype(jnp.uint32)
-    return (_bf16_pow2(jnp.minimum(e, np.uint32(128)) + np.uint32(126)),
-            _bf16_pow2(jnp.maximum(e, np.uint32(128)) - np.uint32(1)))
+    return (_pow2_bits(jnp.minimum(e, np.uint32(128)) + np.uint32(126), jnp.bfloat16),
+            _pow2_bits(jnp.maximum(e, np.uint32(128)) - np.uint32(1), jnp.bfloat16))
 
 
 def _byte_pair_bf16_asm(qs, e, one: bool = False):
@@ -430,8 +425,11 @@ def fp4_kvalues(codes: jax.Array) -> jax.Array:
     return _words_fp4(w)[..., 0] * np.float32(2.0 ** 15)
 
 
-def _pow2_bits(n):
-    """float32 ``2^(n - 127)`` for uint32 n in 1..254 (a normal power of two)."""
+def _pow2_bits(n, dtype=F32):
+    """``2^(n - 127)`` for uint32 n in 1..254 (a normal power of two) as float32, or as bfloat16
+    (same exponent field, 7 mantissa bits)."""
+    if dtype == jnp.bfloat16:
+        return lax.bitcast_convert_type((n << 7).astype(jnp.uint16), jnp.bfloat16)
     return lax.bitcast_convert_type(n << 23, F32)
 
 
