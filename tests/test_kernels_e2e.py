@@ -184,6 +184,19 @@ def test_fused_decode_gemv_wiring_in_interpret_mode(tmp_path, monkeypatch, arch)
         assert rel_err(got, ref) < F32_RTOL
 
 
+def _lower_decode_chunk(gen, batch, monkeypatch):
+    """Prefill ``batch`` copies of a 4-token prompt (kernel mode as the caller set it), then lower
+    a 4-step decode chunk of ``gen`` for CUDA with the Pallas kernels on (on any machine)."""
+    req = gen._prepare([[1, 2, 3, 4]] * batch, 8, None, 0, (), (), 4, False)
+    eos, max_new = jnp.asarray(req.eos), jnp.asarray(req.max_new, jnp.int32)
+    st, cache, _ = gen._prefill(gen.params, req.tokens, req.lengths, req.live, jax.random.key(0),
+                                req.params, eos, max_new, plan=req.plan, max_len=req.cache_len)
+    monkeypatch.setenv("GPTJAX_KERNELS", "pallas")
+    jax.clear_caches()
+    return gen._decode.trace(gen.params, cache, st, req.params, eos, max_new, np.int32(4),
+                             plan=req.plan, chunk=4).lower(lowering_platforms=("cuda",))
+
+
 @pytest.mark.parametrize("batch", [1, 64])
 def test_decode_chunk_has_no_inner_while_loop(tmp_path, monkeypatch, batch):
     """The GPU decode step (kernels on, lowered for CUDA on any machine) holds no while loop of
@@ -197,15 +210,7 @@ def test_decode_chunk_has_no_inner_while_loop(tmp_path, monkeypatch, batch):
     from tiny_models import tiny_gpt_oss, write_gpt_oss_gguf
 
     m = gptjax.load(write_gpt_oss_gguf(tiny_gpt_oss(seed=2), tmp_path / "m.gguf"))
-    gen = m._generator
-    req = gen._prepare([[1, 2, 3, 4]] * batch, 8, None, 0, (), (), 4, False)
-    eos, max_new = jnp.asarray(req.eos), jnp.asarray(req.max_new, jnp.int32)
-    st, cache, _ = gen._prefill(gen.params, req.tokens, req.lengths, req.live, jax.random.key(0),
-                                req.params, eos, max_new, plan=req.plan, max_len=req.cache_len)
-    monkeypatch.setenv("GPTJAX_KERNELS", "pallas")
-    jax.clear_caches()
-    text = gen._decode.trace(gen.params, cache, st, req.params, eos, max_new, np.int32(4),
-                             plan=req.plan, chunk=4).lower(lowering_platforms=("cuda",)).as_text()
+    text = _lower_decode_chunk(m._generator, batch, monkeypatch).as_text()
     assert "tpu_custom_call" not in text and "__gpu$xla.gpu.triton" in text    # kernels taken
     assert text.count("stablehlo.while") == 1
 
@@ -228,17 +233,10 @@ def test_batch_decode_moe_takes_the_one_factor_byte_decode(tmp_path, monkeypatch
     for name in ("ffn_gate_up_exps", "ffn_down_exps"):
         w = gen.params["blocks"][0][name]["weight"]
         assert w.layout == "kernel" and w.scale_max == int(np.asarray(w.data.scales).max()) <= 128
-    monkeypatch.setenv("GPTJAX_KERNELS", "ref")                # prefill on the CPU, plain XLA
-    req = gen._prepare([[1, 2, 3, 4]] * 64, 8, None, 0, (), (), 4, False)
-    eos, max_new = jnp.asarray(req.eos), jnp.asarray(req.max_new, jnp.int32)
-    st, cache, _ = gen._prefill(gen.params, req.tokens, req.lengths, req.live, jax.random.key(0),
-                                req.params, eos, max_new, plan=req.plan, max_len=req.cache_len)
     seen = []
     real = mx._byte_pair_bf16_asm
     monkeypatch.setattr(mx, "_byte_pair_bf16_asm", lambda qs, e, one=False: (seen.append(one),
                                                                               real(qs, e, one))[1])
-    monkeypatch.setenv("GPTJAX_KERNELS", "pallas")
-    jax.clear_caches()
-    gen._decode.trace(gen.params, cache, st, req.params, eos, max_new, np.int32(4),
-                      plan=req.plan, chunk=4).lower(lowering_platforms=("cuda",))
+    monkeypatch.setenv("GPTJAX_KERNELS", "ref")                # prefill on the CPU, plain XLA
+    _lower_decode_chunk(gen, 64, monkeypatch)
     assert seen and all(seen) and len(seen) % 2 == 0            # gate/up and down, one factor
