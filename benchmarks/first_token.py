@@ -29,8 +29,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import numpy as np  # noqa: E402
-
 import gptjax  # noqa: E402
 from gptjax import generate as G  # noqa: E402
 
@@ -43,9 +41,7 @@ def main():
 
     m = gptjax.load(synthetic_gguf.cached("gpt-oss-20b"))
     gen = m._generator
-    V = m.config.vocab_size
-    rng = np.random.default_rng(0)
-    prompt = lambda n: [int(t) for t in rng.integers(0, V, n)]  # noqa: E731
+    prompt = synthetic_gguf.random_prompt(m)
 
     def call(batch, n_prompt, new):
         prompts = [prompt(n_prompt) for _ in range(batch)]

@@ -33,7 +33,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 import gptjax  # noqa: E402
 from report import emit  # noqa: E402
@@ -63,7 +62,6 @@ def main():
     import synthetic_gguf
 
     path = synthetic_gguf.cached(args.model)
-    rng = np.random.default_rng(0)
     kernels = os.environ.get("GPTJAX_KERNELS", "auto")
     rows = []
 
@@ -74,8 +72,7 @@ def main():
     t0 = time.perf_counter()
     m = gptjax.load(path)
     t_load = time.perf_counter() - t0
-    V = m.config.vocab_size
-    prompt = lambda n: [int(t) for t in rng.integers(0, V, n)]
+    prompt = synthetic_gguf.random_prompt(m)
     t1 = time.perf_counter()
     m.complete([prompt(16)], max_new_tokens=1, eos_ids=())
     t_first = time.perf_counter() - t1

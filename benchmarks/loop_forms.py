@@ -16,8 +16,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import numpy as np  # noqa: E402
-
 import gptjax  # noqa: E402
 
 
@@ -31,12 +29,11 @@ def main():
     m = gptjax.load(synthetic_gguf.cached("gpt-oss-20b"))
     gen = m._generator
     V = m.config.vocab_size
-    rng = np.random.default_rng(0)
+    prompt = synthetic_gguf.random_prompt(m)
 
     def rate(n_prompt, new, **kw):
         def once():
-            r = gen.generate([[int(t) for t in rng.integers(0, V, n_prompt)]], max_new_tokens=new,
-                             **kw)
+            r = gen.generate([prompt(n_prompt)], max_new_tokens=new, **kw)
             s = r.stats
             return s.decode_tokens_per_s, s.generated_tokens, s.decode_calls
         once()

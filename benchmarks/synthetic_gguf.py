@@ -129,6 +129,15 @@ def cached(model: str) -> str:
     return path
 
 
+def random_prompt(model, seed: int = 0):
+    """``n -> n`` random token ids of a loaded model's vocabulary (one numpy generator per call
+    of this function, so a script's prompts are the same run to run)."""
+    import numpy as np
+
+    rng, V = np.random.default_rng(seed), model.config.vocab_size
+    return lambda n: [int(t) for t in rng.integers(0, V, n)]
+
+
 if __name__ == "__main__":
     write(sys.argv[1], sys.argv[2])
     print(f"wrote {sys.argv[2]}")
