@@ -39,7 +39,8 @@ or two normal powers of two (:func:`_byte_pair_bf16_asm`; one when the weight's 
 <= 128).  Same exact weights as the jnp chain (tested for every code and scale byte, by a PTX
 interpreter on the CPU and through the kernel on the GPU); interpret mode takes the jnp chain.
 H100, gpt-oss-20b batch 64: 331 -> 204 (two factors) / 184 (one) SASS instructions per K step,
-gate/up 261 -> 223 µs, down 155 -> 129 µs (with its 16 x 256 tiles), b64 5,407 -> 6,233 tok/s.
+gate/up 261 -> 223 µs, down 155 -> 129 µs (with its 16 x 256 tiles), b64 5,407 -> 6,233 tok/s
+(eighth -> ninth session).
 
 Numerics per kernel mode:
 
