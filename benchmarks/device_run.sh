@@ -65,6 +65,7 @@ for step in "$@"; do
       timeout 200 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --prompt-len 4096 --new 64 --top 3 --module "" --gaps 12
       timeout 200 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --prompt-len 16 --new 128 --top 3 --module "" --gaps 12 ;;
     profile-gaps-b64) timeout 300 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --batch 64 --prompt-len 16 --new 64 --top 30 --module "" --gaps 16 --sequence 60 ;;
+    profile-b64-hlo) timeout 300 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --batch 64 --prompt-len 16 --new 32 --top 70 --hlo-dump /tmp/hlo_b64 --sequence 80 ;;
     profile-oss-b64) timeout 300 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --batch 64 --new 16 --top 45 ;;
     moe-tests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_moe_decode.py \
                tests/test_matmul_kernels.py tests/test_fused_gemv.py tests/test_kernels_e2e.py 2>&1 | tail -25 ;;
