@@ -199,9 +199,52 @@ def _load_tile(w: _W, w_refs, lead, row0, bn, g0, gt, g_end=None):
     return qs, d
 
 
+#: Dot-mode decode on the GPU for bfloat16 x: inline PTX (:func:`_q8_bf16_asm`) instead of the
+#: jnp chain (:func:`q8_values`, a multiply, a rounding).  Read at trace time; interpret mode and
+#: other compute dtypes take the jnp chain.
+ASM_Q8_DECODE = True
+
+# Four quant bytes (pack=4: one b32 in $2) -> bf16(q * d) for each, two per b32 in element order
+# ($0: elements 0 and 1, $1: 2 and 3).  ``b ^ 0x80 = q + 128 = u`` (all four bytes at once), then
+# prmt builds the float32 ``2^15 + u`` (bits ``0x47000000 | u << 8``) and one fma gives
+# ``(2^15 + u) d - (2^15 + 128) d = q d`` exactly: $3..$6 are the four elements' scales d
+# (float32 of an f16: 11 significant bits), $7..$10 the exact ``-(2^15 + 128) d`` (9 x 11
+# bits), and ``q d`` (8 x 11 bits) is a float32, so the one rounding of the fma is exact.  cvt
+# rounds to bf16 (RNE), as the jnp chain's ``astype``.
+_Q8_BF16_ASM = """{
+.reg .b32 u, k, f<4>, a<4>;
+xor.b32 u, $2, 0x80808080;
+mov.b32 k, 0x47000000;
+prmt.b32 f0, u, k, 0x7404;
+prmt.b32 f1, u, k, 0x7414;
+prmt.b32 f2, u, k, 0x7424;
+prmt.b32 f3, u, k, 0x7434;
+fma.rn.f32 a0, f0, $3, $7;
+fma.rn.f32 a1, f1, $4, $8;
+fma.rn.f32 a2, f2, $5, $9;
+fma.rn.f32 a3, f3, $6, $10;
+cvt.rn.bf16x2.f32 $0, a1, a0;
+cvt.rn.bf16x2.f32 $1, a3, a2;
+}"""
+_Q8_OFFSET = np.float32(-(2.0 ** 15 + 128))
+
+
+def _q8_bf16_asm(qs, d):
+    """Quant bytes uint8 [bn, gt, 32] and scales float32 [bn, gt] -> bfloat16 [bn, gt, 32]
+    ``round_bf16(q * d)``, the values of the jnp chain.  GPU only (inline PTX, sm_90)."""
+    ds = jnp.broadcast_to(d[..., None], qs.shape)
+    offs = jnp.broadcast_to((d * _Q8_OFFSET)[..., None], qs.shape)          # exact
+    return pltriton.elementwise_inline_asm(
+        _Q8_BF16_ASM, args=[qs, ds, offs], pack=4, constraints="=r,=r,r,r,r,r,r,r,r,r,r",
+        result_shape_dtypes=[jax.ShapeDtypeStruct(qs.shape, jnp.bfloat16)])[0]
+
+
 def _step_dot(acc, w: _W, w_refs, x_ref, x_rows, x_ok, row0, bn, g0, gt, cdt, interpret):
     qs, d = _load_tile(w, w_refs, (), row0, bn, g0, gt)
-    wt = (q8_values(qs) * d[:, :, None]).astype(cdt).reshape(bn, gt * QK)  # exact, one rounding
+    if ASM_Q8_DECODE and not interpret and cdt == jnp.bfloat16:
+        wt = _q8_bf16_asm(qs, d).reshape(bn, gt * QK)
+    else:
+        wt = (q8_values(qs) * d[:, :, None]).astype(cdt).reshape(bn, gt * QK)  # exact, one rounding
     bm = x_ok.shape[0]
     xt = load_x32(x_ref, x_rows, x_ok, g0, gt, w.G).reshape(bm, gt * QK)
     return _dot_nt(xt, wt, interpret) + acc

@@ -158,8 +158,9 @@ def test_mxfp4_decode_denormal_scales_flush_or_exact():
 
 
 def _run_ptx(asm: str, regs: dict) -> dict:
-    """A tiny interpreter for the PTX subset of ``mx._NIBBLE_BF16_ASM`` (prmt.b32 default mode,
-    and.b32, mul.lo.u32, mul.rn.bf16x2 with round-to-nearest-even), on numpy uint32 arrays.
+    """A tiny interpreter for the PTX subset of ``mx._NIBBLE_BF16_ASM`` and ``q8._Q8_BF16_ASM``
+    (prmt.b32 default mode, and/xor/mov.b32, mul.lo.u32, mul.rn.bf16x2 and cvt.rn.bf16x2.f32 with
+    round-to-nearest-even, fma.rn.f32 where the sum is exact in float64), on numpy uint32 arrays.
     ``regs`` maps "$n" to inputs; returns every register after the run."""
     regs = dict(regs)
 
@@ -190,6 +191,24 @@ def _run_ptx(asm: str, regs: dict) -> dict:
             regs[d] = (val(a[0]) & val(a[1])).astype(np.uint32)
         elif op == "mul.lo.u32":
             regs[d] = (val(a[0]).astype(np.uint64) * val(a[1])).astype(np.uint32)
+        elif op == "xor.b32":
+            regs[d] = (val(a[0]) ^ val(a[1])).astype(np.uint32)
+        elif op == "mov.b32":
+            regs[d] = val(a[0])
+        elif op == "fma.rn.f32":
+            # products of float32 values are exact in float64; the interpreter only takes sums
+            # that are exact there too (checked), so the one rounding to float32 is the fma's
+            x, y, z = (np.asarray(val(r), np.uint32).view(np.float32).astype(np.float64)
+                       for r in a)
+            p = x * y
+            s = p + z
+            assert np.array_equal(s - p, z) and np.array_equal(s - z, p), "inexact fma sum"
+            regs[d] = s.astype(np.float32).view(np.uint32)
+        elif op == "cvt.rn.bf16x2.f32":
+            # d = (bf16(a) << 16) | bf16(b), each rounded to nearest even
+            hi, lo = (np.asarray(val(r), np.uint32).view(np.float32).astype(ml_dtypes.bfloat16)
+                      .view(np.uint16).astype(np.uint32) for r in a)
+            regs[d] = (lo | (hi << 16)).astype(np.uint32)
         elif op == "mul.rn.bf16x2":
             # products of bf16 values are exact in float32; one rounding to bf16 (RNE)
             lo, hi = (x * y for x, y in zip(bf16x2(val(a[0])), bf16x2(val(a[1]))))
@@ -235,6 +254,39 @@ def test_byte_decode_ptx_every_code_and_scale(one):
         same_numbers_and_bits(got, want[half])
     assert (np.abs(want[0][want[0] != 0]) < 2.0 ** -126).any()   # denormal results covered
     assert one or np.isinf(want[0]).any()                          # and overflow
+
+
+def test_q8_decode_ptx_every_byte_and_scale():
+    """The inline-PTX Q8_0 decode of the dot mode (``q8._Q8_BF16_ASM``), run by the interpreter on
+    Triton's operand packing (pack=4: four quant bytes in one b32, the scale operands one float32
+    register per element, bf16 results two per b32, element 0 low), for all 256 quant bytes under
+    every 16th f16 scale pattern (and the extremes: +-0, subnormals, +-65504), against gguf.quants
+    rounded to bf16: bitwise (up to the sign of 0).  (The GPU identity test runs the real thing.)"""
+    u16 = np.concatenate([np.arange(0, 0x7C00, 16), np.arange(0x8000, 0xFC00, 16),
+                          [1, 0x3FF, 0x7BFF, 0x8001, 0xFBFF]]).astype(np.uint16)
+    u16 = u16[np.isfinite(u16.view(np.float16))]
+    u16 = u16[:len(u16) // 2 * 2]
+    n_d = len(u16)                                          # even: n_d + 1 is prime to 256, so
+    idx = np.arange(n_d * 256, dtype=np.int64)              # (di, qb) runs over every pair, and
+    di = idx % n_d                                          # both vary inside a pack
+    qb = (idx // n_d * (n_d + 1) + di) % 256
+    assert len(set(zip(di.tolist(), qb.tolist()))) == n_d * 256
+    raw = np.zeros((n_d, 256 // 32, 34), np.uint8)
+    raw[..., :2] = u16.astype("<u2").view(np.uint8).reshape(n_d, 1, 2)
+    raw[..., 2:] = np.arange(256, dtype=np.uint8).reshape(8, 32)
+    want = oracle(raw.reshape(n_d, -1), T.Q8_0).reshape(n_d, 256)[di, qb]
+    want = want.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+    d = u16.view(np.float16).astype(np.float32)[di]
+    packed = {"$2": (qb.astype(np.uint32).reshape(-1, 4) << np.arange(0, 32, 8, dtype=np.uint32)
+                     ).sum(1, dtype=np.uint32)}
+    for i in range(4):
+        packed[f"${3 + i}"] = d.reshape(-1, 4)[:, i].view(np.uint32)
+        packed[f"${7 + i}"] = (d * q8._Q8_OFFSET).reshape(-1, 4)[:, i].view(np.uint32)
+    r = _run_ptx(q8._Q8_BF16_ASM, packed)
+    bits = np.stack([r["$0"] & 0xFFFF, r["$0"] >> 16, r["$1"] & 0xFFFF, r["$1"] >> 16], 1)
+    got = bits.astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float32).reshape(-1)
+    same_numbers_and_bits(got, want)
+    assert (want != 0).mean() > 0.9 and np.isclose(np.abs(want).max(), 128 * 65504, rtol=1e-2)
 
 
 def test_e8m0_half_every_byte():
@@ -355,6 +407,28 @@ def test_q8_kernel_identity_is_exact(layout, interpret):
     f = jax.jit(lambda xx: q8.q8_0_matmul(xx, w, mode="gemv", interpret=interpret))
     for c in (0, 33, 63):
         same_numbers_and_bits(f(jnp.eye(64, dtype=jnp.float32)[c][None])[0], want[:, c])
+
+
+@pytest.mark.parametrize("asm", [False, True], ids=["jnp-decode", "asm-decode"])
+@pytest.mark.parametrize("interpret", MODES)
+def test_q8_bf16_dot_identity_is_exact(interpret, asm, monkeypatch):
+    """bf16 x = I through the dot mode's bf16 tensor-core dots: each weight ``q * d`` rounded once
+    to bf16 (as the XLA reference path), every quant byte under the special and random scales,
+    bitwise against gguf.quants rounded to bf16.  ``asm``: the inline-PTX decode (GPU only;
+    interpret mode takes the jnp decode)."""
+    monkeypatch.setattr(q8, "ASM_Q8_DECODE", asm)
+    jax.clear_caches()                                           # the switch is read when traced
+    rng = np.random.default_rng(3)
+    raw = q8_bytes(rng, (40, 64)).reshape(40, 2, 34)
+    raw[:, :, 2:] = np.resize(np.arange(256, dtype=np.uint8), (40, 2, 32))
+    special = np.array([0, 1, 0x8001, 0x7BFF, 0xFBFF, 0x0400, 0x3C01, 0xBC03], np.uint16)
+    raw[:8, 0, 0:2] = special.astype("<u2").view(np.uint8).reshape(8, 2)
+    raw = raw.reshape(40, 68)
+    want = oracle(raw, T.Q8_0).astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+    for layout in ("ggml", "split"):
+        w = q8.repack_q8_0(jnp.asarray(raw)) if layout == "split" else jnp.asarray(raw)
+        y = q8.q8_0_matmul(jnp.eye(64, dtype=jnp.bfloat16), w, mode="dot", interpret=interpret)
+        same_numbers_and_bits(np.asarray(y).T, want)
 
 
 # ---------------------------------------------------------------------------------------------
