@@ -2,13 +2,14 @@
 output head at 16 / 64 rows): device time per call from a profiler trace, default plan vs a
 grid, in one process.
 
-    python benchmarks/dense_rows_sweep.py [--rows 64] [--head] [--copies 4] [--wide]
+    python benchmarks/dense_rows_sweep.py [--rows 64] [--head] [--copies 4] [--wide] [--asm]
 
 ``--copies N``: every candidate runs on N distinct copies of the weight one after the other
 (times are per copy), so that the 12-16 MB projections are not served from the 50 MB L2 as they
 are when one copy is timed again and again (the fourth session's sweep that chose the 64-row
 plan did that; in the model these kernels read from HBM, at ~0.6 TB/s at batch 64, ninth
-session).  ``--wide``: more splits and narrower tiles (more programs per wave).
+session).  ``--wide``: more splits and narrower tiles (more programs per wave).  ``--asm``: a few
+tiles each with the dot mode's inline-PTX decode (``q8_matmul.ASM_Q8_DECODE``) on and off.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def main():
     ap.add_argument("--head", action="store_true", help="also the 201088-row output head")
     ap.add_argument("--copies", type=int, default=1)
     ap.add_argument("--wide", action="store_true")
+    ap.add_argument("--asm", action="store_true")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     shapes = {"qkv 5120x2880": (5120, 2880), "out 2880x4096": (2880, 4096)}
@@ -51,6 +53,11 @@ def main():
         grid = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, k_splits=s)
                 for bm, bn, bk, w, s in itertools.product((32, 64), (32, 64, 128), (64, 128),
                                                           (4, 8), (2, 4, 8))]
+    if args.asm:
+        few = [{}, dict(block_m=64, block_n=128, block_k=64, num_warps=4, k_splits=8),
+               dict(block_m=32, block_n=64, block_k=128, num_warps=4, k_splits=4),
+               dict(block_m=64, block_n=64, block_k=128, num_warps=4, k_splits=8)]
+        grid = [dict(c, asm=a) for c in few for a in (False, True)]
     fns, meta = {}, {}
     for sname, (O, I) in shapes.items():
         w = q8w(rng, O, I)
@@ -59,18 +66,21 @@ def main():
         for M in (int(r) for r in args.rows.split(",")):
             x = jnp.asarray(rng.standard_normal((M, I)), jnp.bfloat16)
             ref = np.stack([np.asarray(q8.q8_0_matmul_ref(x, w)) for w in ws])   # [copies, M, O]
-            cands = [("default", {})] + [(str(c), c) for c in grid
-                                         if not (sname.startswith("head") and c["k_splits"] > 1)]
+            cands = [("default", {})] * (not args.asm) + [
+                (str(c), c) for c in grid
+                if not (sname.startswith("head") and c.get("k_splits", 1) > 1)]
             for label, c in cands:
+                c = dict(c)
+                q8.ASM_Q8_DECODE = c.pop("asm", True)      # read at trace time (fresh below)
                 name, _ = add_candidate(fns, f"{sname} M={M} {label}",
                                         lambda x, ws, c=c: [q8.q8_0_matmul(x, w, **c)
                                                             for w in ws], (x, ws), ref,
-                                        rtol=2e-2, prefix="drs")
+                                        rtol=2e-2, prefix="drs", fresh=args.asm)
                 if name:
                     meta[name] = (f"{sname} M={M}", label, nbytes)
             print(f"{sname} M={M}: default plan {plan_dense(M, O, I)}")
     times = {n: us / args.copies for n, us in device_us_per_call(fns, reps=10).items()}
-    print_ranked(times, meta, "default", top=6)
+    print_ranked(times, meta, "{'asm': False}" if args.asm else "default", top=6 + 6 * args.asm)
 
 if __name__ == "__main__":
     main()
