@@ -118,6 +118,9 @@ __all__ = [
     "mxfp4_matmul_ref",
     "mxfp4_moe_matmul",
     "mxfp4_moe_matmul_ref",
+    "mxfp4_moe_grouped",
+    "mxfp4_moe_grouped_ref",
+    "tile_experts",
     "fp4_kvalues",
     "e8m0_half",
     "use_kernel",
@@ -125,6 +128,7 @@ __all__ = [
     "plan_dense",
     "plan_moe",
     "moe_tiles",
+    "moe_block_m",
     "GEMV_MAX_ROWS",
     "TARGET_PROGRAMS",
     "PREFETCH_MAX_PROGRAMS",
@@ -148,6 +152,8 @@ GEMV_MAX_ROWS = 2
 MAX_SPLITS_BATCH = 4
 #: Grouped MoE calls with at most this many routed rows decode bytes (:func:`_mxfp4_step_dot`).
 BYTE_VIEW_MAX_ROWS = 256
+#: Routed rows up to which the MoE matmul runs one GEMV per (token, slot) pair ("pairs").
+PAIRS_MAX_ROWS = 16
 #: GEMV grids with fewer programs than this prefetch the next K step in software.
 PREFETCH_MAX_PROGRAMS = 4 * SM_COUNT
 
@@ -996,6 +1002,13 @@ def moe_tiles(flat_ids, n_experts: int, block_m: int):
     return order, jnp.stack([e, row0, row_end]).astype(jnp.int32)
 
 
+def moe_block_m(R: int) -> int:
+    """Rows per tile of the grouped kernel's default plan for R routed rows (the tiles of
+    :func:`moe_tiles` / ``moe_route`` must be cut with the same number): 16 for the byte view's
+    few rows per expert, else 64."""
+    return 16 if R <= BYTE_VIEW_MAX_ROWS else 64
+
+
 def plan_moe(T: int, k: int, O: int, I: int, *, mode=None, block_m=None, block_n=None,
              block_k=None, k_splits=None, num_warps=None, num_stages=None,
              prefetch=None) -> Plan:
@@ -1003,7 +1016,7 @@ def plan_moe(T: int, k: int, O: int, I: int, *, mode=None, block_m=None, block_n
     "grouped"; pairs: 32 rows x 256 inputs (GEMV math, K split to fill the GPU); grouped: the
     dense prefill tiles with block_m 16 (<= 256 routed rows: few rows per expert) or 64."""
     R = T * k
-    mode = mode or ("pairs" if R <= 16 else "grouped")
+    mode = mode or ("pairs" if R <= PAIRS_MAX_ROWS else "grouped")
     if mode == "pairs":
         # H100 sweep (benchmarks/tile_sweep.py, gpt-oss-20b, 4 experts of one token): 32 rows x
         # 512 inputs, 4 warps, no split, no prefetch: gate_up [5760, 2880] 25.0 -> 22.8 µs, down
@@ -1025,8 +1038,9 @@ def plan_moe(T: int, k: int, O: int, I: int, *, mode=None, block_m=None, block_n
     # x 64 / 8 warps 129 µs (16 x 128: 139); probably because the narrower output then keeps the
     # grid to about one wave.
     small = R <= BYTE_VIEW_MAX_ROWS                          # the byte view's tiles (see above)
-    d = dict(block_m=16, block_n=128 if O > 4096 else 256, block_k=64, num_warps=8) if small \
-        else dict(block_m=64, block_n=128, block_k=64, num_warps=4)
+    d = dict(block_m=moe_block_m(R), block_n=128 if O > 4096 else 256, block_k=64,
+             num_warps=8) if small else dict(block_m=moe_block_m(R), block_n=128, block_k=64,
+                                                 num_warps=4)
     base = plan_dense(max(R, 64), O, I, mode="dot", block_m=block_m or d["block_m"],
                       block_n=block_n or d["block_n"], block_k=block_k or d["block_k"], k_splits=1,
                       num_warps=num_warps or d["num_warps"], num_stages=num_stages or 3)
@@ -1080,19 +1094,76 @@ def mxfp4_moe_matmul(x, w, expert_ids, bias=None, *, mode=None, block_m=None, bl
         return y.reshape(T, k, wp.O)
     order, tiles = moe_tiles(flat, E, p.block_m)
     xs = jnp.take(x, order // k, axis=0)                                    # expert-sorted rows
-    if R <= BYTE_VIEW_MAX_ROWS:                                             # byte-wise decode
-        xs, wp = xs.reshape(R, wp.G, 4, 2, 2, 2), byte_view(wp)
-    else:
-        xs = xs.reshape(R, wp.G, QK)
-    args = [xs, tiles, *wp.arrays] + ([b] if b is not None else [])
-    kernel = functools.partial(_grouped_kernel, w=wp.static(), p=p, has_bias=b is not None,
-                               cdt=x.dtype, interpret=interpret)
-    ys = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((R, wp.O), F32),
-                        grid=(tiles.shape[1], -(-wp.O // p.block_n)),
-                        compiler_params=_params(p), interpret=interpret,
-                        name="mxfp4_moe_grouped")(*args)
+    ys = _grouped_call(xs, tiles, wp, b, p, interpret)
     inv = jnp.zeros((R,), jnp.int32).at[order].set(jnp.arange(R, dtype=jnp.int32))
     return jnp.take(ys, inv, axis=0).reshape(T, k, wp.O)
+
+
+def _grouped_call(xs, tiles, wp: _W, b, p: Plan, interpret: bool):
+    """The grouped kernel on expert-sorted rows xs [R, I] and their tiles -> float32 [R, O] in
+    the same sorted order (rows no tile covers are not written)."""
+    R = xs.shape[0]
+    if R <= BYTE_VIEW_MAX_ROWS:                                             # byte-wise decode
+        xk, wp = xs.reshape(R, wp.G, 4, 2, 2, 2), byte_view(wp)
+    else:
+        xk = xs.reshape(R, wp.G, QK)
+    args = [xk, tiles, *wp.arrays] + ([b] if b is not None else [])
+    kernel = functools.partial(_grouped_kernel, w=wp.static(), p=p, has_bias=b is not None,
+                               cdt=xs.dtype, interpret=interpret)
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((R, wp.O), F32),
+                          grid=(tiles.shape[1], -(-wp.O // p.block_n)),
+                          compiler_params=_params(p), interpret=interpret,
+                          name="mxfp4_moe_grouped")(*args)
+
+
+def _check_sorted(xs, tiles, wp: _W, fn: str):
+    if xs.ndim != 2 or xs.shape[1] != wp.I:
+        raise WeightsError(f"{fn}: xs must be [R, {wp.I}] for experts [E={wp.lead[0]}, O={wp.O}, "
+                           f"I={wp.I}], got {list(xs.shape)}")
+    if tiles.ndim != 2 or tiles.shape[0] != 3:
+        raise WeightsError(f"{fn}: tiles must be int [3, n_tiles], got {list(tiles.shape)}")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def mxfp4_moe_grouped(xs, w, tiles, bias=None, *, mode=None, block_m=None, block_n=None,
+                      block_k=None, k_splits=None, num_warps=None, num_stages=None,
+                      prefetch=None, interpret=False):
+    """The grouped expert matmul on rows already sorted by expert: ``y[s] = xs[s] @
+    dequant(w[e])^T (+ bias[e])`` for every sorted row s of a tile ``(e, row0, row_end)`` of
+    ``tiles`` (int ``[3, n_tiles]``, as :func:`moe_tiles` / ``moe_route`` build them with this
+    call's ``block_m``) -> float32 ``[R, O]`` in the same sorted order (rows no tile covers are
+    left unwritten).  xs: float ``[R, I]``; w, bias as :func:`mxfp4_moe_matmul`.  ``block_m``
+    must be the tiles' (default: :func:`plan_moe` for R rows).  Lets a MoE keep its rows sorted
+    from the first projection to the second (no un-sort and re-sort in between)."""
+    del mode
+    wp = _parse_weights(w, 1, "mxfp4_moe_grouped")
+    _check_sorted(xs, tiles, wp, "mxfp4_moe_grouped")
+    p = plan_moe(xs.shape[0], 1, wp.O, wp.I, mode="grouped", block_m=block_m, block_n=block_n,
+                 block_k=block_k, k_splits=k_splits, num_warps=num_warps, num_stages=num_stages,
+                 prefetch=prefetch)
+    _check_plan(dataclasses.replace(p, mode="dot"), "mxfp4_moe_grouped")
+    b = None if bias is None else jnp.asarray(bias, F32).reshape(wp.lead[0], wp.O)
+    return _grouped_call(xs, tiles.astype(jnp.int32), wp, b, p, interpret)
+
+
+def tile_experts(tiles, R: int) -> jax.Array:
+    """int32 [R]: the expert of each sorted row under ``tiles`` (0 where no tile covers it)."""
+    s = jnp.arange(R, dtype=jnp.int32)[:, None]
+    e, row0, row_end = (tiles[i].astype(jnp.int32)[None, :] for i in range(3))
+    return jnp.sum(jnp.where((row0 <= s) & (s < row_end), e, 0), axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def mxfp4_moe_grouped_ref(xs, w, tiles, bias=None, *, mode=None, block_m=None, block_n=None,
+                          block_k=None, k_splits=None, num_warps=None, num_stages=None,
+                          prefetch=None, interpret=False):
+    """Plain-jnp twin of :func:`mxfp4_moe_grouped` (tiling arguments ignored): each sorted row's
+    expert from the tiles, then :func:`mxfp4_moe_matmul_ref` (rows no tile covers: expert 0)."""
+    del mode, block_m, block_n, block_k, k_splits, num_warps, num_stages, prefetch, interpret
+    wp = _parse_weights(w, 1, "mxfp4_moe_grouped_ref")
+    _check_sorted(xs, tiles, wp, "mxfp4_moe_grouped_ref")
+    ids = tile_experts(tiles, xs.shape[0])[:, None]
+    return mxfp4_moe_matmul_ref(xs, w, ids, bias)[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)

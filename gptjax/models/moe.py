@@ -245,13 +245,53 @@ def experts_sorted(x, ids, weights, p, config, *, chunk=None):
     return jnp.einsum("mu,mud->md", weights, y.reshape(M, U, D))              # [M, D] f32
 
 
+def _grouped_kernel_ok(x, p, config) -> bool:
+    """Whether :func:`experts_grouped_kernel` takes this call: Pallas MoE kernels on, more
+    routed rows than the "pairs" GEMVs take (mxfp4_matmul.plan_moe) and at most
+    :func:`kernel_max_rows`, and a token count one routing program holds."""
+    from pallas_kernels import moe_route as mr
+    from pallas_kernels.mxfp4_matmul import PAIRS_MAX_ROWS
+
+    rows = x.shape[0] * config.n_experts_used
+    return (_use_moe_kernel(p) and PAIRS_MAX_ROWS < rows <= kernel_max_rows()
+            and mr.fits(x.shape[0], config.n_experts))
+
+
+def experts_grouped_kernel(x, logits, p, config):
+    """The experts with the routing kernel and the grouped kernel on expert-sorted rows
+    (pallas_kernels.moe_route, mxfp4_matmul.mxfp4_moe_grouped): one routing program (top-k,
+    softmax, sort, tiles), the rows gathered once into expert order, both projections and the
+    SwiGLU in that order, one gather back for the weighted sum.  x: [M, D] in the compute dtype;
+    logits: float32 [M, E] → float32 [M, D]."""
+    from pallas_kernels import kernel_mode
+    from pallas_kernels.moe_route import moe_route
+    from pallas_kernels.mxfp4_matmul import moe_block_m, mxfp4_moe_grouped
+
+    interpret = kernel_mode() == "interpret"
+    M, U = x.shape[0], config.n_experts_used
+    bm = moe_block_m(M * U)
+    r = moe_route(logits, n_used=U, block_m=bm, interpret=interpret)
+    xs = jnp.take(x, r.order // U, axis=0)                                    # [R, D] sorted
+    kw = dict(block_m=bm, interpret=interpret)
+    g, u = gate_up(p, lambda q: mxfp4_moe_grouped(xs, q["weight"], r.tiles, q["bias"], **kw))
+    h = swiglu_oai(g, u, alpha=config.swiglu_alpha, limit=config.swiglu_limit).astype(x.dtype)
+    pd = p["ffn_down_exps"]
+    y = mxfp4_moe_grouped(h, pd["weight"], r.tiles, pd["bias"], **kw)        # [R, D] sorted
+    y = jnp.take(y, r.inv.reshape(-1), axis=0).reshape(M, U, -1)              # [M, U, D]
+    return jnp.einsum("mu,mud->md", r.weights, y)
+
+
 def moe(x, p, config, *, path=None):
     """The gpt-oss MoE block: router then experts. x: [M, D] in the compute dtype → float32
-    [M, D]. ``path``: "gather", "sorted" or None: gather when M*U <= GATHER_MAX_ROWS, or, with
-    the Pallas MoE kernel on (MXFP4 experts, kernels on), when M*U <= :func:`kernel_max_rows`
-    (the gather path then runs the kernel); sorted otherwise."""
-    weights, ids = route(x, p["ffn_gate_inp"]["weight"], p["ffn_gate_inp"]["bias"],
-                         config.n_experts_used)
+    [M, D]. ``path``: "gather", "sorted" or None: with the Pallas MoE kernels on (MXFP4 experts,
+    kernels on), :func:`experts_grouped_kernel` where it applies (:func:`_grouped_kernel_ok`),
+    else gather when M*U <= GATHER_MAX_ROWS or (kernels on) M*U <= :func:`kernel_max_rows` (the
+    gather path then runs the kernel); sorted otherwise."""
+    router = p["ffn_gate_inp"]
+    if path is None and _grouped_kernel_ok(x, p, config):
+        logits = linear(x, router["weight"], router["bias"], out_dtype=F32)   # as route()
+        return experts_grouped_kernel(x, logits, p, config)
+    weights, ids = route(x, router["weight"], router["bias"], config.n_experts_used)
     if path is None:
         rows = x.shape[0] * config.n_experts_used
         limit = kernel_max_rows() if _use_moe_kernel(p) else GATHER_MAX_ROWS
