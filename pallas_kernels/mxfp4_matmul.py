@@ -147,9 +147,11 @@ TARGET_PROGRAMS = 2 * SM_COUNT
 #: (SASS instruction counts per weight, MXFP4 / Q8_0: GEMV 6.3 / 5.6 at 1 row, 13.3 / 11.5 at 4
 #: rows; the 16-row dot kernel 10.9 / 8.8 for all 16 rows.)
 GEMV_MAX_ROWS = 2
-#: K splits at most for 64..255-row dot tiles: each split writes an f32 partial of M x O, which
-#: costs as much as the weights from ~8 splits on (the sweep measured 4).
-MAX_SPLITS_BATCH = 4
+#: K splits at most for 64..255-row dot tiles (each split writes an f32 partial of M x O).  H100,
+#: gpt-oss-20b at 64 rows, L2-cold (dense_rows_sweep.py --copies 4, tenth session): 8 splits
+#: beat 4 with the same 64 x 128 x 64 tiles, q/k/v 25.5 -> 22.8 µs, attention output 22.0 -> 19.3
+#: (the fourth session's L2-warm sweep had chosen 4).
+MAX_SPLITS_BATCH = 8
 #: Grouped MoE calls with at most this many routed rows decode bytes (:func:`_mxfp4_step_dot`).
 BYTE_VIEW_MAX_ROWS = 256
 #: Routed rows up to which the MoE matmul runs one GEMV per (token, slot) pair ("pairs").
@@ -714,9 +716,9 @@ def plan_dense(M: int, O: int, I: int, *, mode=None, block_m=None, block_n=None,
         d = dict(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=3)
     elif M < 256:
         # Batch decode (64 rows: gpt-oss-20b batch 64), H100 sweep of the Q8_0 kernel
-        # (benchmarks/dense_rows_sweep.py): 64 x 128 x 64 and K split in 4 for the small
-        # attention projections, q/k/v 36.7 -> 24.9 µs, output 48.7 -> 21.7 µs; the vocab head
-        # (no split) 742 -> 423 µs against 64 x 64 x 64 without split.
+        # (benchmarks/dense_rows_sweep.py): 64 x 128 x 64 and K split (up to MAX_SPLITS_BATCH)
+        # for the small attention projections, q/k/v 36.7 -> 24.9 µs, output 48.7 -> 21.7 µs
+        # (4 splits, L2-warm); the vocab head (no split) 742 -> 423 µs against 64 x 64 x 64.
         d = dict(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
     else:
         d = dict(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3)
