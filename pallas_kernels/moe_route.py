@@ -20,7 +20,7 @@ rows (:func:`pallas_kernels.mxfp4_matmul.moe_tiles` is the reference)::
 
 Each token picks an expert at most once, so "earlier rows of expert e" are the earlier tokens
 that picked e: one column cumsum of the [T, E] selection matrix, no [R, R] comparison.  The
-ranks come from one [T, E] comparison per expert column (a loop of E steps), not U rounds of
+ranks come from one [T, E] comparison per expert column (E unrolled steps), not U rounds of
 max-then-argmin.  ``order`` is written by a scatter store (into a buffer of R + Tp slots:
 the padding rows' masked lanes get slots of their own past R).
 
@@ -95,12 +95,13 @@ def _route_kernel(logits_ref, w_ref, ids_ref, inv_ref, order_ref, tiles_ref, *, 
     ok2 = t_ok[:, None] & (e_idx < E)
     lg = pltriton.load(logits_ref.at[pl.ds(0, Tp), pl.ds(0, Ep)], mask=ok2, other=-jnp.inf)
 
-    def count_before(j, rank):                                            # expert column j
-        col = pltriton.load(logits_ref.at[pl.ds(0, Tp), j], mask=t_ok, other=-jnp.inf)[:, None]
-        before = (col > lg) | ((col == lg) & (j < e_idx))
-        return rank + before.astype(I32)
-
-    rank = lax.fori_loop(0, E, count_before, jnp.where(e_idx < E, 0, E).astype(I32))  # [Tp, Ep]
+    # rank, one expert column j at a time; unrolled, so that the E column loads (L1/L2 hits)
+    # are all issued before the comparisons wait on them (a loop waited E times)
+    rank = jnp.where(e_idx < E, 0, E).astype(I32)                         # [Tp, Ep]
+    for j in range(E):
+        col = pltriton.load(logits_ref.at[pl.ds(0, Tp), _ix(j)], mask=t_ok,
+                            other=-jnp.inf)[:, None]
+        rank = rank + ((col > lg) | ((col == lg) & (j < e_idx))).astype(I32)
     sel = ((rank < U) & ok2).astype(I32)
     counts = jnp.sum(sel, axis=0)                                         # [Ep]
     starts = jnp.cumsum(counts) - counts                                  # [Ep]
