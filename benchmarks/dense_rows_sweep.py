@@ -2,7 +2,7 @@
 output head at 16 / 64 rows): device time per call from a profiler trace, default plan vs a
 grid, in one process.
 
-    python benchmarks/dense_rows_sweep.py [--rows 64] [--head] [--copies 4] [--wide] [--asm]
+    python benchmarks/dense_rows_sweep.py [--rows 64] [--head] [--copies 4] [--wide] [--asm] [--big]
 
 ``--copies N``: every candidate runs on N distinct copies of the weight one after the other
 (times are per copy), so that the 12-16 MB projections are not served from the 50 MB L2 as they
@@ -10,6 +10,8 @@ are when one copy is timed again and again (the fourth session's sweep that chos
 plan did that; in the model these kernels read from HBM, at ~0.6 TB/s at batch 64, ninth
 session).  ``--wide``: more splits and narrower tiles (more programs per wave).  ``--asm``: a few
 tiles each with the dot mode's inline-PTX decode (``q8_matmul.ASM_Q8_DECODE``) on and off.
+``--big``: 256-wide output tiles too (every tile re-reads its 64 x rows: at 64 x 128 tiles as
+many bytes of x as of weights).
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ def main():
     ap.add_argument("--copies", type=int, default=1)
     ap.add_argument("--wide", action="store_true")
     ap.add_argument("--asm", action="store_true")
+    ap.add_argument("--big", action="store_true")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     shapes = {"qkv 5120x2880": (5120, 2880), "out 2880x4096": (2880, 4096)}
@@ -53,6 +56,9 @@ def main():
         grid = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, k_splits=s)
                 for bm, bn, bk, w, s in itertools.product((32, 64), (32, 64, 128), (64, 128),
                                                           (4, 8), (2, 4, 8))]
+    if args.big:
+        grid = [dict(block_m=64, block_n=bn, block_k=bk, num_warps=w, k_splits=s)
+                for bn, bk, w, s in itertools.product((128, 256), (32, 64), (4, 8), (1, 4, 8))]
     if args.asm:
         few = [{}, dict(block_m=64, block_n=128, block_k=64, num_warps=4, k_splits=8),
                dict(block_m=32, block_n=64, block_k=128, num_warps=4, k_splits=4),

@@ -78,6 +78,7 @@ for step in "$@"; do
     rows-sweep) timeout 300 python3 benchmarks/dense_rows_sweep.py --head ;;
     rows-sweep-cold) timeout 400 python3 benchmarks/dense_rows_sweep.py --copies 4 --wide ;;
     q8-tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_matmul_kernels.py -k "q8" 2>&1 | tail -8 ;;
+    rows-big) timeout 400 python3 benchmarks/dense_rows_sweep.py --copies 4 --big --head ;;
     rows-asm) timeout 300 python3 benchmarks/dense_rows_sweep.py --copies 4 --asm --head ;;
     attn-dev-sweep) timeout 200 python3 benchmarks/decode_attention_sweep.py ;;
     dot-variants) timeout 300 python3 benchmarks/mxfp4_dot_variants.py ;;
