@@ -91,7 +91,6 @@ for step in "$@"; do
     grouped-tests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_matmul_kernels.py \
                tests/test_kernels_e2e.py -k "bf16_dots or moe or identity or e2e or end_to_end" 2>&1 | tail -8 ;;
     grouped-asm) timeout 400 python3 benchmarks/mxfp4_dot_variants.py --asm ;;
-    glu-sweep) timeout 300 python3 benchmarks/mxfp4_dot_variants.py --glu ;;
     grouped-sweep) timeout 300 python3 benchmarks/mxfp4_dot_variants.py --grouped-sweep ;;
     words-proto) timeout 400 python3 benchmarks/mxfp4_words_proto.py ;;
     ncu-moe) timeout 500 /usr/local/cuda/bin/ncu --set full -k regex:"mxfp4_moe_grouped|moe_gate_up|moe_down" --launch-skip 4 --launch-count 4 python3 benchmarks/ncu_moe.py 2>&1 | grep -v "^==PROF==" ;;

@@ -46,9 +46,6 @@ def main():
     ap.add_argument("--asm", action="store_true",
                     help="batch-64 grouped kernel (gate/up and down): inline-PTX byte decode "
                          "straight to bf16 (mx.ASM_BYTE_DECODE) on / off x tiles")
-    ap.add_argument("--glu", action="store_true",
-                    help="batch-64 gate/up on expert-sorted rows: the grouped kernel then an XLA "
-                         "SwiGLU, against the fused glu mode x output tiles")
     ap.add_argument("--stages", action="store_true",
                     help="batch-64 grouped kernel: software-pipeline depth (num_stages) x tiles")
     args = ap.parse_args()
@@ -104,9 +101,6 @@ def main():
             (f"{bm}x{bn}x{bk} w{w}", dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w))
             for bm, bn, bk, w in ((16, 128, 64, 4), (16, 256, 64, 8), (32, 128, 64, 8),
                                   (16, 256, 64, 4))]
-    if args.glu:
-        glu_sweep(rng, w_moe, x512[:64], E)
-        return
     fns, meta = {}, {}
     for cname, (f, x, w, i) in cases.items():
         want, wbytes = None, w.qs.size * 4 + w.scales.size
@@ -131,39 +125,6 @@ def main():
     base = ("default decode default" if args.decode_variants else
             "jnp decode default" if args.asm else "default")
     print_ranked(device_us_per_call(fns, reps=10), meta, base, top=12)
-
-
-def glu_sweep(rng, w, x, E):
-    """``--glu``: gate/up of 64 tokens x top-4 on expert-sorted rows (the model's batch-64 path,
-    ``moe.experts_grouped_kernel``): grouped kernel + XLA SwiGLU vs the kernel's glu mode."""
-    from gptjax.models.moe import swiglu_oai
-    from pallas_kernels.moe_route import moe_route_ref
-
-    T_, U, F = x.shape[0], 4, w.qs.shape[-3] // 2
-    pw = PackedWeight(w, T.MXFP4, (*w.scales.shape[:-1], w.scales.shape[-1] * 32),
-                      layout="kernel", scale_max=int(w.scales.max()))
-    b = jnp.asarray(rng.standard_normal((E, 2 * F)), jnp.float32)
-    r = moe_route_ref(jnp.asarray(rng.standard_normal((T_, E)), jnp.float32), n_used=U,
-                      block_m=mx.moe_block_m(T_ * U))
-    xs = jnp.take(x, r.order // U, axis=0)
-    kw = dict(block_m=mx.moe_block_m(T_ * U))
-
-    def unfused(xs, w, tiles, b):
-        y = mx.mxfp4_moe_grouped(xs, w, tiles, b, **kw)
-        return swiglu_oai(y[:, :F], y[:, F:], alpha=1.702, limit=7.0).astype(xs.dtype)
-
-    cands = [("unfused", unfused)] + [
-        (f"glu bn{bn} w{nw}", lambda xs, w, tiles, b, bn=bn, nw=nw: mx.mxfp4_moe_grouped(
-            xs, w, tiles, b, glu=(1.702, 7.0), block_n=bn, num_warps=nw, **kw))
-        for bn, nw in ((64, 8), (128, 8), (64, 4), (128, 4), (256, 8))]
-    fns, meta, want = {}, {}, None
-    for label, f in cands:
-        name, y = add_candidate(fns, label, f, (xs, pw, r.tiles, b), want, prefix="glu")
-        if name:
-            want = y if want is None else want
-            meta[name] = ("gate/up + SwiGLU, 64 tokens x top-4", label,
-                          w.qs.size * 4 + w.scales.size)
-    print_ranked(device_us_per_call(fns, reps=10), meta, "unfused", top=12)
 
 
 if __name__ == "__main__":
