@@ -559,38 +559,25 @@ def _mxfp4_step_dot(acc, w: _W, w_refs, lead, x_ref, x_rows, x_ok, row0, bn, g0,
     H100 (benchmarks/mxfp4_dot_variants.py, gpt-oss-20b gate/up): 64 tokens x top-4, byte view
     293 µs vs words 345 µs (best tiles each); 512 tokens the words 604 µs vs 2,018 (the
     six-dimensional x loads stop scaling)."""
+    qs, e = _load_w_tile(w, w_refs, lead, row0, bn, g0, gt)
     bm = x_ok.shape[0]
     if len(x_ref.shape) == 3:
-        qs, e = _load_w_tile(w, w_refs, lead, row0, bn, g0, gt)
         wt = _decode_words(qs, e).astype(cdt).reshape(bn, gt * QK)         # exact, then cdt
         xt = load_x32(x_ref, x_rows, x_ok, g0, gt, w.G).reshape(bm, gt * QK)
         return _dot_nt(xt, wt, interpret) + acc
-    return _byte_step_dots((acc,), w, w_refs, lead, x_ref, x_rows, x_ok, (row0,), bn, g0, gt,
-                           cdt, interpret)[0]
-
-
-def _byte_step_dots(accs, w: _W, w_refs, lead, x_ref, x_rows, x_ok, row0s, bn, g0, gt, cdt,
-                    interpret):
-    """The byte-view K step of :func:`_mxfp4_step_dot` for several blocks of output rows
-    (``row0s``, one float32 [bm, bn] accumulator each) against the same x tiles, loaded once."""
-    bm = x_ok.shape[0]
     ok = x_ok[:, None, None, None, None] & ((g0 + _iota(gt)) < w.G)[None, :, None, None, None]
-    xts = [pltriton.load(x_ref.at[x_rows, pl.ds(g0, gt), pl.ds(0, 4), pl.ds(0, 2), _ix(s1),
-                                  pl.ds(0, 2)], mask=ok, other=0).reshape(bm, gt * 16)
-           for s1 in (0, 1)]                                                # [bm, gt, 4, 2, 2]
-    out = []
-    for acc, row0 in zip(accs, row0s):
-        qs, e = _load_w_tile(w, w_refs, lead, row0, bn, g0, gt)
-        if ASM_BYTE_DECODE and not interpret and cdt == jnp.bfloat16:
-            one = w.scale_max is not None and w.scale_max <= 128
-            halves = _byte_pair_bf16_asm(qs, e, one)                        # bf16 [bn, gt, 16]
-        else:
-            d1, d2 = _e8m0_split(e)
-            halves = [(h * d1[..., None] * d2[..., None]).astype(cdt) for h in _byte_pair(qs)]
-        for xt, h in zip(xts, halves):                                      # [bn, gt, 16] each
-            acc = _dot_nt(xt, h.reshape(bn, gt * 16), interpret) + acc
-        out.append(acc)
-    return tuple(out)
+    if ASM_BYTE_DECODE and not interpret and cdt == jnp.bfloat16:
+        one = w.scale_max is not None and w.scale_max <= 128
+        halves = _byte_pair_bf16_asm(qs, e, one)                            # bf16 [bn, gt, 16]
+    else:
+        d1, d2 = _e8m0_split(e)
+        halves = [(h * d1[..., None] * d2[..., None]).astype(cdt) for h in _byte_pair(qs)]
+    for s1, h in enumerate(halves):                                         # [bn, gt, 16] each
+        wt = h.reshape(bn, gt * 16)
+        xt = pltriton.load(x_ref.at[x_rows, pl.ds(g0, gt), pl.ds(0, 4), pl.ds(0, 2), _ix(s1),
+                                    pl.ds(0, 2)], mask=ok, other=0)        # [bm, gt, 4, 2, 2]
+        acc = _dot_nt(xt.reshape(bm, gt * 16), wt, interpret) + acc
+    return acc
 
 
 def _mxfp4_gemv_load(w: _W, w_refs, lead, x_ref, rows, row0, bn, g0, gt, g_end):
@@ -958,12 +945,8 @@ def _pairs_kernel(*refs, w: _W, p: Plan, k: int, has_bias: bool, cdt):
     _store_rows(out_ref, (i_s,) if p.k_splits > 1 else (), y, r, None, n0, bn, w.O)
 
 
-def _grouped_kernel(*refs, w: _W, p: Plan, has_bias: bool, cdt, interpret: bool, glu=None):
-    """One program per (tile of block_m expert-sorted rows of one expert, block of output rows).
-    ``glu = (alpha, limit)``: w is a fused gate/up stack [E, 2F, I] (gate rows, then up rows);
-    the program computes gate rows ``n0 + [0, bn)`` and the same up rows ``F + n0 + ...`` in
-    one K loop and stores ``round_cdt(swiglu_oai(gate + bg, up + bu))`` [bm, bn] of the [R, F]
-    output."""
+def _grouped_kernel(*refs, w: _W, p: Plan, has_bias: bool, cdt, interpret: bool):
+    """One program per (tile of block_m expert-sorted rows of one expert, block of output rows)."""
     n_w = len(w.arrays)
     x_ref, tiles_ref, w_refs = refs[0], refs[1], refs[2:2 + n_w]
     bias_ref = refs[2 + n_w] if has_bias else None
@@ -973,33 +956,19 @@ def _grouped_kernel(*refs, w: _W, p: Plan, has_bias: bool, cdt, interpret: bool,
     row0, row_end = tiles_ref[1, i], tiles_ref[2, i]
     gt, bn, bm = p.block_k // QK, p.block_n, p.block_m
     n0 = i_n * bn
-    F = w.O // 2
-    row0s = (n0,) if glu is None else (n0, F + n0)          # gate rows past F: not stored
 
     @pl.when(row0 < row_end)
     def _():
         m_ok = (row0 + _iota(bm)) < row_end
-        rows = pl.ds(row0, bm)
 
-        def body(s, accs):
-            if len(x_ref.shape) == 3:                                       # word decode
-                return tuple(_mxfp4_step_dot(a, w, w_refs, (e,), x_ref, rows, m_ok, r0, bn,
-                                             s * gt, gt, cdt, interpret)
-                             for a, r0 in zip(accs, row0s))
-            return _byte_step_dots(accs, w, w_refs, (e,), x_ref, rows, m_ok, row0s, bn, s * gt,
-                                   gt, cdt, interpret)
+        def body(s, acc):
+            return _mxfp4_step_dot(acc, w, w_refs, (e,), x_ref, pl.ds(row0, bm), m_ok, n0, bn,
+                                   s * gt, gt, cdt, interpret)
 
-        ys = lax.fori_loop(0, -(-w.G // gt), body,
-                           tuple(jnp.zeros((bm, bn), F32) for _ in row0s))
+        y = lax.fori_loop(0, -(-w.G // gt), body, jnp.zeros((bm, bn), F32))
         if has_bias:
-            ys = [y + _load_bias(bias_ref, (e,), r0, bn, w.O)[None, :] for y, r0 in zip(ys, row0s)]
-        if glu is None:
-            _store_rows(out_ref, (), ys[0], rows, m_ok, n0, bn, w.O)
-        else:
-            from gptjax.models.moe import swiglu_oai
-
-            h = swiglu_oai(ys[0], ys[1], alpha=glu[0], limit=glu[1]).astype(cdt)
-            _store_rows(out_ref, (), h, rows, m_ok, n0, bn, F)
+            y = y + _load_bias(bias_ref, (e,), n0, bn, w.O)[None, :]
+        _store_rows(out_ref, (), y, pl.ds(row0, bm), m_ok, n0, bn, w.O)
 
 
 def moe_tiles(flat_ids, n_experts: int, block_m: int):
@@ -1132,21 +1101,19 @@ def mxfp4_moe_matmul(x, w, expert_ids, bias=None, *, mode=None, block_m=None, bl
     return jnp.take(ys, inv, axis=0).reshape(T, k, wp.O)
 
 
-def _grouped_call(xs, tiles, wp: _W, b, p: Plan, interpret: bool, glu=None):
+def _grouped_call(xs, tiles, wp: _W, b, p: Plan, interpret: bool):
     """The grouped kernel on expert-sorted rows xs [R, I] and their tiles -> float32 [R, O] in
-    the same sorted order (rows no tile covers are not written); with ``glu``, the SwiGLU of a
-    fused gate/up stack, [R, O / 2] in xs.dtype."""
+    the same sorted order (rows no tile covers are not written)."""
     R = xs.shape[0]
-    O = wp.O if glu is None else wp.O // 2
     if R <= BYTE_VIEW_MAX_ROWS:                                             # byte-wise decode
         xk, wp = xs.reshape(R, wp.G, 4, 2, 2, 2), byte_view(wp)
     else:
         xk = xs.reshape(R, wp.G, QK)
     args = [xk, tiles, *wp.arrays] + ([b] if b is not None else [])
     kernel = functools.partial(_grouped_kernel, w=wp.static(), p=p, has_bias=b is not None,
-                               cdt=xs.dtype, interpret=interpret, glu=glu)
-    out = jax.ShapeDtypeStruct((R, O), F32 if glu is None else xs.dtype)
-    return pl.pallas_call(kernel, out_shape=out, grid=(tiles.shape[1], -(-O // p.block_n)),
+                               cdt=xs.dtype, interpret=interpret)
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((R, wp.O), F32),
+                          grid=(tiles.shape[1], -(-wp.O // p.block_n)),
                           compiler_params=_params(p), interpret=interpret,
                           name="mxfp4_moe_grouped")(*args)
 
@@ -1159,9 +1126,9 @@ def _check_sorted(xs, tiles, wp: _W, fn: str):
         raise WeightsError(f"{fn}: tiles must be int [3, n_tiles], got {list(tiles.shape)}")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("glu",))
-def mxfp4_moe_grouped(xs, w, tiles, bias=None, *, glu=None, mode=None, block_m=None,
-                      block_n=None, block_k=None, k_splits=None, num_warps=None, num_stages=None,
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def mxfp4_moe_grouped(xs, w, tiles, bias=None, *, mode=None, block_m=None, block_n=None,
+                      block_k=None, k_splits=None, num_warps=None, num_stages=None,
                       prefetch=None, interpret=False):
     """The grouped expert matmul on rows already sorted by expert: ``y[s] = xs[s] @
     dequant(w[e])^T (+ bias[e])`` for every sorted row s of a tile ``(e, row0, row_end)`` of
@@ -1169,24 +1136,16 @@ def mxfp4_moe_grouped(xs, w, tiles, bias=None, *, glu=None, mode=None, block_m=N
     call's ``block_m``) -> float32 ``[R, O]`` in the same sorted order (rows no tile covers are
     left unwritten).  xs: float ``[R, I]``; w, bias as :func:`mxfp4_moe_matmul`.  ``block_m``
     must be the tiles' (default: :func:`plan_moe` for R rows).  Lets a MoE keep its rows sorted
-    from the first projection to the second (no un-sort and re-sort in between).
-
-    ``glu = (alpha, limit)``: w is a fused gate/up stack ``[E, 2F, I]`` (gate rows then up rows,
-    bias ``[E, 2F]``) and the result is ``round(swiglu_oai(gate, up))`` ``[R, F]`` in xs.dtype:
-    each program runs a gate block and its up block in one K loop (no float32 [R, 2F] round
-    trip, no separate SwiGLU kernel)."""
+    from the first projection to the second (no un-sort and re-sort in between)."""
     del mode
     wp = _parse_weights(w, 1, "mxfp4_moe_grouped")
     _check_sorted(xs, tiles, wp, "mxfp4_moe_grouped")
-    if glu is not None and wp.O % 2:
-        raise WeightsError(f"mxfp4_moe_grouped: glu needs a fused [E, 2F, I] stack, got O={wp.O}")
     p = plan_moe(xs.shape[0], 1, wp.O, wp.I, mode="grouped", block_m=block_m, block_n=block_n,
                  block_k=block_k, k_splits=k_splits, num_warps=num_warps, num_stages=num_stages,
                  prefetch=prefetch)
     _check_plan(dataclasses.replace(p, mode="dot"), "mxfp4_moe_grouped")
     b = None if bias is None else jnp.asarray(bias, F32).reshape(wp.lead[0], wp.O)
-    return _grouped_call(xs, tiles.astype(jnp.int32), wp, b, p, interpret,
-                         None if glu is None else (float(glu[0]), float(glu[1])))
+    return _grouped_call(xs, tiles.astype(jnp.int32), wp, b, p, interpret)
 
 
 def tile_experts(tiles, R: int) -> jax.Array:
@@ -1196,24 +1155,17 @@ def tile_experts(tiles, R: int) -> jax.Array:
     return jnp.sum(jnp.where((row0 <= s) & (s < row_end), e, 0), axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("glu",))
-def mxfp4_moe_grouped_ref(xs, w, tiles, bias=None, *, glu=None, mode=None, block_m=None,
-                          block_n=None, block_k=None, k_splits=None, num_warps=None,
-                          num_stages=None, prefetch=None, interpret=False):
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def mxfp4_moe_grouped_ref(xs, w, tiles, bias=None, *, mode=None, block_m=None, block_n=None,
+                          block_k=None, k_splits=None, num_warps=None, num_stages=None,
+                          prefetch=None, interpret=False):
     """Plain-jnp twin of :func:`mxfp4_moe_grouped` (tiling arguments ignored): each sorted row's
-    expert from the tiles, then :func:`mxfp4_moe_matmul_ref` (rows no tile covers: expert 0),
-    then with ``glu`` the SwiGLU of the two halves, rounded to xs.dtype."""
+    expert from the tiles, then :func:`mxfp4_moe_matmul_ref` (rows no tile covers: expert 0)."""
     del mode, block_m, block_n, block_k, k_splits, num_warps, num_stages, prefetch, interpret
     wp = _parse_weights(w, 1, "mxfp4_moe_grouped_ref")
     _check_sorted(xs, tiles, wp, "mxfp4_moe_grouped_ref")
     ids = tile_experts(tiles, xs.shape[0])[:, None]
-    y = mxfp4_moe_matmul_ref(xs, w, ids, bias)[:, 0]
-    if glu is None:
-        return y
-    from gptjax.models.moe import swiglu_oai
-
-    F = wp.O // 2
-    return swiglu_oai(y[:, :F], y[:, F:], alpha=glu[0], limit=glu[1]).astype(xs.dtype)
+    return mxfp4_moe_matmul_ref(xs, w, ids, bias)[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)

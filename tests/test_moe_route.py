@@ -110,41 +110,6 @@ def test_grouped_on_sorted_rows(case, interpret):
     np.testing.assert_array_equal(ys[np.asarray(r.inv).reshape(-1)], y)
 
 
-@pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("t, dtype", [(16, jnp.bfloat16), (9, jnp.float32), (70, jnp.bfloat16)])
-def test_grouped_fused_swiglu(t, dtype, interpret):
-    """``glu``: a fused gate/up stack [E, 2F, I] -> round(swiglu(gate + bg, up + bu)) [R, F] in
-    the compute dtype, against the float64 products of each row's expert through the same
-    SwiGLU (gate and up each within the matmul bound; the SwiGLU's slope is at most ~1.1 x
-    limit + 1 per unit of gate / up, so the bound below scales it), plus one rounding."""
-    U, E, F, i = 4, 5, 24, 64
-    alpha, limit = 1.702, 7.0
-    rng = np.random.default_rng(t)
-    raw = mxfp4_bytes(rng, (E, 2 * F, i))
-    w64 = oracle(raw.reshape(E * 2 * F, -1), T.MXFP4).reshape(E, 2 * F, i)
-    x, x64 = as_x(rng, (t, i), dtype)
-    b = rng.standard_normal((E, 2 * F)).astype(np.float32)
-    w = mx.repack_mxfp4(raw)
-    bm = mx.moe_block_m(t * U)
-    r = mr.moe_route_ref(jnp.asarray(rng.standard_normal((t, E)), jnp.float32), n_used=U,
-                         block_m=bm)
-    xs = jnp.take(x, r.order // U, axis=0)
-    h = mx.mxfp4_moe_grouped(xs, w, r.tiles, jnp.asarray(b), glu=(alpha, limit), block_m=bm,
-                             interpret=interpret)
-    h_ref = mx.mxfp4_moe_grouped_ref(xs, w, r.tiles, jnp.asarray(b), glu=(alpha, limit))
-    assert h.shape == (t * U, F) and h.dtype == dtype
-    ids, order = np.asarray(r.ids).reshape(-1), np.asarray(r.order)
-    y64 = np.stack([w64[ids[row]] @ x64[row // U] + b[ids[row]] for row in order])   # [R, 2F]
-    g64, u64 = np.minimum(y64[:, :F], limit), np.clip(y64[:, F:], -limit, limit)
-    want = g64 / (1 + np.exp(-alpha * g64)) * (u64 + 1)
-    mag = np.stack([np.abs(w64[ids[row]]) @ np.abs(x64[row // U]) for row in order])
-    bound = (tol(dtype, i) * (mag[:, :F] + mag[:, F:]) + 1e-6) * (1.2 * limit + 2) \
-        + np.abs(want) * (2.0 ** -8 if dtype == jnp.bfloat16 else 2.0 ** -22)
-    for got in (h, h_ref):
-        err = np.abs(np.asarray(got, np.float64) - want)
-        assert (err <= bound).all(), float((err / bound).max())
-
-
 def test_tile_experts():
     tiles = jnp.array([[2, 0, 1, 1], [0, 3, 5, 0], [3, 5, 6, 0]])
     np.testing.assert_array_equal(np.asarray(mx.tile_experts(tiles, 7)), [2, 2, 2, 0, 0, 1, 0])

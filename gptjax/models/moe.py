@@ -261,8 +261,7 @@ def experts_grouped_kernel(x, logits, p, config):
     """The experts with the routing kernel and the grouped kernel on expert-sorted rows
     (pallas_kernels.moe_route, mxfp4_matmul.mxfp4_moe_grouped): one routing program (top-k,
     softmax, sort, tiles), the rows gathered once into expert order, both projections and the
-    SwiGLU in that order (inside the first projection's kernel for a fused gate/up stack), one
-    gather back for the weighted sum.  x: [M, D] in the compute dtype;
+    SwiGLU in that order, one gather back for the weighted sum.  x: [M, D] in the compute dtype;
     logits: float32 [M, E] → float32 [M, D]."""
     from pallas_kernels import kernel_mode
     from pallas_kernels.moe_route import moe_route
@@ -274,13 +273,8 @@ def experts_grouped_kernel(x, logits, p, config):
     r = moe_route(logits, n_used=U, block_m=bm, interpret=interpret)
     xs = jnp.take(x, r.order // U, axis=0)                                    # [R, D] sorted
     kw = dict(block_m=bm, interpret=interpret)
-    glu = (config.swiglu_alpha, config.swiglu_limit)
-    if "ffn_gate_up_exps" in p:                          # fused stack: SwiGLU inside the kernel
-        q = p["ffn_gate_up_exps"]
-        h = mxfp4_moe_grouped(xs.astype(x.dtype), q["weight"], r.tiles, q["bias"], glu=glu, **kw)
-    else:
-        g, u = gate_up(p, lambda q: mxfp4_moe_grouped(xs, q["weight"], r.tiles, q["bias"], **kw))
-        h = swiglu_oai(g, u, alpha=glu[0], limit=glu[1]).astype(x.dtype)      # [R, F] sorted
+    g, u = gate_up(p, lambda q: mxfp4_moe_grouped(xs, q["weight"], r.tiles, q["bias"], **kw))
+    h = swiglu_oai(g, u, alpha=config.swiglu_alpha, limit=config.swiglu_limit).astype(x.dtype)
     pd = p["ffn_down_exps"]
     y = mxfp4_moe_grouped(h, pd["weight"], r.tiles, pd["bias"], **kw)        # [R, D] sorted
     y = jnp.take(y, r.inv.reshape(-1), axis=0).reshape(M, U, -1)              # [M, U, D]
