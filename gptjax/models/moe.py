@@ -33,8 +33,12 @@ never dequantized whole: both paths below decode only the experts they use.
 The block as the models call it is :func:`moe_block` (``x + moe(norm(x))``); at decode (<= 2
 tokens, MXFP4 experts, kernels on) it is three Pallas kernels instead: the router GEMV with the
 RMSNorm in (``layers.norm_linear``), then pallas_kernels/moe_decode.py's gate/up (top-k and
-SwiGLU inside) and down (weighted sum and residual inside).  Otherwise :func:`moe` runs the
-experts one of two ways (plain JAX, or the MXFP4 "pairs"/"grouped" kernels where noted):
+SwiGLU inside) and down (weighted sum and residual inside).  With the kernels on, more than 16
+routed rows and few enough tokens for one routing program (batch decode, short prompts:
+:func:`experts_grouped_kernel`), :func:`moe` runs the routing kernel (pallas_kernels/moe_route.py:
+top-k, softmax, the sort by expert and the tiles in one program) and the grouped expert kernel on
+expert-sorted rows for both projections.  Otherwise :func:`moe` runs the experts one of two ways
+(plain JAX, or the MXFP4 "pairs"/"grouped" kernels where noted):
 
 * **gather** (:func:`experts_gather`, decode): gathers the blocks of the U experts of each token
   (``PackedWeight.take`` on the packed bytes), dequantizes those, and applies them with batched
@@ -63,7 +67,8 @@ from gptjax.models.layers import F32, einsum_f32, linear
 from gptjax.packed import PackedWeight
 
 __all__ = [
-    "GATHER_MAX_ROWS", "route", "swiglu_oai", "experts_gather", "experts_sorted", "moe",
+    "GATHER_MAX_ROWS", "route", "swiglu_oai", "experts_gather", "experts_grouped_kernel",
+    "experts_sorted", "moe",
     "moe_block", "expert_weights", "gate_up",
 ]
 
