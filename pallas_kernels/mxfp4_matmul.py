@@ -1040,10 +1040,9 @@ def plan_moe(T: int, k: int, O: int, I: int, *, mode=None, block_m=None, block_n
     # x 64 / 8 warps 129 µs (16 x 128: 139); probably because the narrower output then keeps the
     # grid to about one wave.
     small = R <= BYTE_VIEW_MAX_ROWS                          # the byte view's tiles (see above)
-    d = dict(block_m=moe_block_m(R), block_n=128 if O > 4096 else 256, block_k=64,
-             num_warps=8) if small else dict(block_m=moe_block_m(R), block_n=128, block_k=64,
-                                                 num_warps=4)
-    base = plan_dense(max(R, 64), O, I, mode="dot", block_m=block_m or d["block_m"],
+    d = dict(block_n=128 if O > 4096 else 256, block_k=64, num_warps=8) if small \
+        else dict(block_n=128, block_k=64, num_warps=4)
+    base = plan_dense(max(R, 64), O, I, mode="dot", block_m=block_m or moe_block_m(R),
                       block_n=block_n or d["block_n"], block_k=block_k or d["block_k"], k_splits=1,
                       num_warps=num_warps or d["num_warps"], num_stages=num_stages or 3)
     return dataclasses.replace(base, mode="grouped")
