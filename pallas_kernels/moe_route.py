@@ -40,9 +40,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from gptjax.errors import WeightsError
-from pallas_kernels.mxfp4_matmul import _ix, moe_tiles
+from pallas_kernels.mxfp4_matmul import _ix, moe_n_tiles, moe_tiles
 
-__all__ = ["Route", "moe_route", "moe_route_ref", "fits", "n_tiles", "MAX_ELEMS"]
+__all__ = ["Route", "moe_route", "moe_route_ref", "fits", "MAX_ELEMS"]
 
 F32, I32 = jnp.float32, jnp.int32
 #: Largest ``Tp * Ep`` one routing program takes (128 tokens of 32 experts, 32 of 128).
@@ -53,7 +53,7 @@ class Route(NamedTuple):
     """The routing of T tokens: ``weights`` float32 [T, U] (softmax over the U selected
     logits, slot 0 the largest), ``ids`` int32 [T, U] (their experts), ``inv`` int32 [T, U] (the
     sorted position of routed row t U + u), ``order`` int32 [T U] (sorted position -> routed
-    row), ``tiles`` int32 [3, n_tiles] (expert, first row, end row; :func:`n_tiles`)."""
+    row), ``tiles`` int32 [3, n_tiles] (expert, first row, end row; ``moe_n_tiles``)."""
 
     weights: jax.Array
     ids: jax.Array
@@ -64,12 +64,6 @@ class Route(NamedTuple):
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-def n_tiles(R: int, E: int, block_m: int) -> int:
-    """The static tile count of ``moe_tiles`` for R routed rows (each used expert adds at most
-    one partial tile)."""
-    return max(1, (R + min(E, R) * (block_m - 1)) // block_m)
 
 
 def fits(T: int, E: int) -> bool:
@@ -107,7 +101,7 @@ def _route_kernel(logits_ref, w_ref, ids_ref, inv_ref, order_ref, tiles_ref, *, 
     starts = jnp.cumsum(counts) - counts                                  # [Ep]
     pos = starts[None, :] + jnp.cumsum(sel, axis=0) - sel                 # [Tp, Ep]
 
-    top, rows = [], []
+    top = []
     for u in range(U):
         hit = rank == u
         e_u = jnp.minimum(jnp.sum(jnp.where(hit, e_idx, 0), axis=1), E - 1)   # NaN logits: in range
@@ -119,7 +113,6 @@ def _route_kernel(logits_ref, w_ref, ids_ref, inv_ref, order_ref, tiles_ref, *, 
         # order[inv] = r; padding rows (t >= T) aim at their own slots past R (masked off on
         # the GPU; interpret mode writes them, and they must not collide with real slots)
         pltriton.store(order_ref.at[jnp.where(t_ok, inv_u, T * U + _iota(Tp))], r, mask=t_ok)
-        rows.append(r)
     ex = [jnp.exp(v - top[0]) for v in top]
     total = functools.reduce(lambda a, b: a + b, ex)
     for u in range(U):
@@ -165,7 +158,7 @@ def moe_route(logits, *, n_used: int, block_m: int, interpret: bool = False) -> 
         raise ValueError(f"moe_route: {T} tokens x {E} experts exceed one program "
                          f"(fits(); use moe_route_ref)")
     U, R = n_used, T * n_used
-    NT = n_tiles(R, E, block_m)
+    NT = moe_n_tiles(R, E, block_m)
     kernel = functools.partial(_route_kernel, T=T, E=E, U=U, bm=block_m, NT=NT)
     out = pl.pallas_call(
         kernel,

@@ -128,6 +128,7 @@ __all__ = [
     "plan_dense",
     "plan_moe",
     "moe_tiles",
+    "moe_n_tiles",
     "moe_block_m",
     "GEMV_MAX_ROWS",
     "TARGET_PROGRAMS",
@@ -971,6 +972,11 @@ def _grouped_kernel(*refs, w: _W, p: Plan, has_bias: bool, cdt, interpret: bool)
         _store_rows(out_ref, (), y, pl.ds(row0, bm), m_ok, n0, bn, w.O)
 
 
+def moe_n_tiles(R: int, n_experts: int, block_m: int) -> int:
+    """The static tile count of :func:`moe_tiles` for R routed rows."""
+    return max(1, (R + min(n_experts, R) * (block_m - 1)) // block_m)
+
+
 def moe_tiles(flat_ids, n_experts: int, block_m: int):
     """Group routed rows by expert for the grouped kernel.
 
@@ -981,7 +987,7 @@ def moe_tiles(flat_ids, n_experts: int, block_m: int):
     one partial tile, so ``n_tiles = (R + min(E, R) * (block_m - 1)) // block_m``.
     """
     R = flat_ids.shape[0]
-    n_tiles = max(1, (R + min(n_experts, R) * (block_m - 1)) // block_m)
+    n_tiles = moe_n_tiles(R, n_experts, block_m)
     flat_ids = jnp.clip(flat_ids.astype(jnp.int32), 0, n_experts - 1)
     order = jnp.argsort(flat_ids, stable=True).astype(jnp.int32)
     counts = jnp.bincount(flat_ids, length=n_experts).astype(jnp.int32)    # [E]

@@ -36,7 +36,7 @@ def route_oracle(logits: np.ndarray, U: int, bm: int):
         n = int(np.sum(ids == e))
         tiles += [(e, r, min(r + bm, start + n)) for r in range(start, start + n, bm)]
         start += n
-    nt = mr.n_tiles(Tn * U, E, bm)
+    nt = mx.moe_n_tiles(Tn * U, E, bm)
     assert len(tiles) <= nt
     tiles += [(E - 1, 0, 0)] * (nt - len(tiles))
     return weights, ids, inv.reshape(Tn, U), order, np.array(tiles, np.int32).T
@@ -71,7 +71,7 @@ def test_route_size_and_argument_errors():
         mr.moe_route(jnp.zeros((4, 8)), n_used=9, block_m=16, interpret=True)
     # the reference takes any size
     r = mr.moe_route_ref(jnp.zeros((256, 32)), n_used=4, block_m=16)
-    assert r.order.shape == (1024,) and r.tiles.shape == (3, mr.n_tiles(1024, 32, 16))
+    assert r.order.shape == (1024,) and r.tiles.shape == (3, mx.moe_n_tiles(1024, 32, 16))
 
 
 GROUPED_CASES = [
