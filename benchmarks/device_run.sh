@@ -96,6 +96,7 @@ for step in "$@"; do
     grouped-sweep) timeout 300 python3 benchmarks/mxfp4_dot_variants.py --grouped-sweep ;;
     words-proto) timeout 400 python3 benchmarks/mxfp4_words_proto.py ;;
     ncu-moe) timeout 500 /usr/local/cuda/bin/ncu --set full -k regex:"mxfp4_moe_grouped|moe_gate_up|moe_down" --launch-skip 4 --launch-count 4 python3 benchmarks/ncu_moe.py 2>&1 | grep -v "^==PROF==" ;;
+    ncu-q8) timeout 170 /usr/local/cuda/bin/ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats --section SchedulerStats -k regex:"q8_0_matmul" --launch-skip 2 --launch-count 2 python3 benchmarks/ncu_q8.py 2>&1 | grep -v "^==PROF==" ;;
     ncu-grouped) timeout 300 /usr/local/cuda/bin/ncu --section WarpStateStats --section InstructionStats --print-details all -k regex:"mxfp4_moe_grouped" --launch-skip 4 --launch-count 1 python3 benchmarks/ncu_moe.py 2>&1 | grep -v "^==PROF==" ;;
     profile-gpt2) timeout 120 python3 benchmarks/profile_decode.py --gpt2 --new 64 --top 30 --hlo-dump /tmp/hlo_gpt2 ;;
     gpu-tests) python3 -m pytest -q -m gpu tests 2>&1 | tail -30 ;;
