@@ -11,6 +11,7 @@ Math, for logits ``[T, E]`` (float32), U = ``n_used`` experts per token, tiles o
 rows (:func:`pallas_kernels.mxfp4_matmul.moe_tiles` is the reference)::
 
     rank[t, i] = #{j : l[t, j] > l[t, i] or (l[t, j] == l[t, i] and j < i)}   lax.top_k order
+                 (NaN counted as +inf)
     ids[t, u] = the i with rank[t, i] == u;  weights[t] = softmax(l[t, ids[t]])
     routed row r = t U + u;  sorted position inv[t, u] = starts[e] + #{t' < t : e in ids[t']}
     with e = ids[t, u], counts[e] = #{t : e in ids[t]}, starts = exclusive cumsum of counts
@@ -90,11 +91,16 @@ def _route_kernel(logits_ref, w_ref, ids_ref, inv_ref, order_ref, tiles_ref, *, 
     lg = pltriton.load(logits_ref.at[pl.ds(0, Tp), pl.ds(0, Ep)], mask=ok2, other=-jnp.inf)
 
     # rank, one expert column j at a time; unrolled, so that the E column loads (L1/L2 hits)
-    # are all issued before the comparisons wait on them (a loop waited E times)
+    # are all issued before the comparisons wait on them (a loop waited E times).  NaN counts
+    # as +inf: the order stays strict and total, so the ranks are a permutation and every index
+    # below stays in range whatever the logits hold (lax.top_k also puts NaN first, but before
+    # +inf; only a row holding both can differ).
+    lg = jnp.where(lg != lg, jnp.inf, lg)
     rank = jnp.where(e_idx < E, 0, E).astype(I32)                         # [Tp, Ep]
     for j in range(E):
         col = pltriton.load(logits_ref.at[pl.ds(0, Tp), _ix(j)], mask=t_ok,
                             other=-jnp.inf)[:, None]
+        col = jnp.where(col != col, jnp.inf, col)
         rank = rank + ((col > lg) | ((col == lg) & (j < e_idx))).astype(I32)
     sel = ((rank < U) & ok2).astype(I32)
     counts = jnp.sum(sel, axis=0)                                         # [Ep]
@@ -104,7 +110,7 @@ def _route_kernel(logits_ref, w_ref, ids_ref, inv_ref, order_ref, tiles_ref, *, 
     top = []
     for u in range(U):
         hit = rank == u
-        e_u = jnp.minimum(jnp.sum(jnp.where(hit, e_idx, 0), axis=1), E - 1)   # NaN logits: in range
+        e_u = jnp.sum(jnp.where(hit, e_idx, 0), axis=1)                    # one hit per row
         top.append(jnp.sum(jnp.where(hit, lg, 0.0), axis=1))
         inv_u = jnp.sum(jnp.where(hit, pos, 0), axis=1)                    # [Tp]
         pltriton.store(ids_ref.at[pl.ds(0, Tp), _ix(u)], e_u, mask=t_ok)

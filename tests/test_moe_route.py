@@ -63,6 +63,35 @@ def test_route_against_numpy(T_, E, U, bm, interpret):
             np.testing.assert_array_equal(np.asarray(g), w, err_msg=name)
 
 
+@pytest.mark.parametrize("interpret", MODES)
+def test_route_nan_and_inf_logits(interpret):
+    """NaN and +-inf logits: the routing stays a valid permutation (every index in range: the
+    grouped kernel reads and writes rows by these) and equals the reference's (lax.top_k puts
+    NaN first, as the kernel's NaN-as-+inf does unless a row also holds +inf: row 4, checked for
+    validity only); NaN weights where the reference has them."""
+    rng = np.random.default_rng(7)
+    logits = rng.integers(-2, 3, (16, 8)).astype(np.float32)
+    logits[1, [2, 5]] = np.nan
+    logits[2, :] = np.nan
+    logits[3, [0, 7]] = np.inf
+    logits[4, [1, 6]] = [np.nan, np.inf]
+    logits[5, :] = -np.inf
+    got = mr.moe_route(jnp.asarray(logits), n_used=4, block_m=4, interpret=interpret)
+    ids = np.asarray(got.ids)
+    assert all(len(set(row)) == 4 for row in ids) and ids.min() >= 0 and ids.max() < 8
+    assert sorted(np.asarray(got.order).tolist()) == list(range(64))
+    np.testing.assert_array_equal(np.asarray(got.order)[np.asarray(got.inv).reshape(-1)],
+                                  np.arange(64))
+    assert np.asarray(got.tiles)[2].max() <= 64
+    logits[4, 1] = 0.0                                           # no NaN beside +inf
+    got = mr.moe_route(jnp.asarray(logits), n_used=4, block_m=4, interpret=interpret)
+    ref = mr.moe_route_ref(jnp.asarray(logits), n_used=4, block_m=4)
+    for name, g, w in zip(got._fields[1:], got[1:], ref[1:]):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
+    np.testing.assert_allclose(np.asarray(got.weights), np.asarray(ref.weights), rtol=1e-6,
+                               equal_nan=True)
+
+
 def test_route_size_and_argument_errors():
     assert mr.fits(128, 32) and not mr.fits(129, 32) and not mr.fits(64, 128)
     with pytest.raises(ValueError, match="exceed one program"):
