@@ -19,7 +19,11 @@ Weight layouts (same kernel code for both; ``I = 32 G``):
 In-register decode (exact, cheap): the int8 quant is turned into a float32 without an
 int-to-float instruction: its byte ``b`` (two's complement) gives the bits ``b ^ 0x4B000080`` =
 float ``2^23 + 128 + q``, minus ``2^23 + 128`` (exact: both are integers below 2^24).  The scale is
-the f16 ``d`` converted to float32 (exact).
+the f16 ``d`` converted to float32 (exact).  The dot mode with bf16 x decodes in inline PTX on the
+GPU instead (:data:`ASM_Q8_DECODE`): four bytes per xor, then per weight one prmt building the
+float32 ``2^15 + u`` and one exact fma ``(2^15 + u) d - (2^15 + 128) d = q d``, and a cvt to bf16
+per pair (offline SASS 401 -> 294 instructions per K step of the 64-row tile; H100 3-6 %, tenth
+session: that kernel is latency-bound, benchmarks/RESULTS.md).
 
 Numerics per kernel mode (see :func:`pallas_kernels.mxfp4_matmul.plan_dense` for the modes):
 
