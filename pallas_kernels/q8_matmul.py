@@ -23,7 +23,9 @@ the f16 ``d`` converted to float32 (exact).  The dot mode with bf16 x decodes in
 GPU instead (:data:`ASM_Q8_DECODE`): four bytes per xor, then per weight one prmt building the
 float32 ``2^15 + u`` and one exact fma ``(2^15 + u) d - (2^15 + 128) d = q d``, and a cvt to bf16
 per pair (offline SASS 401 -> 294 instructions per K step of the 64-row tile; H100 3-6 %, tenth
-session: that kernel is latency-bound, benchmarks/RESULTS.md).
+session: that kernel is latency-bound, benchmarks/RESULTS.md).  Bit-identical to the jnp chain
+for every finite scale; an infinite or NaN scale gives NaN for the whole block (the jnp chain:
++-inf, or NaN for q = 0).
 
 Numerics per kernel mode (see :func:`pallas_kernels.mxfp4_matmul.plan_dense` for the modes):
 
