@@ -90,10 +90,6 @@ for step in "$@"; do
                timeout 300 python3 benchmarks/gpt_oss_targets.py --skip b1,long,memory --out "$OUT/results.md" ;;
     final-tests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_moe_route.py tests/test_matmul_kernels.py \
                tests/test_moe_decode.py tests/test_fused_gemv.py tests/test_kernels_e2e.py 2>&1 | tail -8 ;;
-    route-tests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_moe_route.py tests/test_matmul_kernels.py \
-               tests/test_kernels_e2e.py -k "route or grouped or q8 or bf16_dots or moe or e2e or end_to_end" 2>&1 | tail -8 ;;
-    grouped-tests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_matmul_kernels.py \
-               tests/test_kernels_e2e.py -k "bf16_dots or moe or identity or e2e or end_to_end" 2>&1 | tail -8 ;;
     grouped-asm) timeout 400 python3 benchmarks/mxfp4_dot_variants.py --asm ;;
     grouped-sweep) timeout 300 python3 benchmarks/mxfp4_dot_variants.py --grouped-sweep ;;
     words-proto) timeout 400 python3 benchmarks/mxfp4_words_proto.py ;;

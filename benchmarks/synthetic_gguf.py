@@ -132,8 +132,6 @@ def cached(model: str) -> str:
 def random_prompt(model, seed: int = 0):
     """``n -> n`` random token ids of a loaded model's vocabulary (one numpy generator per call
     of this function, so a script's prompts are the same run to run)."""
-    import numpy as np
-
     rng, V = np.random.default_rng(seed), model.config.vocab_size
     return lambda n: [int(t) for t in rng.integers(0, V, n)]
 

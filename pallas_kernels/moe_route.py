@@ -35,13 +35,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from gptjax.errors import WeightsError
-from pallas_kernels.mxfp4_matmul import _ix, moe_n_tiles, moe_tiles
+from pallas_kernels.decode_attention import next_pow2
+from pallas_kernels.mxfp4_matmul import _ix, inverse_order, moe_n_tiles, moe_tiles
 
 __all__ = ["Route", "moe_route", "moe_route_ref", "fits", "MAX_ELEMS"]
 
@@ -63,20 +63,16 @@ class Route(NamedTuple):
     tiles: jax.Array
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def fits(T: int, E: int) -> bool:
     """Whether one routing program takes T tokens of E experts."""
-    return _pow2(T) * _pow2(E) <= MAX_ELEMS
+    return next_pow2(T) * next_pow2(E) <= MAX_ELEMS
 
 
 def _warps(T: int, E: int) -> int:
     """Warps of the routing program: 4, or 8 from 2048 elements per [Tp, Ep] tile (offline SASS
     for 64 tokens x 32 experts: 2,328 instructions with 4 warps, 1,536 with 8, no spills; 512
     tokens spilled with up to 32 warps, hence :data:`MAX_ELEMS`)."""
-    return 8 if _pow2(T) * _pow2(E) >= 2048 else 4
+    return 8 if next_pow2(T) * next_pow2(E) >= 2048 else 4
 
 
 def _iota(n, axis=0, shape=None):
@@ -84,7 +80,7 @@ def _iota(n, axis=0, shape=None):
 
 
 def _route_kernel(logits_ref, w_ref, ids_ref, inv_ref, order_ref, tiles_ref, *, T, E, U, bm, NT):
-    Tp, Ep, NTp = _pow2(T), _pow2(E), _pow2(NT)
+    Tp, Ep, NTp = next_pow2(T), next_pow2(E), next_pow2(NT)
     t_ok = _iota(Tp) < T                                                   # [Tp]
     e_idx = _iota(Ep, 1, (Tp, Ep))                                         # [Tp, Ep]
     ok2 = t_ok[:, None] & (e_idx < E)
@@ -169,7 +165,7 @@ def moe_route(logits, *, n_used: int, block_m: int, interpret: bool = False) -> 
     out = pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((T, U), F32), jax.ShapeDtypeStruct((T, U), I32),
-                   jax.ShapeDtypeStruct((T, U), I32), jax.ShapeDtypeStruct((R + _pow2(T),), I32),
+                   jax.ShapeDtypeStruct((T, U), I32), jax.ShapeDtypeStruct((R + next_pow2(T),), I32),
                    jax.ShapeDtypeStruct((3, NT), I32)),
         grid=(1,), compiler_params=pltriton.CompilerParams(num_warps=_warps(T, E), num_stages=1),
         interpret=interpret, name="moe_route")(logits.astype(F32))
@@ -186,5 +182,5 @@ def moe_route_ref(logits, *, n_used: int, block_m: int, interpret: bool = False)
     top, ids = lax.top_k(logits.astype(F32), n_used)
     ids = ids.astype(I32)
     order, tiles = moe_tiles(ids.reshape(-1), E, block_m)
-    inv = jnp.zeros((T * n_used,), I32).at[order].set(jnp.arange(T * n_used, dtype=I32))
-    return Route(jax.nn.softmax(top, axis=-1), ids, inv.reshape(T, n_used), order, tiles)
+    return Route(jax.nn.softmax(top, axis=-1), ids, inverse_order(order).reshape(T, n_used),
+                 order, tiles)

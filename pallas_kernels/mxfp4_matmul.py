@@ -129,6 +129,7 @@ __all__ = [
     "plan_moe",
     "moe_tiles",
     "moe_n_tiles",
+    "inverse_order",
     "moe_block_m",
     "GEMV_MAX_ROWS",
     "TARGET_PROGRAMS",
@@ -1010,6 +1011,13 @@ def moe_tiles(flat_ids, n_experts: int, block_m: int):
     return order, jnp.stack([e, row0, row_end]).astype(jnp.int32)
 
 
+def inverse_order(order) -> jax.Array:
+    """int32 [R]: the sorted position of each routed row, for ``order`` (sorted position ->
+    row) a permutation of [0, R)."""
+    R = order.shape[0]
+    return jnp.zeros((R,), jnp.int32).at[order].set(jnp.arange(R, dtype=jnp.int32))
+
+
 def moe_block_m(R: int) -> int:
     """Rows per tile of the grouped kernel's default plan for R routed rows (the tiles of
     :func:`moe_tiles` / ``moe_route`` must be cut with the same number): 16 for the byte view's
@@ -1102,8 +1110,7 @@ def mxfp4_moe_matmul(x, w, expert_ids, bias=None, *, mode=None, block_m=None, bl
     order, tiles = moe_tiles(flat, E, p.block_m)
     xs = jnp.take(x, order // k, axis=0)                                    # expert-sorted rows
     ys = _grouped_call(xs, tiles, wp, b, p, interpret)
-    inv = jnp.zeros((R,), jnp.int32).at[order].set(jnp.arange(R, dtype=jnp.int32))
-    return jnp.take(ys, inv, axis=0).reshape(T, k, wp.O)
+    return jnp.take(ys, inverse_order(order), axis=0).reshape(T, k, wp.O)
 
 
 def _grouped_call(xs, tiles, wp: _W, b, p: Plan, interpret: bool):

@@ -313,6 +313,7 @@ def test_kernel_experts_match_transformers(expert_case, tiny_config, monkeypatch
     err = np.linalg.norm(np.asarray(got) - ref) / np.linalg.norm(ref)
     assert err < BLOCK_TOL, err
 
+
 def test_sorted_path_any_chunk(expert_case, tiny_config):
     """Chunks of 1 and 3 rows (many inner steps, ragged last chunks) give the same result."""
     c = expert_case

@@ -220,6 +220,19 @@ def _run_ptx(asm: str, regs: dict) -> dict:
     return regs
 
 
+def _pack_bytes(b):
+    """uint [4 n] byte values -> n b32 operands, four per pack (element 0 in the low byte), as
+    Triton packs a pack=4 uint8 operand."""
+    return (b.astype(np.uint32).reshape(-1, 4) << np.arange(0, 32, 8, dtype=np.uint32)
+            ).sum(1, dtype=np.uint32)
+
+
+def _bf16_results(r):
+    """The two b32 results $0, $1 of a pack=4 bf16 asm -> float32 [4 n] in element order."""
+    bits = np.stack([r["$0"] & 0xFFFF, r["$0"] >> 16, r["$1"] & 0xFFFF, r["$1"] >> 16], 1)
+    return bits.astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float32).reshape(-1)
+
+
 @pytest.mark.parametrize("one", [False, True], ids=["two-factors", "one-factor"])
 def test_byte_decode_ptx_every_code_and_scale(one):
     """The inline-PTX byte decode of the grouped kernel (``mx._NIBBLE_BF16_ASM``), run by an
@@ -241,17 +254,13 @@ def test_byte_decode_ptx_every_code_and_scale(one):
               for f in mx._byte_asm_factors(jnp.asarray(e, jnp.uint8)))
     g = lambda a: a.reshape(-1, 4)                                # packs of four elements
     pair = lambda a, i: g(a)[:, 2 * i] | (g(a)[:, 2 * i + 1] << 16)
-    packed = {"$2": (g(code) << np.arange(0, 32, 8, dtype=np.uint32)).sum(1, dtype=np.uint32),
-              "$3": pair(f1, 0), "$4": pair(f1, 1)}
+    packed = {"$2": _pack_bytes(code), "$3": pair(f1, 0), "$4": pair(f1, 1)}
     if not one:
         packed |= {"$5": pair(f2, 0), "$6": pair(f2, 1)}
     asms = mx._NIBBLE_BF16_ASM[one]
     assert len(asms) == 2
     for half, asm in enumerate(asms):
-        r = _run_ptx(asm, packed)
-        bits = np.stack([r["$0"] & 0xFFFF, r["$0"] >> 16, r["$1"] & 0xFFFF, r["$1"] >> 16], 1)
-        got = bits.astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float32).reshape(-1)
-        same_numbers_and_bits(got, want[half])
+        same_numbers_and_bits(_bf16_results(_run_ptx(asm, packed)), want[half])
     assert (np.abs(want[0][want[0] != 0]) < 2.0 ** -126).any()   # denormal results covered
     assert one or np.isinf(want[0]).any()                          # and overflow
 
@@ -277,15 +286,11 @@ def test_q8_decode_ptx_every_byte_and_scale():
     want = oracle(raw.reshape(n_d, -1), T.Q8_0).reshape(n_d, 256)[di, qb]
     want = want.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
     d = u16.view(np.float16).astype(np.float32)[di]
-    packed = {"$2": (qb.astype(np.uint32).reshape(-1, 4) << np.arange(0, 32, 8, dtype=np.uint32)
-                     ).sum(1, dtype=np.uint32)}
+    packed = {"$2": _pack_bytes(qb)}
     for i in range(4):
         packed[f"${3 + i}"] = d.reshape(-1, 4)[:, i].view(np.uint32)
         packed[f"${7 + i}"] = (d * q8._Q8_OFFSET).reshape(-1, 4)[:, i].view(np.uint32)
-    r = _run_ptx(q8._Q8_BF16_ASM, packed)
-    bits = np.stack([r["$0"] & 0xFFFF, r["$0"] >> 16, r["$1"] & 0xFFFF, r["$1"] >> 16], 1)
-    got = bits.astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float32).reshape(-1)
-    same_numbers_and_bits(got, want)
+    same_numbers_and_bits(_bf16_results(_run_ptx(q8._Q8_BF16_ASM, packed)), want)
     assert (want != 0).mean() > 0.9 and np.isclose(np.abs(want).max(), 128 * 65504, rtol=1e-2)
 
 
