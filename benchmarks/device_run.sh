@@ -88,12 +88,6 @@ for step in "$@"; do
                -k "bf16_dots or moe or identity" 2>&1 | tail -8 ;;
     next-first) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_moe_route.py 2>&1 | tail -3
                timeout 300 python3 benchmarks/gpt_oss_targets.py --skip b1,long,memory --out "$OUT/results.md" ;;
-    prefetch-ab)
-      for pf in 0 moe 1; do
-        echo "--- GPTJAX_L2_PREFETCH=$pf"
-        GPTJAX_L2_PREFETCH=$pf timeout 300 python3 benchmarks/gpt_oss_targets.py --skip pp512,b64,memory --out "$OUT/results.md" 2>&1 | grep -E "decode|error|Error"
-      done
-      timeout 240 python3 benchmarks/profile_decode.py --synthetic gpt-oss-20b --new 32 --top 8 --sequence 8 ;;
     final-tests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_moe_route.py tests/test_matmul_kernels.py \
                tests/test_moe_decode.py tests/test_fused_gemv.py tests/test_kernels_e2e.py 2>&1 | tail -8 ;;
     grouped-asm) timeout 400 python3 benchmarks/mxfp4_dot_variants.py --asm ;;

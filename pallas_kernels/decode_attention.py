@@ -60,7 +60,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from gptjax.errors import GptjaxError
-from pallas_kernels import l2_prefetch
 
 F32 = jnp.float32
 
@@ -182,16 +181,15 @@ def _rope_rows(ref, b, base, rows_ok, Hp, H, cos_ref, sin_ref, rope_type):
     return jnp.where(first[None, :], x * c - xp * sn, x * c + xp * sn)
 
 
-def _update_kernel(len_ref, slot_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in, *refs, block_k,
-                   num_splits, window, head_dim, n_heads, n_kv_heads, scale, rope_type, n_prefetch,
-                   n_programs, num_warps):
+def _update_kernel(len_ref, slot_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
+                   o_ref, m_ref, l_ref, k_ref, v_ref, *, block_k, num_splits, window, head_dim,
+                   n_heads, n_kv_heads, scale, rope_type):
     # _decode_kernel with RoPE and the cache write folded in.  qkv_ref [B, (N + 2K) H]: the
     # fused projection (q heads, then k, then v), before RoPE; k_ref / v_ref [S, H] are the
     # output aliases of k_in / v_in (one buffer).  Split 0 takes the new token from registers
     # and writes it to slot slot_ref; no program reads that slot from memory, so the write
-    # races nothing.  The first n_prefetch refs are whole arrays to warm L2 with (l2_prefetch).
+    # races nothing.
     del k_in, v_in
-    pf_refs, (o_ref, m_ref, l_ref, k_ref, v_ref) = refs[:n_prefetch], refs[n_prefetch:]
     b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     S = k_ref.shape[0]
     Gp, Hp = o_ref.shape
@@ -218,9 +216,6 @@ def _update_kernel(len_ref, slot_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in, *re
     l = on.astype(F32)
     acc = jnp.broadcast_to(vn.astype(F32), (Gp, Hp)) * first.astype(F32)
 
-    if n_prefetch:            # the asm is impure; adding its float32 zero changes nothing
-        prog = (b * n_kv_heads + kh) * num_splits + split
-        m = m + l2_prefetch.prefetch(pf_refs, prog, n_programs, num_warps)
     acc, m, l = _attend_span(q, k_ref, v_ref, span, (acc, m, l), block_k=block_k, head_dim=H,
                              scale=scale, skip=new_slot)               # the new slot: registers
     o_ref[...] = acc
@@ -241,7 +236,7 @@ _UPDATE_STATIC = ("n_heads", "window", "scale", "rope_type", "block_k", "num_spl
 def decode_attention_update_qkv(qkv, k_cache, v_cache, lengths, slots, cos, sin, *, n_heads,
                                 rope_type, window=None, sinks=None, scale, block_k=64,
                                 num_splits=None, num_warps=4, num_stages=2, layer, combine=None,
-                                out_dtype=None, interpret=False, prefetch=()):
+                                out_dtype=None, interpret=False):
     """RoPE, the cache write and :func:`decode_attention` in one kernel, reading the fused q/k/v
     projection directly (batch-1 decode on the H100: RoPE, the two cache writes and the slices
     of the fused projection were five XLA kernels of ~1.2 µs per layer).
@@ -254,11 +249,7 @@ def decode_attention_update_qkv(qkv, k_cache, v_cache, lengths, slots, cos, sin,
     position mod W'); cos, sin: float32 [B, H/2] of the new position; rope_type "neox" or "norm"
     (``gptjax.models.layers.apply_rope``).  Returns (out [B, N, H] in ``out_dtype`` (default the
     cache's), k_cache, v_cache): ``apply_rope`` + the cache write + :func:`decode_attention`
-    (:func:`decode_attention_update_ref`).
-
-    prefetch: arrays the kernel asks L2 to fetch while it works (``l2_prefetch``; the next
-    kernel's weight, e.g. the attention output projection's), a hint that is dropped in
-    interpret mode and where :func:`l2_prefetch.enabled` is false; results never depend on it."""
+    (:func:`decode_attention_update_ref`)."""
     name = "decode_attention_update"
     if qkv.ndim != 2:
         raise GptjaxError(f"{name}: qkv must be [B, (N + 2K) H], got shape {qkv.shape}")
@@ -277,18 +268,15 @@ def decode_attention_update_qkv(qkv, k_cache, v_cache, lengths, slots, cos, sin,
     G = N // K
     Gp, Hp = max(MIN_DOT, next_pow2(G)), max(MIN_DOT, next_pow2(H))
     kv_spec = pl.BlockSpec((None, None, None, S, H), lambda b, k, s: (layer, b, k, 0, 0))
-    prefetch = tuple(prefetch) if l2_prefetch.enabled("attention") and not interpret else ()
     kernel = functools.partial(_update_kernel, block_k=block_k, num_splits=P, window=window,
                                head_dim=H, n_heads=N, n_kv_heads=K, scale=float(scale),
-                               rope_type=rope_type, n_prefetch=len(prefetch),
-                               n_programs=B * K * P, num_warps=num_warps)
+                               rope_type=rope_type)
     o, m, l, k_cache, v_cache = pl.pallas_call(
         kernel,
         grid=(B, K, P),
         in_specs=[pl.BlockSpec((None,), lambda b, k, s: (b,)),
                   pl.BlockSpec((None,), lambda b, k, s: (b,)),
-                  pl.no_block_spec, pl.no_block_spec, pl.no_block_spec, kv_spec, kv_spec]
-                 + [pl.no_block_spec] * len(prefetch),
+                  pl.no_block_spec, pl.no_block_spec, pl.no_block_spec, kv_spec, kv_spec],
         out_specs=[pl.BlockSpec((None, None, None, Gp, Hp), lambda b, k, s: (b, k, s, 0, 0)),
                    pl.BlockSpec((None, None, None, Gp), lambda b, k, s: (b, k, s, 0)),
                    pl.BlockSpec((None, None, None, Gp), lambda b, k, s: (b, k, s, 0)),
@@ -303,7 +291,7 @@ def decode_attention_update_qkv(qkv, k_cache, v_cache, lengths, slots, cos, sin,
         interpret=interpret,
         name=name,
     )(lengths.astype(jnp.int32), slots.astype(jnp.int32), qkv, cos.astype(F32), sin.astype(F32),
-      k_cache, v_cache, *prefetch)
+      k_cache, v_cache)
     out_dtype = k_cache.dtype if out_dtype is None else out_dtype
     return merge_splits(o, m, l, sinks, G, H, out_dtype, combine, interpret), k_cache, v_cache
 

@@ -52,7 +52,6 @@ from jax.experimental.pallas import triton as pltriton
 
 from gptjax.errors import WeightsError
 from gptjax.models.moe import swiglu_oai
-from pallas_kernels import l2_prefetch
 from pallas_kernels import mxfp4_matmul as mx
 from pallas_kernels.mxfp4_matmul import QK, _iota, _ix, cdiv
 
@@ -155,21 +154,16 @@ def _load_row(ref, e, n0, bn, n_out, col0=0):
 # Kernels
 # ---------------------------------------------------------------------------------------------
 
-def _gate_up_kernel(h_ref, logits_ref, *refs, wg, wu, up_row0, F, U, E, p, cdt, alpha, limit,
-                    n_prefetch):
+def _gate_up_kernel(h_ref, logits_ref, *refs, wg, wu, up_row0, F, U, E, p, cdt, alpha, limit):
     n_g = len(wg.arrays)
     wg_refs, bg_ref = refs[:n_g], refs[n_g]
     wu_refs, bu_ref = refs[n_g + 1:2 * n_g + 1], refs[2 * n_g + 1]
-    pf_refs = refs[2 * n_g + 2:2 * n_g + 2 + n_prefetch]
     out_ref = refs[-1]
     r, i_n = pl.program_id(0), pl.program_id(1)
     t, u = lax.div(r, np.int32(U)), lax.rem(r, np.int32(U))
     e, _ = _slot(*_ranks(logits_ref, t, E), u, E)
     gt, bn = p.block_k // QK, p.block_n
     n0 = i_n * bn
-    pf_zero = jnp.float32(0)  # expert e's slab of the next stage's weights, a chunk per program
-    for ref in pf_refs:
-        pf_zero = pf_zero + l2_prefetch.prefetch_slab(ref, e, i_n, cdiv(F, bn))
 
     def x_tile(g0):
         return mx.load_x32(h_ref, t, None, g0, gt, wg.G).astype(F32)
@@ -178,7 +172,7 @@ def _gate_up_kernel(h_ref, logits_ref, *refs, wg, wu, up_row0, F, U, E, p, cdt, 
                              wg.G, gt, bn)
     gate = gate + _load_row(bg_ref, e, n0, bn, F)
     up = up + _load_row(bu_ref, e, n0, bn, F, up_row0)
-    h = swiglu_oai(gate, up, alpha=alpha, limit=limit).astype(cdt).astype(F32) + pf_zero
+    h = swiglu_oai(gate, up, alpha=alpha, limit=limit).astype(cdt).astype(F32)
     pltriton.store(out_ref.at[r, pl.ds(n0, bn)], h, mask=(n0 + _iota(bn)) < F)
 
 
@@ -241,15 +235,13 @@ def _check_route(x, logits, n_used, E, fn):
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def moe_gate_up_swiglu(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_used, alpha, limit,
                        cdt=jnp.bfloat16, block_n=None, block_k=None, num_warps=None, flat=None,
-                       interpret=False, prefetch=()):
+                       interpret=False):
     """``out[t*U + u] = round_cdt(swiglu(h_t @ gate_e.T + bg_e, h_t @ up_e.T + bu_e))`` with
     ``e = top_k(logits[t], n_used)[u]`` -> float32 ``[M*U, F]`` (values rounded to ``cdt``).
     h: float ``[M, D]``, the normalised block input in compute-dtype values (M <= MAX_ROWS;
     ``fused_gemv(..., norm_out=True)`` of the router gives it); logits float32 ``[M, E]``;
     w_gate MXFP4 ``[E, F, D]`` with w_up ``[E, F, D]``, or the fused ``[E, 2F, D]`` with w_up
-    None; biases float ``[E, F]`` (fused: ``[E, 2F]``).  prefetch: arrays ``[E, ...]`` (the down
-    projection's) whose routed experts' slabs the kernel asks L2 to fetch while it works
-    (``l2_prefetch``; a hint, dropped in interpret mode or where it is not enabled)."""
+    None; biases float ``[E, F]`` (fused: ``[E, 2F]``)."""
     fn = "moe_gate_up_swiglu"
     wg, wu, bu, up_row0, F = _first(w_gate, b_gate, w_up, b_up, fn)
     E, M, D = wg.lead[0], h.shape[0], h.shape[-1]
@@ -257,15 +249,13 @@ def moe_gate_up_swiglu(h, logits, w_gate, b_gate, w_up=None, b_up=None, *, n_use
     if D != wg.I:
         raise WeightsError(f"{fn}: h [.., {D}] does not match experts of input size {wg.I}")
     p = plan("gate_up", block_n=block_n, block_k=block_k, num_warps=num_warps, flat=flat)
-    prefetch = tuple(a for a in prefetch if a.shape[:1] == (E,)) \
-        if l2_prefetch.enabled("moe") and not interpret else ()
     args = [h.reshape(M, wg.G, QK), logits.astype(F32), *_weight_arrays(wg, p),
-            jnp.asarray(b_gate, F32), *_weight_arrays(wu, p), jnp.asarray(bu, F32), *prefetch]
+            jnp.asarray(b_gate, F32), *_weight_arrays(wu, p), jnp.asarray(bu, F32)]
     # Row bounds for the masks: gate rows [0, F), up rows [up_row0, up_row0 + F).
     kernel = functools.partial(
         _gate_up_kernel, wg=dataclasses.replace(wg.static(), O=F),
         wu=dataclasses.replace(wu.static(), O=up_row0 + F), up_row0=up_row0, F=F, U=n_used, E=E, p=p,
-        cdt=jnp.dtype(cdt), alpha=float(alpha), limit=float(limit), n_prefetch=len(prefetch))
+        cdt=jnp.dtype(cdt), alpha=float(alpha), limit=float(limit))
     return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((M * n_used, F), F32),
                           grid=(M * n_used, cdiv(F, p.block_n)),
                           compiler_params=pltriton.CompilerParams(num_warps=p.num_warps,

@@ -101,7 +101,7 @@ def _block(p, x, cache, layer, positions, lengths, cos, sin, config, dtype):
         a, cache = cache_attention(q, k, v, cache, layer, positions, lengths=lengths,
                                    window=window, sinks=p["attn_sinks"]["weight"],
                                    scale=H ** -0.5, rope=(cos, sin, config.rope_type),
-                                   qkv=qkv, prefetch=p["attn_output"]["weight"])  # [B, T, N, H]
+                                   qkv=qkv)                                # [B, T, N, H]
         x = norm_linear(a.reshape(B, T, N * H), p["attn_output"]["weight"],
                         p["attn_output"]["bias"], dtype=dtype, residual=x)  # [B, T, D] f32
 

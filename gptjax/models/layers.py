@@ -347,7 +347,7 @@ def attention(q, k_cache, v_cache, q_positions, *, window=None, sinks=None, scal
 
 
 def cache_attention(q, k, v, cache, layer: int, q_positions, *, lengths=None, window=None,
-                    sinks=None, scale, rope=None, qkv=None, prefetch=None):
+                    sinks=None, scale, rope=None, qkv=None):
     """Store the T new tokens' keys/values in ``cache`` (gptjax.cache.KVCache) and attend the T
     new queries over layer ``layer``; the one call site the models use. Returns
     (out [B, T, N, H] in q.dtype, updated cache).
@@ -373,9 +373,6 @@ def cache_attention(q, k, v, cache, layer: int, q_positions, *, lengths=None, wi
     key/value into the cache (``decode_attention_update``: three XLA kernels fewer per layer).
     qkv: None, or the fused projection [B, T, (N + 2K) H] whose slices q, k, v are (given, that
     kernel reads it instead of the slices, which XLA would materialise in kernels of their own).
-    prefetch: None, or the weight the next projection reads (the attention output's, plain or
-    packed): that one-token kernel asks L2 to fetch its arrays while it works
-    (``pallas_kernels.l2_prefetch``; a hint, results unchanged).
 
     Implementation by ``pallas_kernels.kernel_mode()``: on a GPU (unless env
     ``GPTJAX_KERNELS=ref``; ``interpret`` runs them on CPU) the Pallas kernels, flash-decoding
@@ -397,8 +394,7 @@ def cache_attention(q, k, v, cache, layer: int, q_positions, *, lengths=None, wi
         cos, sin, rope_type = rope
         if mode != "ref" and T == 1 and lengths is None:
             return _fused_decode_attention(q, k, v, qkv, cache, in_ring, idx, q_positions, cos,
-                                           sin, rope_type, window, sinks, scale, interpret,
-                                           prefetch)
+                                           sin, rope_type, window, sinks, scale, interpret)
         q, k = apply_rope(q, cos, sin, rope_type), apply_rope(k, cos, sin, rope_type)
     if in_ring and T > 1:
         # Keys of the ring before this chunk overwrites them, then the chunk's own.
@@ -439,7 +435,7 @@ def cache_attention(q, k, v, cache, layer: int, q_positions, *, lengths=None, wi
 
 
 def _fused_decode_attention(q, k, v, qkv, cache, in_ring, idx, q_positions, cos, sin, rope_type,
-                            window, sinks, scale, interpret, prefetch=None):
+                            window, sinks, scale, interpret):
     """:func:`cache_attention` for one new token per row, every row real: RoPE, the cache write
     and the attention in ``pallas_kernels.decode_attention.decode_attention_update_qkv``."""
     from pallas_kernels.decode_attention import (decode_attention_update,
@@ -459,9 +455,7 @@ def _fused_decode_attention(q, k, v, qkv, cache, in_ring, idx, q_positions, cos,
         out, ks, vs = decode_attention_update(q[:, 0], k[:, 0], v[:, 0], ks, vs, *tables, **kw)
     else:                                                 # [B, (N + 2K) H], as the GEMV wrote it
         out, ks, vs = decode_attention_update_qkv(qkv[:, 0], ks, vs, *tables,
-                                                  n_heads=q.shape[2], out_dtype=q.dtype,
-                                                  prefetch=tuple(jax.tree_util.tree_leaves(prefetch)),
-                                                  **kw)
+                                                  n_heads=q.shape[2], out_dtype=q.dtype, **kw)
     cache = cache.replace(k_swa=ks, v_swa=vs) if in_ring else cache.replace(k=ks, v=vs)
     return out[:, None], cache
 

@@ -85,7 +85,7 @@ def _block(p, x, cache, layer, positions, lengths, cos, sin, config, dtype):
     window = config.sliding_window if config.sliding_window_pattern[layer] else None
     a, cache = cache_attention(q, k, v, cache, layer, positions, lengths=lengths, window=window,
                                scale=H ** -0.5, rope=(cos, sin, config.rope_type),
-                               qkv=qkv, prefetch=p["attn_output"]["weight"])  # RoPE inside
+                               qkv=qkv)                                    # RoPE inside
     x = norm_linear(a.reshape(B, T, N * H), p["attn_output"]["weight"],
                     p["attn_output"].get("bias"), dtype=dtype, residual=x)  # [B, T, D] f32
 

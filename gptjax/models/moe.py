@@ -332,8 +332,7 @@ def moe_block(x, p, config, norm, dtype):
                                 norm=norm, dtype=dtype, return_normed=True)  # [M, E] f32, [M, D] dtype
         firsts = [(p[n_]["weight"].data, p[n_]["bias"]) for n_ in _first_names(p)]
         (wg, bg), (wu, bu) = firsts if len(firsts) == 2 else (firsts[0], (None, None))
+        h = md.moe_gate_up_swiglu(n, logits, wg, bg, wu, bu, **kw)            # [M*U, F] f32
         pd = p["ffn_down_exps"]
-        h = md.moe_gate_up_swiglu(n, logits, wg, bg, wu, bu, **kw,            # [M*U, F] f32
-                                  prefetch=tuple(jax.tree_util.tree_leaves(pd["weight"].data)))
         return md.moe_down_combine(h, logits, pd["weight"].data, pd["bias"], x, **kw)
     return x + moe(norm(x, out_dtype=dtype), p, config)
