@@ -183,6 +183,15 @@ DECODE_CASES = {  # B, N, K, S, H, lengths, window, sinks, dtype, tiling
                                     dict(block_k=16, num_splits=8)),
     "G8_splits12_bf16": (2, 16, 2, 200, 64, [3, 200], None, False, jnp.bfloat16,
                          dict(block_k=16, num_splits=12)),
+    # one split: the kernel normalises its output itself (sinks, a window, an empty row, G and
+    # H not powers of two: padded rows / columns sliced off); and the same forced to the XLA
+    # merge
+    "G3_H24_one_split_sinks_window": (3, 6, 2, 70, 24, [0, 30, 70], 20, True, jnp.float32,
+                                      dict(block_k=16, num_splits=1)),
+    "G8_one_split_bf16_no_sinks": (2, 16, 2, 40, 64, [5, 33], None, False, jnp.bfloat16,
+                                   dict(block_k=16, num_splits=1)),
+    "one_split_xla_merge_sinks": (2, 6, 2, 40, 24, [0, 33], None, True, jnp.float32,
+                                  dict(block_k=16, num_splits=1, combine="xla")),
 }
 
 
@@ -283,6 +292,12 @@ UPDATE_CASES = {  # L, B, N, K, S, H, positions, ring, window, sinks, rope, dtyp
     # 8 splits: the new token in split 0 and the Pallas merge of the splits
     "full_neox_splits8": (1, 1, 8, 1, 200, 64, [150], False, None, True, "neox",
                           jnp.bfloat16, dict(block_k=16, num_splits=8)),
+    # one split: normalised in the kernel (sinks; G = 3, H = 24 padded; a window) -- and a
+    # ring without sinks
+    "full_one_split_sinks_G3": (2, 2, 6, 2, 48, 24, [5, 47], False, 16, True, "neox",
+                                jnp.float32, dict(block_k=16, num_splits=1)),
+    "ring_one_split_bf16": (3, 2, 8, 2, 16, 32, [3, 37], True, None, False, "norm",
+                            jnp.bfloat16, dict(block_k=16, num_splits=1)),
 }
 
 
