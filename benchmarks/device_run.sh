@@ -88,6 +88,9 @@ for step in "$@"; do
                -k "bf16_dots or moe or identity" 2>&1 | tail -8 ;;
     next-first) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_moe_route.py 2>&1 | tail -3
                timeout 300 python3 benchmarks/gpt_oss_targets.py --skip b1,long,memory --out "$OUT/results.md" ;;
+    final-11)
+      timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention_kernels.py tests/test_kernels_e2e.py 2>&1 | tail -4
+      timeout 420 python3 benchmarks/gpt_oss_targets.py --out "$OUT/results.md" ;;
     final-tests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_moe_route.py tests/test_matmul_kernels.py \
                tests/test_moe_decode.py tests/test_fused_gemv.py tests/test_kernels_e2e.py 2>&1 | tail -8 ;;
     grouped-asm) timeout 400 python3 benchmarks/mxfp4_dot_variants.py --asm ;;

@@ -138,9 +138,10 @@ def _attend_span(q, k_ref, v_ref, span, carry, *, block_k, head_dim, scale, skip
 
 def _emit(outs, acc, m, l, *, kh, G):
     """The end of a decode program: the split partials into ``outs`` = (o_ref [Gp, Hp], m_ref,
-    l_ref [Gp]), or -- one split, ``outs`` = (out_ref [Gp, Hp] in the output dtype, sink_ref
-    [N] or None) -- :func:`combine_splits` of that one split, done here (same float32
-    operations as the merge; rows g >= G and columns >= H are padding)."""
+    l_ref [Gp]), or -- one split, ``outs`` = (out_ref in the output dtype, sink_ref [N] or
+    None) -- :func:`combine_splits` of that one split, done here (same float32 operations as
+    the merge).  out_ref is the [G, H] block of heads kh G .. kh G + G - 1 of the [B, N, H]
+    output where G and H are powers of two (:func:`_one_out`), else a padded [Gp, Hp] tile."""
     if len(outs) == 3:
         o_ref, m_ref, l_ref = outs
         o_ref[...] = acc
@@ -160,6 +161,11 @@ def _emit(outs, acc, m, l, *, kh, G):
     if sink_ref is not None:
         denom = denom + jnp.exp(sink - M)
     out = (w[:, None] * acc) / jnp.where(denom == 0, 1.0, denom)[:, None]          # [Gp, Hp]
+    Gp, Hp = out.shape
+    if out_ref.shape[0] < Gp:       # [G, H] block of [B, N, H]: the first G of the Gp rows
+        f = Gp // out_ref.shape[0]
+        out = out.reshape(f, Gp // f, Hp)
+        out = jnp.sum(jnp.where(jnp.arange(f)[:, None, None] == 0, out, 0.0), axis=0)
     out_ref[...] = out.astype(out_ref.dtype)
 
 
@@ -167,8 +173,7 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, *refs, block_k, num_splits, win
                    scale, has_sinks, finish):
     # len_ref: [] int32; q_ref: the whole [B, K, G, H] (read padded to [Gp, Hp] with a mask:
     # no pad kernel before the call); k_ref, v_ref: [S, H]; refs: o_ref [Gp, Hp], m_ref, l_ref
-    # [Gp] f32 blocks; or, finishing one split, (sink_ref [N] if has_sinks, out_ref [Gp, Hp])
-    # (_emit)
+    # [Gp] f32 blocks; or, finishing one split, (sink_ref [N] if has_sinks, out_ref) (_emit)
     outs = (refs[-1], refs[0] if has_sinks else None) if finish else refs
     b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     S = k_ref.shape[0]
@@ -215,8 +220,8 @@ def _update_kernel(len_ref, slot_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in, *re
     # fused projection (q heads, then k, then v), before RoPE; k_ref / v_ref [S, H] are the
     # output aliases of k_in / v_in (one buffer).  Split 0 takes the new token from registers
     # and writes it to slot slot_ref; no program reads that slot from memory, so the write
-    # races nothing.  refs: finishing one split: (sink_ref if has_sinks, out_ref [Gp, Hp], k_ref,
-    # v_ref); else (o_ref, m_ref, l_ref, k_ref, v_ref) (see _emit).
+    # races nothing.  refs: finishing one split: (sink_ref if has_sinks, out_ref, k_ref, v_ref);
+    # else (o_ref, m_ref, l_ref, k_ref, v_ref) (see _emit).
     del k_in, v_in
     if finish:
         sink_ref = refs[0] if has_sinks else None
@@ -302,6 +307,7 @@ def decode_attention_update_qkv(qkv, k_cache, v_cache, lengths, slots, cos, sin,
     kv_spec = pl.BlockSpec((None, None, None, S, H), lambda b, k, s: (layer, b, k, 0, 0))
     out_dtype = k_cache.dtype if out_dtype is None else out_dtype
     finish = one_split_in_kernel(P, combine)
+    one_spec, one_shape, unpad = _one_out(B, N, K, H, out_dtype)
     sink_args = [sinks.astype(F32)] if finish and sinks is not None else []
     kernel = functools.partial(_update_kernel, block_k=block_k, num_splits=P, window=window,
                                head_dim=H, n_heads=N, n_kv_heads=K, scale=float(scale),
@@ -314,10 +320,8 @@ def decode_attention_update_qkv(qkv, k_cache, v_cache, lengths, slots, cos, sin,
                   pl.BlockSpec((None,), lambda b, k, s: (b,)),
                   pl.no_block_spec, pl.no_block_spec, pl.no_block_spec, kv_spec, kv_spec]
                  + [pl.no_block_spec] * len(sink_args),
-        out_specs=([_one_out_spec(Gp, Hp)] if finish else _split_out_specs(Gp, Hp))
-        + [kv_spec, kv_spec],
-        out_shape=([jax.ShapeDtypeStruct((B, K, Gp, Hp), out_dtype)] if finish else
-                   _split_out_shapes(B, K, P, Gp, Hp))
+        out_specs=([one_spec] if finish else _split_out_specs(Gp, Hp)) + [kv_spec, kv_spec],
+        out_shape=([one_shape] if finish else _split_out_shapes(B, K, P, Gp, Hp))
         + [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
            jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)],
         input_output_aliases={5: n_out, 6: n_out + 1},
@@ -327,7 +331,7 @@ def decode_attention_update_qkv(qkv, k_cache, v_cache, lengths, slots, cos, sin,
     )(lengths.astype(jnp.int32), slots.astype(jnp.int32), qkv, cos.astype(F32), sin.astype(F32),
       k_cache, v_cache, *sink_args)
     if finish:
-        return outs[0][:, :, :G, :H].reshape(B, N, H), k_cache, v_cache
+        return unpad(outs[0]), k_cache, v_cache
     return merge_splits(*outs, sinks, G, H, out_dtype, combine, interpret), k_cache, v_cache
 
 
@@ -426,6 +430,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, window=None, sinks=None, s
     else:
         kv_spec = pl.BlockSpec((None, None, None, S, H), lambda b, k, s: (layer, b, k, 0, 0))
     finish = one_split_in_kernel(P, combine)
+    one_spec, one_shape, unpad = _one_out(B, N, K, H, q.dtype)
     kernel = functools.partial(_decode_kernel, block_k=block_k, num_splits=P, window=window,
                                head_dim=H, scale=float(scale), has_sinks=sinks is not None,
                                finish=finish)
@@ -439,15 +444,14 @@ def decode_attention(q, k_cache, v_cache, lengths, *, window=None, sinks=None, s
             kv_spec,
             kv_spec,
         ] + [pl.no_block_spec] * len(sink_args),
-        out_specs=[_one_out_spec(Gp, Hp)] if finish else _split_out_specs(Gp, Hp),
-        out_shape=[jax.ShapeDtypeStruct((B, K, Gp, Hp), q.dtype)] if finish else
-        _split_out_shapes(B, K, P, Gp, Hp),
+        out_specs=[one_spec] if finish else _split_out_specs(Gp, Hp),
+        out_shape=[one_shape] if finish else _split_out_shapes(B, K, P, Gp, Hp),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="decode_attention",
     )(lengths.astype(jnp.int32), qp, k_cache, v_cache, *sink_args)
     if finish:
-        return outs[0][:, :, :G, :H].reshape(B, N, H)
+        return unpad(outs[0])
     return merge_splits(*outs, sinks, G, H, q.dtype, combine, interpret)
 
 
@@ -458,8 +462,19 @@ def one_split_in_kernel(P: int, combine) -> bool:
     return P == 1 and combine != "xla"
 
 
-def _one_out_spec(Gp, Hp):
-    return pl.BlockSpec((None, None, Gp, Hp), lambda b, k, s: (b, k, 0, 0))
+def _one_out(B, N, K, H, dtype):
+    """(out_spec, out_shape, finish) of a decode kernel that normalises its one split itself:
+    [B, N, H] directly, a [G, H] block per program, where G = N / K and H are powers of two
+    (gpt-oss: 8 x 64); otherwise [B, K, Gp, Hp] padded tiles, ``finish`` slicing them (an XLA
+    kernel)."""
+    G = N // K
+    Gp, Hp = max(MIN_DOT, next_pow2(G)), max(MIN_DOT, next_pow2(H))
+    if G == next_pow2(G) and H == Hp:
+        return (pl.BlockSpec((None, G, H), lambda b, k, s: (b, k, 0)),
+                jax.ShapeDtypeStruct((B, N, H), dtype), lambda out: out)
+    return (pl.BlockSpec((None, None, Gp, Hp), lambda b, k, s: (b, k, 0, 0)),
+            jax.ShapeDtypeStruct((B, K, Gp, Hp), dtype),
+            lambda out: out[:, :, :G, :H].reshape(B, N, H))
 
 
 def _split_out_specs(Gp, Hp):

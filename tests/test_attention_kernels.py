@@ -190,6 +190,8 @@ DECODE_CASES = {  # B, N, K, S, H, lengths, window, sinks, dtype, tiling
                                       dict(block_k=16, num_splits=1)),
     "G8_one_split_bf16_no_sinks": (2, 16, 2, 40, 64, [5, 33], None, False, jnp.bfloat16,
                                    dict(block_k=16, num_splits=1)),
+    "G8_one_split_sinks_empty_row": (2, 16, 2, 40, 64, [0, 33], None, True, jnp.float32,
+                                     dict(block_k=16, num_splits=1)),
     "one_split_xla_merge_sinks": (2, 6, 2, 40, 24, [0, 33], None, True, jnp.float32,
                                   dict(block_k=16, num_splits=1, combine="xla")),
 }
