@@ -467,9 +467,9 @@ def one_split_in_kernel(P: int, combine) -> bool:
 
 
 def _one_out(B, N, K, H, dtype):
-    """(out_spec, out_shape, finish) of a decode kernel that normalises its one split itself:
+    """(out_spec, out_shape, unpad) of a decode kernel that normalises its one split itself:
     [B, N, H] directly, a [G, H] block per program, where G = N / K and H are powers of two
-    (gpt-oss: 8 x 64); otherwise [B, K, Gp, Hp] padded tiles, ``finish`` slicing them (an XLA
+    (gpt-oss: 8 x 64); otherwise [B, K, Gp, Hp] padded tiles, ``unpad`` slicing them (an XLA
     kernel)."""
     G = N // K
     Gp, Hp = max(MIN_DOT, next_pow2(G)), max(MIN_DOT, next_pow2(H))

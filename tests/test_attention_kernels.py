@@ -192,6 +192,8 @@ DECODE_CASES = {  # B, N, K, S, H, lengths, window, sinks, dtype, tiling
                                    dict(block_k=16, num_splits=1)),
     "G8_one_split_sinks_empty_row": (2, 16, 2, 40, 64, [0, 33], None, True, jnp.float32,
                                      dict(block_k=16, num_splits=1)),
+    "G1_one_split_window": (2, 4, 4, 24, 64, [7, 20], 8, False, jnp.float32,
+                            dict(block_k=16, num_splits=1)),                # GPT-2-like MHA
     "one_split_xla_merge_sinks": (2, 6, 2, 40, 24, [0, 33], None, True, jnp.float32,
                                   dict(block_k=16, num_splits=1, combine="xla")),
 }
