@@ -53,6 +53,7 @@ from jax.experimental.pallas import triton as pltriton
 from gptjax.errors import WeightsError
 from gptjax.models.moe import swiglu_oai
 from pallas_kernels import mxfp4_matmul as mx
+from pallas_kernels.decode_attention import next_pow2
 from pallas_kernels.mxfp4_matmul import QK, _iota, _ix, cdiv
 
 __all__ = ["moe_gate_up_swiglu", "moe_gate_up_swiglu_ref", "moe_down_combine",
@@ -99,7 +100,7 @@ def _ranks(logits_ref, t, E: int):
     many experts come before i in ``lax.top_k`` order (a larger logit, or an equal one with a
     lower id).  One [Ep, Ep] comparison and one reduction (not U rounds of max-then-argmin:
     a chain of dependent cross-warp reductions at the start of every program)."""
-    Ep = 1 << (E - 1).bit_length()
+    Ep = next_pow2(E)
     idx = _iota(Ep)
     lg = pltriton.load(logits_ref.at[_ix(t), pl.ds(0, Ep)], mask=idx < E, other=-jnp.inf)
     li, lj = lg[:, None], lg[None, :]
