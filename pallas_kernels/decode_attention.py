@@ -87,6 +87,12 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def tile_dims(G: int, H: int) -> tuple[int, int]:
+    """(Gp, Hp): the [Gp, Hp] register tile of a kv head's G query heads of size H (powers of
+    two, every dot dimension >= :data:`MIN_DOT`)."""
+    return max(MIN_DOT, next_pow2(G)), max(MIN_DOT, next_pow2(H))
+
+
 def dot_f32(a, b, *, trans_b=False):
     """2-D a @ b (or a @ b.T) accumulated in float32, usable inside a Triton kernel.
 
@@ -182,7 +188,7 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, *refs, block_k, num_splits, win
     b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     S = k_ref.shape[0]
     G = q_ref.shape[2]
-    Gp, Hp = max(MIN_DOT, next_pow2(G)), max(MIN_DOT, next_pow2(head_dim))
+    Gp, Hp = tile_dims(G, head_dim)
     span = _split_span(len_ref[()], S, window, num_splits, block_k, split)
     h_ok = (jnp.arange(Hp) < head_dim)[None, :]                       # [1, Hp]
     q_ok = (jnp.arange(Gp) < G)[:, None] & h_ok
@@ -237,7 +243,7 @@ def _update_kernel(len_ref, slot_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in, *re
     S = k_ref.shape[0]
     H, N, K = head_dim, n_heads, n_kv_heads
     G = N // K
-    Gp, Hp = max(MIN_DOT, next_pow2(G)), max(MIN_DOT, next_pow2(H))
+    Gp, Hp = tile_dims(G, H)
     length, new_slot = len_ref[()], slot_ref[()]
     span = _split_span(length, S, window, num_splits, block_k, split)
 
@@ -307,7 +313,7 @@ def decode_attention_update_qkv(qkv, k_cache, v_cache, lengths, slots, cos, sin,
         raise GptjaxError(f"{name}: rope_type {rope_type!r}: expected 'neox' or 'norm'")
     P = default_num_splits(B, K, S, block_k) if num_splits is None else int(num_splits)
     G = N // K
-    Gp, Hp = max(MIN_DOT, next_pow2(G)), max(MIN_DOT, next_pow2(H))
+    Gp, Hp = tile_dims(G, H)
     kv_spec = pl.BlockSpec((None, None, None, S, H), lambda b, k, s: (layer, b, k, 0, 0))
     out_dtype = k_cache.dtype if out_dtype is None else out_dtype
     finish = one_split_in_kernel(P, combine)
@@ -426,7 +432,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, window=None, sinks=None, s
     if P < 1:
         raise GptjaxError(f"decode_attention: {num_splits=} must be >= 1")
     G = N // K
-    Gp, Hp = max(MIN_DOT, next_pow2(G)), max(MIN_DOT, next_pow2(H))
+    Gp, Hp = tile_dims(G, H)
     qp = q.reshape(B, K, G, H)                       # cast and padded inside the kernel
 
     if layer is None:
@@ -472,7 +478,7 @@ def _one_out(B, N, K, H, dtype):
     (gpt-oss: 8 x 64); otherwise [B, K, Gp, Hp] padded tiles, ``unpad`` slicing them (an XLA
     kernel)."""
     G = N // K
-    Gp, Hp = max(MIN_DOT, next_pow2(G)), max(MIN_DOT, next_pow2(H))
+    Gp, Hp = tile_dims(G, H)
     if G == next_pow2(G) and H == Hp:
         return (pl.BlockSpec((None, G, H), lambda b, k, s: (b, k, 0)),
                 jax.ShapeDtypeStruct((B, N, H), dtype), lambda out: out)
