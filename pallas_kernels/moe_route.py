@@ -41,7 +41,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from gptjax.errors import WeightsError
 from pallas_kernels.decode_attention import next_pow2
-from pallas_kernels.mxfp4_matmul import _ix, inverse_order, moe_n_tiles, moe_tiles
+from pallas_kernels.mxfp4_matmul import _iota, _ix, inverse_order, moe_n_tiles, moe_tiles
 
 __all__ = ["Route", "moe_route", "moe_route_ref", "fits", "MAX_ELEMS"]
 
@@ -75,14 +75,10 @@ def _warps(T: int, E: int) -> int:
     return 8 if next_pow2(T) * next_pow2(E) >= 2048 else 4
 
 
-def _iota(n, axis=0, shape=None):
-    return lax.broadcasted_iota(I32, shape or (n,), axis)
-
-
 def _route_kernel(logits_ref, w_ref, ids_ref, inv_ref, order_ref, tiles_ref, *, T, E, U, bm, NT):
     Tp, Ep, NTp = next_pow2(T), next_pow2(E), next_pow2(NT)
     t_ok = _iota(Tp) < T                                                   # [Tp]
-    e_idx = _iota(Ep, 1, (Tp, Ep))                                         # [Tp, Ep]
+    e_idx = lax.broadcasted_iota(I32, (Tp, Ep), 1)                         # [Tp, Ep]
     ok2 = t_ok[:, None] & (e_idx < E)
     lg = pltriton.load(logits_ref.at[pl.ds(0, Tp), pl.ds(0, Ep)], mask=ok2, other=-jnp.inf)
 
@@ -126,7 +122,7 @@ def _route_kernel(logits_ref, w_ref, ids_ref, inv_ref, order_ref, tiles_ref, *, 
     t_start = t_end - n_t
     i = _iota(NTp)                                                        # [NTp]
     e_i = jnp.minimum(jnp.sum((t_end[None, :] <= i[:, None]).astype(I32), axis=1), E - 1)
-    hit = _iota(Ep, 1, (NTp, Ep)) == e_i[:, None]                         # [NTp, Ep] one-hot
+    hit = lax.broadcasted_iota(I32, (NTp, Ep), 1) == e_i[:, None]         # [NTp, Ep] one-hot
 
     def at_e(v):
         return jnp.sum(jnp.where(hit, v[None, :], 0), axis=1)
