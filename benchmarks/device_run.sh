@@ -100,6 +100,19 @@ for step in "$@"; do
     ncu-q8) timeout 170 /usr/local/cuda/bin/ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats --section SchedulerStats -k regex:"q8_0_matmul" --launch-skip 2 --launch-count 2 python3 benchmarks/ncu_q8.py 2>&1 | grep -v "^==PROF==" ;;
     ncu-grouped) timeout 300 /usr/local/cuda/bin/ncu --section WarpStateStats --section InstructionStats --print-details all -k regex:"mxfp4_moe_grouped" --launch-skip 4 --launch-count 1 python3 benchmarks/ncu_moe.py 2>&1 | grep -v "^==PROF==" ;;
     profile-gpt2) timeout 120 python3 benchmarks/profile_decode.py --gpt2 --new 64 --top 30 --hlo-dump /tmp/hlo_gpt2 ;;
+    pdl-probe)
+      python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__)"
+      for f in "" "--xla_gpu_enable_pdl=false" "--xla_gpu_enable_pdl=true" "--xla_gpu_enable_pdl=true --xla_gpu_enable_pdl_launch=true"; do
+        rm -rf /tmp/pd; XLA_FLAGS="$f --xla_dump_to=/tmp/pd" timeout 120 python3 benchmarks/pdl_probe.py /tmp/pd 2>&1 | tail -4
+      done
+      for f in "--xla_gpu_enable_pdl=false" "--xla_gpu_enable_pdl=true" "--xla_gpu_enable_pdl=false"; do
+        echo "--- b1 XLA_FLAGS=$f"
+        XLA_FLAGS="$f" timeout 150 python3 benchmarks/gpt_oss_targets.py --skip long,pp512,b64,memory 2>&1 | grep -i "tok/s\|b1\|error" | head -8
+      done
+      for f in "--xla_gpu_enable_pdl=true" "--xla_gpu_enable_pdl=false"; do
+        echo "--- b64 XLA_FLAGS=$f"
+        XLA_FLAGS="$f" timeout 150 python3 benchmarks/gpt_oss_targets.py --skip b1,long,pp512,memory 2>&1 | grep -i "tok/s\|b64\|error" | head -8
+      done ;;
     gpu-tests) python3 -m pytest -q -m gpu tests 2>&1 | tail -30 ;;
     *) echo "unknown step $step" ;;
   esac
