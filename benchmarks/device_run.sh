@@ -113,16 +113,6 @@ for step in "$@"; do
         echo "--- b64 XLA_FLAGS=$f"
         XLA_FLAGS="$f" timeout 150 python3 benchmarks/gpt_oss_targets.py --skip b1,long,pp512,memory 2>&1 | grep -i "tok/s\|b64\|error" | head -8
       done ;;
-    pdl-trigger)
-      timeout 120 python3 benchmarks/pdl_probe.py 2>&1 | tail -4
-      for t in 1 0 1 0; do
-        echo "--- b1 GPTJAX_PDL_TRIGGER=$t"
-        GPTJAX_PDL_TRIGGER=$t timeout 150 python3 benchmarks/gpt_oss_targets.py --skip long,pp512,b64,memory 2>&1 | grep -i "tok/s\|error" | head -4
-      done
-      for t in 1 0; do
-        echo "--- b64 GPTJAX_PDL_TRIGGER=$t"
-        GPTJAX_PDL_TRIGGER=$t timeout 150 python3 benchmarks/gpt_oss_targets.py --skip b1,long,pp512,memory 2>&1 | grep -i "tok/s\|error" | head -4
-      done ;;
     gpu-tests) python3 -m pytest -q -m gpu tests 2>&1 | tail -30 ;;
     *) echo "unknown step $step" ;;
   esac

@@ -64,7 +64,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from gptjax.errors import GptjaxError
-from pallas_kernels import pdl
 
 F32 = jnp.float32
 
@@ -186,7 +185,7 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, *refs, block_k, num_splits, win
     # no pad kernel before the call); k_ref, v_ref: [S, H]; refs: o_ref [Gp, Hp], m_ref, l_ref
     # [Gp] f32 blocks; or, finishing one split, (sink_ref [N] if has_sinks, out_ref) (_emit)
     outs = (refs[-1], refs[0] if has_sinks else None) if finish else refs
-    b, kh, split = pdl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     S = k_ref.shape[0]
     G = q_ref.shape[2]
     Gp, Hp = tile_dims(G, head_dim)
@@ -240,7 +239,7 @@ def _update_kernel(len_ref, slot_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in, *re
         outs = (out_ref, sink_ref)
     else:
         *outs, k_ref, v_ref = refs
-    b, kh, split = pdl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, kh, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     S = k_ref.shape[0]
     H, N, K = head_dim, n_heads, n_kv_heads
     G = N // K
@@ -537,7 +536,7 @@ def _combine_kernel(*refs, G, H, has_sinks):
     o_ref, m_ref, l_ref = refs[:3]
     sink_ref = refs[3] if has_sinks else None
     out_ref = refs[-1]
-    b, n = pdl.program_id(0), pl.program_id(1)
+    b, n = pl.program_id(0), pl.program_id(1)
     kh, g = lax.div(n, np.int32(G)), lax.rem(n, np.int32(G))
     P, Hp = m_ref.shape[2], o_ref.shape[-1]
     Pp = next_pow2(P)

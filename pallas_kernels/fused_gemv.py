@@ -56,7 +56,6 @@ from jax.experimental.pallas import triton as pltriton
 
 from gptjax.errors import WeightsError
 from pallas_kernels import mxfp4_matmul as mx
-from pallas_kernels import pdl
 from pallas_kernels import q8_matmul as q8
 from pallas_kernels.mxfp4_matmul import QK, _W, _iota, _ix, cdiv
 
@@ -267,7 +266,7 @@ def _kernel(*refs, kind: str, w: _W, M: int, p: Plan, norm, eps, act, round_to, 
     h_ref = next(it) if norm_out else None
 
     gt, bn = p.block_k // QK, p.block_n
-    n0 = pdl.program_id(0) * bn
+    n0 = pl.program_id(0) * bn
     rows = tuple(range(M))
     stats = tuple(_row_stats(x_ref, r, w.G, gt, w.I, norm, eps) for r in rows) if norm else None
 

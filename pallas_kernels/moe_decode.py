@@ -53,7 +53,6 @@ from jax.experimental.pallas import triton as pltriton
 from gptjax.errors import WeightsError
 from gptjax.models.moe import swiglu_oai
 from pallas_kernels import mxfp4_matmul as mx
-from pallas_kernels import pdl
 from pallas_kernels.decode_attention import next_pow2
 from pallas_kernels.mxfp4_matmul import QK, _iota, _ix, cdiv
 
@@ -161,7 +160,7 @@ def _gate_up_kernel(h_ref, logits_ref, *refs, wg, wu, up_row0, F, U, E, p, cdt, 
     wg_refs, bg_ref = refs[:n_g], refs[n_g]
     wu_refs, bu_ref = refs[n_g + 1:2 * n_g + 1], refs[2 * n_g + 1]
     out_ref = refs[-1]
-    r, i_n = pdl.program_id(0), pl.program_id(1)
+    r, i_n = pl.program_id(0), pl.program_id(1)
     t, u = lax.div(r, np.int32(U)), lax.rem(r, np.int32(U))
     e, _ = _slot(*_ranks(logits_ref, t, E), u, E)
     gt, bn = p.block_k // QK, p.block_n
@@ -181,7 +180,7 @@ def _gate_up_kernel(h_ref, logits_ref, *refs, wg, wu, up_row0, F, U, E, p, cdt, 
 def _down_kernel(h_ref, logits_ref, *refs, w, U, E, p):
     n_w = len(w.arrays)
     w_refs, b_ref, res_ref, out_ref = refs[:n_w], refs[n_w], refs[n_w + 1], refs[-1]
-    t, i_n = pdl.program_id(0), pl.program_id(1)
+    t, i_n = pl.program_id(0), pl.program_id(1)
     ids, weights = _route(logits_ref, t, E, U)
     gt, bn = p.block_k // QK, p.block_n
     n0 = i_n * bn

@@ -40,7 +40,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from gptjax.errors import WeightsError
-from pallas_kernels import pdl
 from pallas_kernels.decode_attention import next_pow2
 from pallas_kernels.mxfp4_matmul import _iota, _ix, inverse_order, moe_n_tiles, moe_tiles
 
@@ -78,7 +77,7 @@ def _warps(T: int, E: int) -> int:
 
 def _route_kernel(logits_ref, w_ref, ids_ref, inv_ref, order_ref, tiles_ref, *, T, E, U, bm, NT):
     Tp, Ep, NTp = next_pow2(T), next_pow2(E), next_pow2(NT)
-    t_ok = (_iota(Tp) + pdl.program_id(0)) < T               # [Tp]; one program (id 0)
+    t_ok = _iota(Tp) < T                                                   # [Tp]
     e_idx = lax.broadcasted_iota(I32, (Tp, Ep), 1)                         # [Tp, Ep]
     ok2 = t_ok[:, None] & (e_idx < E)
     lg = pltriton.load(logits_ref.at[pl.ds(0, Tp), pl.ds(0, Ep)], mask=ok2, other=-jnp.inf)

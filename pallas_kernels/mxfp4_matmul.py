@@ -109,7 +109,6 @@ from jax.experimental.pallas import triton as pltriton
 
 from gptjax.errors import WeightsError
 from gptjax.quant import dequantize_mxfp4
-from pallas_kernels import pdl
 
 __all__ = [
     "Mxfp4Weights",
@@ -792,7 +791,7 @@ def _dense_kernel(*refs, w: _W, p: Plan, M: int, has_bias: bool, cdt, interpret:
     x_ref, w_refs = refs[0], refs[1:1 + n_w]
     bias_ref = refs[1 + n_w] if has_bias else None
     out_ref = refs[-1]
-    i_m, i_n, i_s = pdl.program_id(0), pl.program_id(1), pl.program_id(2)
+    i_m, i_n, i_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     gt, bn = p.block_k // QK, p.block_n
     steps = cdiv(cdiv(w.G, gt), p.k_splits)                       # K steps per split
     n0 = i_n * bn
@@ -930,7 +929,7 @@ def _pairs_kernel(*refs, w: _W, p: Plan, k: int, has_bias: bool, cdt):
     x_ref, ids_ref, w_refs = refs[0], refs[1], refs[2:2 + n_w]
     bias_ref = refs[2 + n_w] if has_bias else None
     out_ref = refs[-1]
-    r, i_n, i_s = pdl.program_id(0), pl.program_id(1), pl.program_id(2)
+    r, i_n, i_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e = jnp.clip(ids_ref[r], 0, w.lead[0] - 1)                              # expert of the pair
     t = lax.div(r, np.int32(k))
     gt, bn = p.block_k // QK, p.block_n
@@ -954,7 +953,7 @@ def _grouped_kernel(*refs, w: _W, p: Plan, has_bias: bool, cdt, interpret: bool)
     x_ref, tiles_ref, w_refs = refs[0], refs[1], refs[2:2 + n_w]
     bias_ref = refs[2 + n_w] if has_bias else None
     out_ref = refs[-1]
-    i, i_n = pdl.program_id(0), pl.program_id(1)
+    i, i_n = pl.program_id(0), pl.program_id(1)
     e = jnp.clip(tiles_ref[0, i], 0, w.lead[0] - 1)
     row0, row_end = tiles_ref[1, i], tiles_ref[2, i]
     gt, bn, bm = p.block_k // QK, p.block_n, p.block_m

@@ -39,7 +39,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from gptjax.errors import GptjaxError
-from pallas_kernels import pdl
 from pallas_kernels.decode_attention import (F32, MASK_VALUE, MIN_DOT, _einsum_f32, check_cache_args,
                                              dot_f32, next_pow2, use_kernel)
 
@@ -51,7 +50,7 @@ def _prefill_kernel(qs_ref, q_ref, k_ref, v_ref, *refs, block_q, block_k, Gp, n_
     # qs_ref: [] int32; q_ref: [R, Hp] with R = block_q * Gp; k_ref, v_ref: [S, H];
     # sink_ref (with sinks): [R] f32; o_ref: [R, Hp]
     sink_ref, o_ref = refs if has_sinks else (None, refs[0])
-    qi = n_q_blocks - 1 - pdl.program_id(2)                           # heavy blocks first
+    qi = n_q_blocks - 1 - pl.program_id(2)                           # heavy blocks first
     S = k_ref.shape[0]
     R, Hp = q_ref.shape
     t0 = qs_ref[()] + qi * block_q                                    # position of the first query
