@@ -113,6 +113,7 @@ for step in "$@"; do
         echo "--- b64 XLA_FLAGS=$f"
         XLA_FLAGS="$f" timeout 150 python3 benchmarks/gpt_oss_targets.py --skip b1,long,pp512,memory 2>&1 | grep -i "tok/s\|b64\|error" | head -8
       done ;;
+    router-b64) timeout 200 python3 benchmarks/router_b64.py --rows 64,512 ;;
     gpu-tests) python3 -m pytest -q -m gpu tests 2>&1 | tail -30 ;;
     *) echo "unknown step $step" ;;
   esac

@@ -1,0 +1,63 @@
+"""The gpt-oss router at batch decode (64 tokens) and prefill: RMSNorm + float32 router matmul
+as XLA runs it, with JAX's default matmul precision (TF32 for float32 operands on recent GPUs)
+and with ``precision=HIGHEST``: device time per call and the error against a float64 product.
+
+    python benchmarks/router_b64.py [--rows 64,512]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+from gptjax.models.layers import rms_norm  # noqa: E402
+from report import add_candidate, device_us_per_call  # noqa: E402
+
+F32 = jnp.float32
+
+
+def router(prec, transposed=False):
+    def f(x, g, w, b):
+        n = rms_norm(x, g, 1e-5, out_dtype=jnp.bfloat16)                     # [M, D] bf16
+        eq = "md,de->me" if transposed else "md,ed->me"
+        return jnp.einsum(eq, n.astype(F32), w, precision=prec, preferred_element_type=F32) + b
+    return f
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="64,512")
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    D, E = 2880, 32
+    g = jnp.asarray(rng.uniform(0.5, 1.5, D), F32)
+    w_np = (rng.standard_normal((E, D)) * 0.02).astype(np.float32)       # not bf16-valued
+    w, wt = jnp.asarray(w_np), jnp.asarray(np.ascontiguousarray(w_np.T))
+    b = jnp.asarray(rng.standard_normal(E) * 0.1, F32)
+    print(f"| rows | variant | µs | max |err| / max |logit| vs float64 |\n|---|---|---|---|")
+    for M in (int(r) for r in args.rows.split(",")):
+        x = jnp.asarray(rng.standard_normal((M, D)) * 3, F32)
+        n64 = np.asarray(rms_norm(x, g, 1e-5, out_dtype=jnp.bfloat16), np.float64)
+        want = n64 @ w_np.astype(np.float64).T + np.asarray(b, np.float64)
+        fns, labels = {}, {}
+        for label, prec, tr in (("default precision", None, False),
+                                ("HIGHEST", lax.Precision.HIGHEST, False),
+                                ("HIGHEST, weight stored [D, E]", lax.Precision.HIGHEST, True)):
+            name, y = add_candidate(fns, label, router(prec, tr), (x, g, wt if tr else w, b),
+                                    want=want.astype(np.float32), rtol=1e-2, prefix=f"r{M}_")
+            if name:
+                labels[name] = (label, float(np.max(np.abs(y - want)) / np.max(np.abs(want))))
+        times = device_us_per_call(fns)
+        for name, (label, err) in labels.items():
+            print(f"| {M} | {label} | {times[name]:.2f} | {err:.2e} |")
+
+
+if __name__ == "__main__":
+    main()
