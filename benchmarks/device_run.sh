@@ -114,11 +114,6 @@ for step in "$@"; do
         XLA_FLAGS="$f" timeout 150 python3 benchmarks/gpt_oss_targets.py --skip b1,long,pp512,memory 2>&1 | grep -i "tok/s\|b64\|error" | head -8
       done ;;
     router-b64) timeout 200 python3 benchmarks/router_b64.py --rows 64,512 ;;
-    attn-ab)
-      for cfg in "" "GPTJAX_ATTN_SPLITS=1 GPTJAX_ATTN_BK=128" "GPTJAX_ATTN_SPLITS=1 GPTJAX_ATTN_BK=256" "" "GPTJAX_ATTN_SPLITS=1 GPTJAX_ATTN_BK=256" "GPTJAX_ATTN_SPLITS=2 GPTJAX_ATTN_BK=128"; do
-        echo "--- b1 $cfg"
-        env $cfg timeout 150 python3 benchmarks/gpt_oss_targets.py --skip long,pp512,b64,memory 2>&1 | grep -i "tok/s\|error" | head -4
-      done ;;
     gpu-tests) python3 -m pytest -q -m gpu tests 2>&1 | tail -30 ;;
     *) echo "unknown step $step" ;;
   esac

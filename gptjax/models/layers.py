@@ -450,11 +450,6 @@ def _fused_decode_attention(q, k, v, qkv, cache, in_ring, idx, q_positions, cos,
         ks, vs, n_visible, slots = cache.k, cache.v, p + 1, p
     kw = dict(rope_type=rope_type, window=window, sinks=sinks, scale=float(scale), layer=idx,
               interpret=interpret)
-    import os  # EXPERIMENT (A/B of the tiling at batch 1; removed after measuring)
-    if os.environ.get("GPTJAX_ATTN_BK"):
-        kw["block_k"] = int(os.environ["GPTJAX_ATTN_BK"])
-    if os.environ.get("GPTJAX_ATTN_SPLITS") and ks.shape[-2] <= int(os.environ.get("GPTJAX_ATTN_MAXS", "256")):
-        kw["num_splits"] = int(os.environ["GPTJAX_ATTN_SPLITS"])
     tables = (n_visible, slots, cos[:, 0], sin[:, 0])
     if qkv is None:                                       # the projections ran one by one
         out, ks, vs = decode_attention_update(q[:, 0], k[:, 0], v[:, 0], ks, vs, *tables, **kw)
