@@ -45,6 +45,7 @@ weights decoded exactly (``gptjax.quant``), i.e. the XLA reference path.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -73,6 +74,12 @@ STATS_ONE_LOAD_BLOCKS = 128
 NORMS = (None, "rms", "layer")
 #: Weights with at most this many output rows get whole-row K steps (:func:`plan`).
 FEW_ROWS = 256
+#: Row groups: a plain weight of at most FEW_ROWS outputs (gpt-oss's router) takes up to this
+#: many rows, MAX_ROWS per program along a second grid axis (``supports(..., row_groups=True)``;
+#: each group re-reads the weight, which L2 holds).  Batch decode's router (64 rows): one kernel
+#: instead of an XLA RMSNorm and five kernels of a padded split-K matmul (benchmarks/RESULTS.md,
+#: twelfth session).  Env ``GPTJAX_FUSED_ROUTER_ROWS`` overrides (0: never).
+GROUP_MAX_ROWS = int(os.environ.get("GPTJAX_FUSED_ROUTER_ROWS", "64"))
 _STATIC = ("norm", "eps", "act", "round_to", "cdt", "norm_out", "block_n", "block_k",
            "num_warps", "interpret")
 
@@ -134,14 +141,21 @@ def _weight_kind(w) -> str | None:
     return None
 
 
-def supports(x_shape, w) -> bool:
-    """Whether :func:`fused_gemv` takes ``x [..., I]`` against ``w``: at most MAX_ROWS rows, a
-    2-D plain float / Q8_0 / MXFP4 weight, I a multiple of 32."""
+def supports(x_shape, w, *, row_groups: bool = False) -> bool:
+    """Whether :func:`fused_gemv` takes ``x [..., I]`` against ``w``: a 2-D plain float / Q8_0 /
+    MXFP4 weight, I a multiple of 32, at most MAX_ROWS rows -- or, with ``row_groups``, up to
+    GROUP_MAX_ROWS rows against a plain weight of at most FEW_ROWS outputs (:func:`max_rows`)."""
     kind = _weight_kind(w)
     rows = int(np.prod(x_shape[:-1])) if len(x_shape) > 1 else 1
-    if kind is None or rows > MAX_ROWS or x_shape[-1] % QK:
+    if kind is None or x_shape[-1] % QK or getattr(w, "ndim", 2) != 2:
         return False
-    return getattr(w, "ndim", 2) == 2
+    return rows <= (max_rows(kind, w.shape[0]) if row_groups else MAX_ROWS)
+
+
+def max_rows(kind: str, O: int) -> int:
+    """Rows :func:`fused_gemv` takes for a ``kind`` weight of O outputs (row groups: plain
+    weights of at most FEW_ROWS outputs)."""
+    return max(MAX_ROWS, GROUP_MAX_ROWS) if kind == "plain" and O <= FEW_ROWS else MAX_ROWS
 
 
 def _parse(w, fn: str) -> tuple[str, _W]:
@@ -169,7 +183,8 @@ class Plan(NamedTuple):
     num_warps: int
 
 
-def plan(kind: str, O: int, I: int, *, block_n=None, block_k=None, num_warps=None) -> Plan:
+def plan(kind: str, O: int, I: int, *, M: int = 1, block_n=None, block_k=None,
+         num_warps=None) -> Plan:
     """Default tiling, from the H100 sweep (benchmarks/fused_sweep.py, RESULTS.md):
     ``block_n`` output rows per program, as many as keep >= 2 programs per SM (132 SMs), 2 to
     16; plain weights: ``block_k`` 256 inputs per step for rows of <= 1024 (GPT-2 124M's
@@ -188,6 +203,10 @@ def plan(kind: str, O: int, I: int, *, block_n=None, block_k=None, num_warps=Non
         bk, nw = (2048, 8) if I >= 4096 else (1024, 4)
     if O <= FEW_ROWS:
         bk = 4096        # a handful of programs: one long step each, not a chain of short ones
+        if M > MAX_ROWS:
+            # row groups: every group re-reads the weight (from L2), so more outputs per
+            # program; the [4, 2048 / 32, 32] float32 tile keeps 64 registers per thread
+            bn, bk = (block_n or 4), 2048
     bk = block_k or min(bk, 1 << (max(QK, I) - 1).bit_length())
     nw = num_warps or nw
     for name, v in (("block_n", bn), ("block_k", bk)):
@@ -267,29 +286,35 @@ def _kernel(*refs, kind: str, w: _W, M: int, p: Plan, norm, eps, act, round_to, 
 
     gt, bn = p.block_k // QK, p.block_n
     n0 = pl.program_id(0) * bn
-    rows = tuple(range(M))
+    R = min(M, MAX_ROWS)                                   # rows of this program
+    if M > R:                       # row groups: grid axis 1 picks rows base .. base + R - 1
+        base = pl.program_id(1) * R
+        rows = tuple(jnp.minimum(base + i, M - 1) for i in range(R))        # loads: in range
+        row_ok = tuple(base + i < M for i in range(R))                      # stores: masked
+    else:
+        rows, row_ok = tuple(range(M)), (True,) * M
     stats = tuple(_row_stats(x_ref, r, w.G, gt, w.I, norm, eps) for r in rows) if norm else None
 
     first = pl.program_id(0) == 0            # read outside the loop (interpret mode needs that)
 
     def step(t, accs):
         g0 = t * gt
-        xs = tuple(_normed_x(x_ref, g_ref, b_ref, r, stats and stats[r], g0, gt, w.G, norm, cdt)
-                   for r in rows)
-        if norm_out:                                   # program 0 keeps the normalised rows
+        xs = tuple(_normed_x(x_ref, g_ref, b_ref, r, stats and stats[i], g0, gt, w.G, norm, cdt)
+                   for i, r in enumerate(rows))
+        if norm_out:               # the programs of output block 0 keep the normalised rows
             g_ok = ((g0 + _iota(gt)) < w.G)[:, None]
 
             @pl.when(first)
             def _():
-                for r, xt in zip(rows, xs):
+                for r, ok, xt in zip(rows, row_ok, xs):
                     pltriton.store(h_ref.at[_ix(r), pl.ds(g0, gt), pl.ds(0, QK)], xt.astype(cdt),
-                                   mask=g_ok)
+                                   mask=g_ok & ok)
         return ops.compute(accs, (*ops.w_tile(w, w_refs, n0, bn, g0, gt, w.G), xs))
 
     accs = lax.fori_loop(0, cdiv(w.G, gt), step, tuple(jnp.zeros((bn, gt), F32) for _ in rows))
     n_ok = (n0 + _iota(bn)) < w.O
     bias = pltriton.load(bias_ref.at[pl.ds(n0, bn)], mask=n_ok, other=0.0) if has_bias else None
-    for r, acc in zip(rows, accs):
+    for r, ok, acc in zip(rows, row_ok, accs):
         y = jnp.sum(acc, axis=1)                                            # [bn]
         if has_bias:
             y = y + bias
@@ -300,7 +325,7 @@ def _kernel(*refs, kind: str, w: _W, M: int, p: Plan, norm, eps, act, round_to, 
         if has_res:
             y = y + pltriton.load(res_ref.at[_ix(r), pl.ds(n0, bn)], mask=n_ok,
                                   other=0.0).astype(F32)
-        pltriton.store(out_ref.at[_ix(r), pl.ds(n0, bn)], y, mask=n_ok)
+        pltriton.store(out_ref.at[_ix(r), pl.ds(n0, bn)], y, mask=n_ok & ok)
 
 
 def _check(x, kind, wp: _W, norm, act, norm_weight, norm_bias, residual, fn):
@@ -330,8 +355,8 @@ def fused_gemv(x, w, bias=None, norm_weight=None, norm_bias=None, residual=None,
     ``(y, h)`` with h ``cdt [..., I]``, the normalised rows that the matmul consumed (written by
     program 0), for a next kernel that needs the same input.
 
-    x: float ``[..., I]`` with at most MAX_ROWS rows; w: plain float ``[O, I]``, or Q8_0 /
-    MXFP4 weights; bias: ``[O]`` or None; norm: None, "rms" (needs ``norm_weight [I]``) or
+    x: float ``[..., I]`` with at most MAX_ROWS rows (:func:`max_rows`: more against small
+    plain weights, in row groups); w: plain float ``[O, I]``, or Q8_0 / MXFP4 weights; bias: ``[O]`` or None; norm: None, "rms" (needs ``norm_weight [I]``) or
     "layer" (``norm_weight``, ``norm_bias [I]``), ``eps`` its epsilon; the normalised row is
     rounded to ``cdt``; act: None or "gelu_tanh"; residual: float ``[..., O]`` or None.
     """
@@ -340,10 +365,11 @@ def fused_gemv(x, w, bias=None, norm_weight=None, norm_bias=None, residual=None,
     _check(x, kind, wp, norm, act, norm_weight, norm_bias, residual, fn)
     lead = x.shape[:-1]
     M = int(np.prod(lead)) if lead else 1
-    if M > MAX_ROWS:
-        raise ValueError(f"{fn}: {M} rows; the fused GEMV takes at most {MAX_ROWS} "
-                         f"(use the unfused path: fused_gemv.supports)")
-    p = plan(kind, wp.O, wp.I, block_n=block_n, block_k=block_k, num_warps=num_warps)
+    if M > max_rows(kind, wp.O):
+        raise ValueError(f"{fn}: {M} rows; the fused GEMV takes at most "
+                         f"{max_rows(kind, wp.O)} here (use the unfused path: "
+                         f"fused_gemv.supports)")
+    p = plan(kind, wp.O, wp.I, M=M, block_n=block_n, block_k=block_k, num_warps=num_warps)
     def view(a, G):
         return a.reshape(a.shape[0], G, QK)
 
@@ -365,7 +391,8 @@ def fused_gemv(x, w, bias=None, norm_weight=None, norm_bias=None, residual=None,
     shapes = [jax.ShapeDtypeStruct((M, wp.O), F32)]
     if norm_out:
         shapes.append(jax.ShapeDtypeStruct((M, wp.G, QK), cdt))
-    outs = pl.pallas_call(kernel, out_shape=shapes, grid=(cdiv(wp.O, p.block_n),),
+    grid = (cdiv(wp.O, p.block_n), cdiv(M, MAX_ROWS))               # axis 1: row groups
+    outs = pl.pallas_call(kernel, out_shape=shapes, grid=grid,
                           compiler_params=pltriton.CompilerParams(num_warps=p.num_warps,
                                                                   num_stages=3),
                           interpret=interpret, name=f"fused_gemv_{kind}")(*args)

@@ -144,6 +144,56 @@ def test_fused_gemv_against_float64(case, interpret):
     assert np.all(np.abs(yr - want) <= bound)
 
 
+ROW_GROUP_CASES = [
+    # kind, M, O, I, norm, act, bias, residual, cdt: gpt-oss's router shape (64 tokens, 32
+    # experts, RMSNorm, bias, bf16 compute), odd row counts (a partial last group), O not a
+    # multiple of the 4-output block, LayerNorm + GELU + residual, a bf16 weight
+    ("plain_f32", 64, 32, 2880, "rms", None, True, False, jnp.bfloat16),
+    ("plain_f32", 3, 20, 96, "rms", None, True, False, jnp.bfloat16),
+    ("plain_bf16", 7, 36, 128, "layer", "gelu_tanh", False, True, jnp.float32),
+]
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("case", ROW_GROUP_CASES, ids=[f"{c[0]}-M{c[1]}-O{c[2]}" for c in
+                                                       ROW_GROUP_CASES])
+def test_fused_gemv_row_groups(case, interpret):
+    """More rows than MAX_ROWS against a small plain weight (``supports(row_groups=True)``):
+    float64 oracle with the bound of test_fused_gemv_against_float64, and every row (result and
+    normalised row) equal to the same row run alone with the same tiles (to float32 rounding;
+    bf16-rounded normalised rows exactly) -- a row group's program runs the single-row
+    arithmetic, so a wrong row index, clamp or store mask shows as a mismatch."""
+    kind, M, O, I, norm, act, has_bias, has_res, cdt = case
+    rng = np.random.default_rng(M * 1000 + O)
+    w, w64 = _weights(rng, kind, O, I)
+    assert fg.supports((M, I), w, row_groups=True) and not fg.supports((M, I), w)
+    x = jnp.asarray((rng.standard_normal((M, I)) * 3 + 1).astype(np.float32))
+    g = (rng.standard_normal(I) * 0.5 + 1).astype(np.float32)
+    b = (rng.standard_normal(I) * 0.1).astype(np.float32)
+    bias = rng.standard_normal(O).astype(np.float32) if has_bias else None
+    res = (rng.standard_normal((M, O)) * 4).astype(np.float32) if has_res else None
+    kw = dict(norm=norm, eps=1e-5, act=act, cdt=cdt, norm_out=True, interpret=interpret)
+    args = (w, None if bias is None else jnp.asarray(bias), jnp.asarray(g),
+            jnp.asarray(b) if norm == "layer" else None)
+    y, h = fg.fused_gemv(x, *args, None if res is None else jnp.asarray(res), **kw)
+    want, bound = _oracle(x, w64, bias, g, b, res, norm, 1e-5, act, None, cdt)
+    err = np.abs(np.asarray(y, np.float64) - want)
+    assert np.all(err <= bound), f"max err / bound {np.max(err / bound):.2f}"
+    tiles = fg.plan("plain", O, I, M=M)                 # the same tiles: the same sum order
+    for r in range(M):
+        y1, h1 = fg.fused_gemv(x[r:r + 1], *args, None if res is None else jnp.asarray(res[r:r + 1]),
+                               block_n=tiles.block_n, block_k=tiles.block_k, **kw)
+        # float32 rounding may differ in the last bits between two compilations (contracted
+        # multiply-adds); a wrong row is off by O(|y|)
+        np.testing.assert_allclose(np.asarray(y[r]), np.asarray(y1[0]), rtol=1e-5,
+                                   atol=1e-6 * float(np.max(np.abs(want))), err_msg=f"row {r}")
+        hr, h1r = np.asarray(h[r], np.float32), np.asarray(h1[0], np.float32)
+        if cdt == jnp.bfloat16:                          # rounded to bf16: the same values
+            np.testing.assert_array_equal(hr, h1r, err_msg=f"normalised row {r}")
+        else:
+            np.testing.assert_allclose(hr, h1r, rtol=1e-6, atol=1e-6, err_msg=f"normalised row {r}")
+
+
 @pytest.mark.parametrize("interpret", MODES)
 def test_fused_gemv_tilings(interpret):
     """Forced tiles (ragged O and K edges, one-block steps) give the default tiling's result."""
@@ -172,7 +222,12 @@ def test_supports_and_errors():
     with pytest.raises(WeightsError, match="residual"):
         fg.fused_gemv(x, w, residual=jnp.zeros((1, 9)), interpret=True)
     with pytest.raises(ValueError, match="at most"):
-        fg.fused_gemv(jnp.zeros((3, 64)), w, interpret=True)
+        fg.fused_gemv(jnp.zeros((3, 64)), jnp.zeros((300, 64)), interpret=True)   # O > FEW_ROWS
+    with pytest.raises(ValueError, match="at most"):
+        fg.fused_gemv(jnp.zeros((fg.GROUP_MAX_ROWS + 1, 64)), w, interpret=True)
+    assert fg.supports((3, 64), w, row_groups=True)                     # row groups: small plain w
+    assert not fg.supports((3, 64), jnp.zeros((300, 64)), row_groups=True)
+    assert not fg.supports((fg.GROUP_MAX_ROWS + 1, 64), w, row_groups=True)
     for act in ("relu", "gelu_erf"):                                    # no erf in Triton
         with pytest.raises(ValueError, match="act"):
             fg.fused_gemv(x, w, act=act, interpret=True)

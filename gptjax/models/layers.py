@@ -143,7 +143,7 @@ class Norm(NamedTuple):
 
 
 def norm_linear(x, w, b=None, *, norm: Norm | None = None, dtype, out_dtype=F32, act=None,
-                residual=None, return_normed=False):
+                residual=None, return_normed=False, row_groups=False):
     """A projection with its neighbours: ``act(norm(x) @ w.T + b)`` in ``out_dtype``, plus
     ``residual``.
 
@@ -158,13 +158,15 @@ def norm_linear(x, w, b=None, *, norm: Norm | None = None, dtype, out_dtype=F32,
     ``out_dtype`` values (the next kernel reads them without a conversion).  Everything else is
     the composition of :func:`layer_norm` / :func:`rms_norm`, :func:`linear`, :func:`gelu`, and
     returns ``out_dtype`` (float32 with a residual).  ``return_normed=True`` (with a norm):
-    returns ``(y, h)``, h = the normalised input in ``dtype``.
+    returns ``(y, h)``, h = the normalised input in ``dtype``.  ``row_groups=True``: more rows
+    go to the kernel where the weight is small (``fused_gemv.supports``: gpt-oss's router at
+    batch decode).
     """
     from pallas_kernels import kernel_mode
     from pallas_kernels import fused_gemv as fg
 
     mode = kernel_mode()
-    if mode != "ref" and act in fg.ACTS and fg.supports(x.shape, w):
+    if mode != "ref" and act in fg.ACTS and fg.supports(x.shape, w, row_groups=row_groups):
         round_to = None if jnp.dtype(out_dtype) == F32 else out_dtype
         return fg.fused_gemv(
             x, w, b,

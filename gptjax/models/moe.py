@@ -316,8 +316,9 @@ def moe_block(x, p, config, norm, dtype):
     Decode (M <= ``moe_decode.MAX_ROWS`` tokens) with the kernels on and MXFP4 experts runs as
     three Pallas kernels (pallas_kernels/moe_decode.py): the norm + router GEMV
     (``layers.norm_linear``, which also returns the normalised row), then gate/up with top-k and
-    SwiGLU inside, then down with the weighted sum and the residual add inside.  Everything
-    else: the XLA composition."""
+    SwiGLU inside, then down with the weighted sum and the residual add inside.  Where
+    :func:`experts_grouped_kernel` applies (batch decode), the norm and the router run as one
+    fused GEMV (its row groups) in front of it.  Everything else: the XLA composition."""
     from pallas_kernels import kernel_mode
     from pallas_kernels import moe_decode as md
 
@@ -335,4 +336,13 @@ def moe_block(x, p, config, norm, dtype):
         h = md.moe_gate_up_swiglu(n, logits, wg, bg, wu, bu, **kw)            # [M*U, F] f32
         pd = p["ffn_down_exps"]
         return md.moe_down_combine(h, logits, pd["weight"].data, pd["bias"], x, **kw)
+    if mode != "ref" and _grouped_kernel_ok(x, p, config):
+        # Batch decode: the norm and the router in one kernel where it takes the rows (the
+        # fused GEMV's row groups), else the same composition as moe()'s.
+        from gptjax.models.layers import norm_linear
+
+        router = p["ffn_gate_inp"]
+        logits, n = norm_linear(x, router["weight"], router["bias"], norm=norm, dtype=dtype,
+                                return_normed=True, row_groups=True)     # [M, E] f32, [M, D]
+        return x + experts_grouped_kernel(n, logits, p, config)
     return x + moe(norm(x, out_dtype=dtype), p, config)
