@@ -114,6 +114,14 @@ for step in "$@"; do
         XLA_FLAGS="$f" timeout 150 python3 benchmarks/gpt_oss_targets.py --skip b1,long,pp512,memory 2>&1 | grep -i "tok/s\|b64\|error" | head -8
       done ;;
     router-b64) timeout 200 python3 benchmarks/router_b64.py --rows 64,512 ;;
+    router-final)
+      timeout 200 python3 benchmarks/router_b64.py --rows 64,512
+      timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fused_gemv.py tests/test_kernels_e2e.py \
+               tests/test_moe_route.py 2>&1 | tail -4
+      for r in 64 0; do
+        echo "--- b64 GPTJAX_FUSED_ROUTER_ROWS=$r"
+        GPTJAX_FUSED_ROUTER_ROWS=$r timeout 140 python3 benchmarks/gpt_oss_targets.py --skip b1,long,pp512,memory 2>&1 | grep -i "tok/s\|error" | head -4
+      done ;;
     gpu-tests) python3 -m pytest -q -m gpu tests 2>&1 | tail -30 ;;
     *) echo "unknown step $step" ;;
   esac

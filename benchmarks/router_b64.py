@@ -1,6 +1,7 @@
 """The gpt-oss router at batch decode (64 tokens) and prefill: RMSNorm + float32 router matmul
 as XLA runs it, with JAX's default matmul precision (TF32 for float32 operands on recent GPUs)
-and with ``precision=HIGHEST``: device time per call and the error against a float64 product.
+and with ``precision=HIGHEST``, and as one fused GEMV kernel (``fused_gemv`` row groups, up to
+``GROUP_MAX_ROWS`` rows): device time per call and the error against a float64 product.
 
     python benchmarks/router_b64.py [--rows 64,512]
 """
@@ -18,6 +19,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 from gptjax.models.layers import rms_norm  # noqa: E402
+from pallas_kernels import fused_gemv as fg  # noqa: E402
 from report import add_candidate, device_us_per_call  # noqa: E402
 
 F32 = jnp.float32
@@ -29,6 +31,11 @@ def router(prec, transposed=False):
         eq = "md,de->me" if transposed else "md,ed->me"
         return jnp.einsum(eq, n.astype(F32), w, precision=prec, preferred_element_type=F32) + b
     return f
+
+
+def fused(x, g, w, b):
+    return fg.fused_gemv(x, w, b, g, norm="rms", cdt=jnp.bfloat16, norm_out=True,
+                         interpret=jax.default_backend() == "cpu")[0]
 
 
 def main():
@@ -54,6 +61,12 @@ def main():
                                     want=want.astype(np.float32), rtol=1e-2, prefix=f"r{M}_")
             if name:
                 labels[name] = (label, float(np.max(np.abs(y - want)) / np.max(np.abs(want))))
+        if M <= fg.GROUP_MAX_ROWS:
+            name, y = add_candidate(fns, "fused", fused, (x, g, w, b), want=want.astype(np.float32),
+                                    rtol=1e-2, prefix=f"r{M}_")
+            if name:
+                labels[name] = ("fused GEMV kernel (row groups)",
+                                float(np.max(np.abs(y - want)) / np.max(np.abs(want))))
         times = device_us_per_call(fns)
         for name, (label, err) in labels.items():
             print(f"| {M} | {label} | {times[name]:.2f} | {err:.2e} |")
