@@ -8,7 +8,7 @@ about 40 % of a gpt-oss-20b step (benchmarks/RESULTS.md, profiles).  Here they r
 GEMV: the norm statistics of the (few, short) input rows are recomputed by every program, the
 epilogue works on the program's output tile.
 
-Math, for ``M <= MAX_ROWS`` rows (decode)::
+Math, per row (``M <= MAX_ROWS`` rows at decode; row groups below)::
 
     h = x                                            norm None
     h = round_c(x / sqrt(mean(x^2) + eps) * g)       norm "rms"   (RMSNorm, gptjax layers.rms_norm)
@@ -34,7 +34,9 @@ Weights (decoded by the same per-type code as the plain matmul kernels):
 ``I`` must be a multiple of 32 (every block-quantized weight is; plain weights otherwise go the
 unfused way: :func:`supports`).
 
-Grid: one program per ``block_n`` output rows, no split-K (the epilogue needs the whole sum).
+Grid: one program per ``block_n`` output rows, no split-K (the epilogue needs the whole sum);
+with more than MAX_ROWS rows (row groups: small plain weights only, gpt-oss's router at batch
+decode) a second axis gives each program MAX_ROWS of them.
 Each program first sums its rows' x over the whole row (one pass for RMSNorm, two for
 LayerNorm: the mean, then the centred squares, as the reference does), then streams its weight
 rows in K steps of ``block_k`` inputs, normalising each x tile as it is loaded.
@@ -149,7 +151,8 @@ def supports(x_shape, w, *, row_groups: bool = False) -> bool:
     rows = int(np.prod(x_shape[:-1])) if len(x_shape) > 1 else 1
     if kind is None or x_shape[-1] % QK or getattr(w, "ndim", 2) != 2:
         return False
-    return rows <= (max_rows(kind, w.shape[0]) if row_groups else MAX_ROWS)
+    limit = max_rows(kind, w.shape[0]) if row_groups and kind == "plain" else MAX_ROWS
+    return rows <= limit
 
 
 def max_rows(kind: str, O: int) -> int:
@@ -191,7 +194,9 @@ def plan(kind: str, O: int, I: int, *, M: int = 1, block_n=None, block_k=None,
     768-wide projections), else 512, 8 warps from 8 rows up; Q8_0 / MXFP4: at most 8 rows, 1024
     inputs per step and 4 warps, or 2048 and 8 warps from 4096 inputs (below).  At most
     :data:`FEW_ROWS` outputs (gpt-oss's 32-expert router): up to 4096 inputs per step, so each
-    of the few programs is one step, not a chain of latency-bound ones (5.2 µs with 512)."""
+    of the few programs is one step, not a chain of latency-bound ones (5.2 µs with 512); in row
+    groups (M > MAX_ROWS) 4 outputs x 2048 inputs (64 rows x 32 experts: 6.5 µs, RESULTS.md
+    twelfth session; not swept)."""
     bn = block_n or max(2, min(16, 1 << max(0, (O // (2 * mx.SM_COUNT)).bit_length() - 1)))
     if kind == "plain":
         bk, nw = (256 if I <= 1024 else 512), (8 if bn >= 8 else 4)
@@ -353,12 +358,13 @@ def fused_gemv(x, w, bias=None, norm_weight=None, norm_bias=None, residual=None,
     """``act(norm(x) @ w^T + bias)`` rounded to ``round_to``, plus ``residual`` -> float32
     ``[..., O]`` in one kernel (module docstring).  ``norm_out=True`` (needs a norm): returns
     ``(y, h)`` with h ``cdt [..., I]``, the normalised rows that the matmul consumed (written by
-    program 0), for a next kernel that needs the same input.
+    the programs of the first output block), for a next kernel that needs the same input.
 
-    x: float ``[..., I]`` with at most MAX_ROWS rows (:func:`max_rows`: more against small
-    plain weights, in row groups); w: plain float ``[O, I]``, or Q8_0 / MXFP4 weights; bias: ``[O]`` or None; norm: None, "rms" (needs ``norm_weight [I]``) or
-    "layer" (``norm_weight``, ``norm_bias [I]``), ``eps`` its epsilon; the normalised row is
-    rounded to ``cdt``; act: None or "gelu_tanh"; residual: float ``[..., O]`` or None.
+    x: float ``[..., I]`` with at most MAX_ROWS rows (:func:`max_rows`: up to GROUP_MAX_ROWS
+    against a small plain weight, in row groups); w: plain float ``[O, I]``, or Q8_0 / MXFP4
+    weights; bias: ``[O]`` or None; norm: None, "rms" (needs ``norm_weight [I]``) or "layer"
+    (``norm_weight``, ``norm_bias [I]``), ``eps`` its epsilon; the normalised row is rounded to
+    ``cdt``; act: None or "gelu_tanh"; residual: float ``[..., O]`` or None.
     """
     fn = "fused_gemv"
     kind, wp = _parse(w, fn)
