@@ -33,14 +33,22 @@ def router(prec, transposed=False):
     return f
 
 
-def fused(x, g, w, b):
-    return fg.fused_gemv(x, w, b, g, norm="rms", cdt=jnp.bfloat16, norm_out=True,
-                         interpret=jax.default_backend() == "cpu")[0]
+def fused(**tiles):
+    def f(x, g, w, b):
+        return fg.fused_gemv(x, w, b, g, norm="rms", cdt=jnp.bfloat16, norm_out=True,
+                             interpret=jax.default_backend() == "cpu", **tiles)[0]
+    return f
+
+
+#: Row-group tiles for --sweep: (outputs per program, inputs per step, warps).
+SWEEP = [(2, 2048, 4), (2, 4096, 4), (4, 1024, 4), (4, 2048, 8), (8, 512, 4), (8, 1024, 4),
+         (8, 1024, 8), (16, 512, 8)]
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="64,512")
+    ap.add_argument("--sweep", action="store_true", help="also other row-group tiles")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     D, E = 2880, 32
@@ -62,11 +70,14 @@ def main():
             if name:
                 labels[name] = (label, float(np.max(np.abs(y - want)) / np.max(np.abs(want))))
         if M <= fg.GROUP_MAX_ROWS:
-            name, y = add_candidate(fns, "fused", fused, (x, g, w, b), want=want.astype(np.float32),
-                                    rtol=1e-2, prefix=f"r{M}_")
-            if name:
-                labels[name] = ("fused GEMV kernel (row groups)",
-                                float(np.max(np.abs(y - want)) / np.max(np.abs(want))))
+            tiles = [{}] + [dict(block_n=n, block_k=k, num_warps=nw) for n, k, nw in SWEEP] * \
+                args.sweep
+            for t in tiles:
+                label = "fused GEMV kernel (row groups)" + (f", {t}" if t else ", default tiles")
+                name, y = add_candidate(fns, label, fused(**t), (x, g, w, b),
+                                        want=want.astype(np.float32), rtol=1e-2, prefix=f"r{M}_")
+                if name:
+                    labels[name] = (label, float(np.max(np.abs(y - want)) / np.max(np.abs(want))))
         times = device_us_per_call(fns)
         for name, (label, err) in labels.items():
             print(f"| {M} | {label} | {times[name]:.2f} | {err:.2e} |")
