@@ -146,6 +146,30 @@ def _attend_span(q, k_ref, v_ref, span, carry, *, block_k, head_dim, scale, skip
     return lax.fori_loop(0, n_blocks, body, carry)
 
 
+def _merge(m, l, o, sink, axis=None):
+    """The split merge, shared by :func:`combine_splits` (XLA), :func:`_combine_kernel` and a
+    one-split program's finish (:func:`_emit`)::
+
+        M = max(max_s m_s, sink)  (0 where not finite: nothing visible and no sink)
+        out = sum_s e^(m_s - M) o_s / (sum_s e^(m_s - M) l_s + e^(sink - M))   (0 / 0 -> 0)
+
+    m, l: f32 with the splits along ``axis`` (None: one split, no such axis); o: m's shape +
+    [Hp]; sink: None or broadcastable against m without ``axis``.  Empty splits (m = -inf) weigh
+    exactly 0."""
+    M = m if axis is None else jnp.max(m, axis=axis)
+    if sink is not None:
+        M = jnp.maximum(M, sink)
+    M = jnp.where(jnp.isfinite(M), M, 0.0)
+    w = jnp.exp(m - (M if axis is None else jnp.expand_dims(M, axis)))
+    denom = w * l if axis is None else jnp.sum(w * l, axis=axis)
+    if sink is not None:
+        denom = denom + jnp.exp(sink - M)
+    num = w[..., None] * o
+    if axis is not None:
+        num = jnp.sum(num, axis=axis)
+    return num / jnp.where(denom == 0, 1.0, denom)[..., None]
+
+
 def _emit(outs, acc, m, l, *, kh, G):
     """The end of a decode program: the split partials into ``outs`` = (o_ref [Gp, Hp], m_ref,
     l_ref [Gp]), or -- one split, ``outs`` = (out_ref in the output dtype, sink_ref [N] or
@@ -160,17 +184,11 @@ def _emit(outs, acc, m, l, *, kh, G):
         return
     out_ref, sink_ref = outs
     g = jnp.arange(acc.shape[0])
-    M = m
+    sink = None
     if sink_ref is not None:
         sink = pltriton.load(sink_ref.at[kh * G + jnp.minimum(g, G - 1)], mask=g < G,
                              other=-jnp.inf)                                        # [Gp]
-        M = jnp.maximum(M, sink)
-    M = jnp.where(jnp.isfinite(M), M, 0.0)
-    w = jnp.exp(m - M)
-    denom = w * l
-    if sink_ref is not None:
-        denom = denom + jnp.exp(sink - M)
-    out = (w[:, None] * acc) / jnp.where(denom == 0, 1.0, denom)[:, None]          # [Gp, Hp]
+    out = _merge(m, l, acc, sink)                                                   # [Gp, Hp]
     Gp, Hp = out.shape
     if out_ref.shape[0] < Gp:       # [G, H] block of [B, N, H]: the first G of the Gp rows
         f = Gp // out_ref.shape[0]
@@ -507,18 +525,10 @@ def combine_splits(o, m, l, sinks, G, H):
     M = -inf, which is replaced by 0 so that it yields 0 / 0 → 0 rather than NaN.
     """
     K, Gp = o.shape[1], o.shape[3]
-    M = jnp.max(m, axis=2)                                            # [B, K, Gp]
+    sink = None
     if sinks is not None:
-        sink = jnp.pad(sinks.astype(F32).reshape(K, G), ((0, 0), (0, Gp - G)))   # [K, Gp]
-        M = jnp.maximum(M, sink[None])
-    M = jnp.where(jnp.isfinite(M), M, 0.0)
-    w = jnp.exp(m - M[:, :, None, :])                                 # [B, K, P, Gp]
-    denom = jnp.sum(w * l, axis=2)                                    # [B, K, Gp]
-    if sinks is not None:
-        denom = denom + jnp.exp(sink[None] - M)
-    num = jnp.sum(w[..., None] * o, axis=2)                           # [B, K, Gp, Hp]
-    out = num / jnp.where(denom == 0, 1.0, denom)[..., None]
-    return out[:, :, :G, :H]
+        sink = jnp.pad(sinks.astype(F32).reshape(K, G), ((0, 0), (0, Gp - G)))[None]  # [1, K, Gp]
+    return _merge(m, l, o, sink, axis=2)[:, :, :G, :H]                # [B, K, G, H]
 
 
 #: Splits from which :func:`decode_attention` merges them with :func:`combine_splits_kernel`
@@ -546,17 +556,8 @@ def _combine_kernel(*refs, G, H, has_sinks):
     l = pltriton.load(l_ref.at[b, kh, pl.ds(0, Pp), g], mask=p_ok, other=0.0)
     o = pltriton.load(o_ref.at[b, kh, pl.ds(0, Pp), g, pl.ds(0, Hp)], mask=p_ok[:, None],
                       other=0.0)                                                      # [Pp, Hp]
-    M = jnp.max(m)
-    if has_sinks:
-        sink = sink_ref[n].astype(F32)
-        M = jnp.maximum(M, sink)
-    M = jnp.where(jnp.isfinite(M), M, 0.0)
-    w = jnp.exp(m - M)                                                # empty splits: exactly 0
-    denom = jnp.sum(w * l)
-    if has_sinks:
-        denom = denom + jnp.exp(sink - M)
-    num = jnp.sum(w[:, None] * o, axis=0)                             # [Hp]
-    out = num / jnp.where(denom == 0, 1.0, denom)
+    sink = sink_ref[n].astype(F32) if has_sinks else None
+    out = _merge(m, l, o, sink, axis=0)                               # [Hp]
     pltriton.store(out_ref.at[b, n, pl.ds(0, Hp)], out.astype(out_ref.dtype), mask=h_ok)
 
 
