@@ -11,7 +11,9 @@ plan did that; in the model these kernels read from HBM, at ~0.6 TB/s at batch 6
 session).  ``--wide``: more splits and narrower tiles (more programs per wave).  ``--asm``: a few
 tiles each with the dot mode's inline-PTX decode (``q8_matmul.ASM_Q8_DECODE``) on and off.
 ``--big``: 256-wide output tiles too (every tile re-reads its 64 x rows: at 64 x 128 tiles as
-many bytes of x as of weights).
+many bytes of x as of weights).  ``--xla``: XLA's own fusion of the same matmul (the exact decode
+``round_bf16(q * d)`` written in jnp in front of one dot, no Pallas) and a plain bf16 dot on
+already-decoded weights (twice the bytes), with the kernels each one launched.
 """
 from __future__ import annotations
 
@@ -28,12 +30,25 @@ import numpy as np  # noqa: E402
 
 from pallas_kernels import q8_matmul as q8  # noqa: E402
 from pallas_kernels.mxfp4_matmul import plan_dense  # noqa: E402
-from report import add_candidate, device_us_per_call, print_ranked  # noqa: E402
+from report import BY_KERNEL, add_candidate, device_us_per_call, print_ranked  # noqa: E402
+from jax import lax  # noqa: E402
 
 
 def q8w(rng, O, I):
     return q8.Q8Weights(jnp.asarray(rng.integers(0, 256, (O, I // 32, 32), dtype=np.uint8)),
                         jnp.asarray(rng.uniform(1e-3, 1e-2, (O, I // 32)).astype(np.float16)))
+
+
+def xla_dot(x, w):
+    """x [M, I] bf16 @ Q8Weights [O, G, 32]: the exact decode as plain jnp, one XLA dot."""
+    q = lax.bitcast_convert_type(w.qs, jnp.int8).astype(jnp.float32)
+    wd = (q * w.scales.astype(jnp.float32)[..., None]).astype(x.dtype)
+    wd = wd.reshape(wd.shape[0], -1)
+    return jnp.einsum("mi,oi->mo", x, wd, preferred_element_type=jnp.float32)
+
+
+def dense_dot(x, wd):
+    return jnp.einsum("mi,oi->mo", x, wd, preferred_element_type=jnp.float32)
 
 
 def main():
@@ -44,6 +59,7 @@ def main():
     ap.add_argument("--wide", action="store_true")
     ap.add_argument("--asm", action="store_true")
     ap.add_argument("--big", action="store_true")
+    ap.add_argument("--xla", action="store_true")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     shapes = {"qkv 5120x2880": (5120, 2880), "out 2880x4096": (2880, 4096)}
@@ -59,6 +75,8 @@ def main():
     if args.big:
         grid = [dict(block_m=64, block_n=bn, block_k=bk, num_warps=w, k_splits=s)
                 for bn, bk, w, s in itertools.product((128, 256), (32, 64), (4, 8), (1, 4, 8))]
+    if args.xla:
+        grid = []
     if args.asm:
         few = [{}, dict(block_m=64, block_n=128, block_k=64, num_warps=4, k_splits=8),
                dict(block_m=32, block_n=64, block_k=128, num_warps=4, k_splits=4),
@@ -84,9 +102,25 @@ def main():
                                         rtol=2e-2, prefix="drs", fresh=args.asm)
                 if name:
                     meta[name] = (f"{sname} M={M}", label, nbytes)
+            if args.xla:
+                name, _ = add_candidate(fns, f"{sname} M={M} xla", lambda x, ws: [
+                    xla_dot(x, w) for w in ws], (x, ws), ref, rtol=2e-2, prefix="drs")
+                if name:
+                    meta[name] = (f"{sname} M={M}", "xla dequant + dot", nbytes)
+                wds = [(q8.q8_values(w.qs) * w.scales.astype(jnp.float32)[..., None]).astype(
+                    jnp.bfloat16).reshape(O, I) for w in ws]
+                name, _ = add_candidate(fns, f"{sname} M={M} bf16", lambda x, wds: [
+                    dense_dot(x, wd) for wd in wds], (x, wds), ref, rtol=2e-2, prefix="drs")
+                if name:
+                    meta[name] = (f"{sname} M={M}", "bf16 weights, one dot (2x bytes)", nbytes)
             print(f"{sname} M={M}: default plan {plan_dense(M, O, I)}")
     times = {n: us / args.copies for n, us in device_us_per_call(fns, reps=10).items()}
-    print_ranked(times, meta, "{'asm': False}" if args.asm else "default", top=6 + 6 * args.asm)
+    print_ranked(times, meta, "{'asm': False}" if args.asm else "default", top=6 + 6 * args.asm,
+                 keep=("xla dequant + dot", "bf16 weights, one dot (2x bytes)"))
+    for name, (case, label, _) in meta.items():
+        if label.startswith(("xla", "bf16", "default")):
+            ks = sorted(BY_KERNEL.get(name, {}).items(), key=lambda kv: -kv[1])
+            print(f"{case} {label}: " + ", ".join(f"{k} {v / args.copies:.2f}" for k, v in ks[:5]))
 
 if __name__ == "__main__":
     main()

@@ -80,6 +80,8 @@ for step in "$@"; do
     q8-tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_matmul_kernels.py -k "q8" 2>&1 | tail -8 ;;
     rows-big) timeout 400 python3 benchmarks/dense_rows_sweep.py --copies 4 --big --head ;;
     rows-asm) timeout 300 python3 benchmarks/dense_rows_sweep.py --copies 4 --asm --head ;;
+    rows-xla) timeout 300 python3 benchmarks/dense_rows_sweep.py --copies 4 --xla --head --rows 1,64 ;;
+    q8-ablation) timeout 400 python3 benchmarks/q8_rows_ablation.py --copies 4 ;;
     attn-dev-sweep) timeout 200 python3 benchmarks/decode_attention_sweep.py ;;
     dot-variants) timeout 300 python3 benchmarks/mxfp4_dot_variants.py ;;
     decode-variants) timeout 400 python3 benchmarks/mxfp4_dot_variants.py --decode-variants ;;
