@@ -11,7 +11,8 @@ plan did that; in the model these kernels read from HBM, at ~0.6 TB/s at batch 6
 session).  ``--wide``: more splits and narrower tiles (more programs per wave).  ``--asm``: a few
 tiles each with the dot mode's inline-PTX decode (``q8_matmul.ASM_Q8_DECODE``) on and off.
 ``--big``: 256-wide output tiles too (every tile re-reads its 64 x rows: at 64 x 128 tiles as
-many bytes of x as of weights).  ``--xla``: XLA's own fusion of the same matmul (the exact decode
+many bytes of x as of weights).  ``--swap``: the swapped dot's tiles (``swap=True``) and
+the default without it (``swap=False``).  ``--xla``: XLA's own fusion of the same matmul (the exact decode
 ``round_bf16(q * d)`` written in jnp in front of one dot, no Pallas) and a plain bf16 dot on
 already-decoded weights (twice the bytes), with the kernels each one launched.
 """
@@ -60,6 +61,8 @@ def main():
     ap.add_argument("--asm", action="store_true")
     ap.add_argument("--big", action="store_true")
     ap.add_argument("--xla", action="store_true")
+    ap.add_argument("--swap", action="store_true",
+                    help="the swapped dot (Plan.swap) over a grid of tiles, vs the default")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     shapes = {"qkv 5120x2880": (5120, 2880), "out 2880x4096": (2880, 4096)}
@@ -77,6 +80,10 @@ def main():
                 for bn, bk, w, s in itertools.product((128, 256), (32, 64), (4, 8), (1, 4, 8))]
     if args.xla:
         grid = []
+    if args.swap:
+        grid = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=4, k_splits=s, swap=True)
+                for bm, bn, bk, s in itertools.product((16, 32, 64), (64, 128), (64, 128),
+                                                       (1, 2, 4, 8))]
     if args.asm:
         few = [{}, dict(block_m=64, block_n=128, block_k=64, num_warps=4, k_splits=8),
                dict(block_m=32, block_n=64, block_k=128, num_warps=4, k_splits=4),
@@ -92,7 +99,10 @@ def main():
             ref = np.stack([np.asarray(q8.q8_0_matmul_ref(x, w)) for w in ws])   # [copies, M, O]
             cands = [("default", {})] * (not args.asm) + [
                 (str(c), c) for c in grid
-                if not (sname.startswith("head") and c.get("k_splits", 1) > 1)]
+                if not (sname.startswith("head") and c.get("k_splits", 1) > 1)
+                and c.get("block_m", 0) <= max(16, M)]
+            if args.swap:
+                cands.append(("unswapped default", dict(swap=False)))
             for label, c in cands:
                 c = dict(c)
                 q8.ASM_Q8_DECODE = c.pop("asm", True)      # read at trace time (fresh below)

@@ -75,6 +75,32 @@ def bf16_pallas(x, w, *, bm=64, bn=128, bk=64, splits=7, warps=4, stages=3):
     return y.sum(axis=0)
 
 
+# Two quant bytes (pack=2: a b16 zero-extended in $1) -> bf16(q * d) for both ($0), the same
+# arithmetic as q8_matmul._Q8_BF16_ASM on half as many bytes: the swapped dot's register operand
+# holds byte pairs, so four-byte packs cost byte shuffles.
+_Q8_BF16_ASM2 = """{
+.reg .b32 u, k, f<2>, a<2>;
+xor.b32 u, $1, 0x8080;
+mov.b32 k, 0x47000000;
+prmt.b32 f0, u, k, 0x7404;
+prmt.b32 f1, u, k, 0x7414;
+fma.rn.f32 a0, f0, $2, $4;
+fma.rn.f32 a1, f1, $3, $5;
+cvt.rn.bf16x2.f32 $0, a1, a0;
+}"""
+
+
+def _q8_bf16_asm2(qs, d):
+    ds = jnp.broadcast_to(d[..., None], qs.shape)
+    offs = jnp.broadcast_to((d * q8._Q8_OFFSET)[..., None], qs.shape)
+    return pltriton.elementwise_inline_asm(
+        _Q8_BF16_ASM2, args=[qs, ds, offs], pack=2, constraints="=r,r,r,r,r,r",
+        result_shape_dtypes=[jax.ShapeDtypeStruct(qs.shape, jnp.bfloat16)])[0]
+
+
+PACK2 = False
+
+
 def _q8_swap_kernel(x_ref, qs_ref, sc_ref, o_ref, *, M, O, G, bm, bn, gt, steps, x2d):
     """The Q8_0 dot with the operands swapped: out^T [bn, bm] += W [bn, bk] . x^T, so that the
     decoded weight tile is the wgmma's register operand (A) and x the shared-memory one (B)."""
@@ -87,7 +113,7 @@ def _q8_swap_kernel(x_ref, qs_ref, sc_ref, o_ref, *, M, O, G, bm, bn, gt, steps,
     def body(t, acc):
         g0 = g_first + t * gt
         qs, d = q8._load_tile(wv, (qs_ref, sc_ref), (), n0, bn, g0, gt)
-        wt = q8._q8_bf16_asm(qs, d).reshape(bn, gt * 32)
+        wt = (_q8_bf16_asm2 if PACK2 else q8._q8_bf16_asm)(qs, d).reshape(bn, gt * 32)
         if x2d:
             k_ok = (g0 * 32 + _iota(gt * 32)) < G * 32
             xt = pltriton.load(x_ref.at[pl.ds(m0, bm), pl.ds(g0 * 32, gt * 32)],
@@ -125,9 +151,13 @@ def xla_dot(x, wd):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--copies", type=int, default=4)
+    ap.add_argument("--swap-only", action="store_true",
+                    help="the swapped kernel's tiles (+ default, one bf16 row), and the head")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     shapes = {"qkv 5120x2880": (5120, 2880), "out 2880x4096": (2880, 4096)}
+    if args.swap_only:
+        shapes["head 201088x2880"] = (201088, 2880)
     fns, meta = {}, {}
     M = 64
     real_load_tile = q8._load_tile
@@ -155,28 +185,41 @@ def main():
             return name
 
         add("q8 default", lambda x, ws: [q8.q8_0_matmul(x, w) for w in ws], (x, ws))
-        for s in (1, 2, 4, 8):
-            add(f"q8 64x128x64 splits {s}", lambda x, ws, s=s: [
-                q8.q8_0_matmul(x, w, block_m=64, block_n=128, block_k=64, k_splits=s)
-                for w in ws], (x, ws))
-        q8._load_tile = unscaled_load_tile
-        add("q8 no scales (wrong values)", lambda x, ws: [q8.q8_0_matmul(x, w) for w in ws],
-            (x, ws), want=None, fresh=True)
-        q8._load_tile = real_load_tile
-        jax.clear_caches()
-        for bn, bk, s, wp, st in ((128, 64, 7, 4, 3), (128, 64, 1, 4, 3), (128, 64, 4, 4, 3),
-                                  (64, 64, 7, 4, 3), (128, 128, 4, 4, 3), (64, 128, 4, 4, 4),
-                                  (128, 64, 7, 4, 5), (256, 64, 4, 8, 3)):
+        if not args.swap_only:
+            for s in (1, 2, 4, 8):
+                add(f"q8 64x128x64 splits {s}", lambda x, ws, s=s: [
+                    q8.q8_0_matmul(x, w, block_m=64, block_n=128, block_k=64, k_splits=s)
+                    for w in ws], (x, ws))
+            q8._load_tile = unscaled_load_tile
+            add("q8 no scales (wrong values)", lambda x, ws: [q8.q8_0_matmul(x, w) for w in ws],
+                (x, ws), want=None, fresh=True)
+            q8._load_tile = real_load_tile
+            jax.clear_caches()
+        bf16_grid = ((128, 64, 4, 4, 3),) if args.swap_only else (
+            (128, 64, 7, 4, 3), (128, 64, 1, 4, 3), (128, 64, 4, 4, 3), (64, 64, 7, 4, 3),
+            (128, 128, 4, 4, 3), (64, 128, 4, 4, 4), (128, 64, 7, 4, 5), (256, 64, 4, 8, 3))
+        head = sname.startswith("head")
+        for bn, bk, s, wp, st in bf16_grid:
+            s = 1 if head else s
             add(f"bf16 pallas {bn}x{bk} splits {s} w{wp} s{st}", lambda x, wds, c=(bn, bk, s, wp, st): [
                 bf16_pallas(x, wd, bn=c[0], bk=c[1], splits=c[2], warps=c[3], stages=c[4])
                 for wd in wds], (x, wds))
-        for bn, bk, sp, wp, x2 in ((128, 64, 7, 4, True), (128, 64, 7, 4, False),
-                                   (128, 64, 4, 4, True), (64, 64, 7, 4, True),
-                                   (128, 128, 4, 4, True), (128, 64, 8, 4, True),
-                                   (256, 64, 4, 8, True), (64, 128, 7, 4, True)):
-            add(f"q8 swapped {bn}x{bk} splits {sp} w{wp} x2d {x2}", lambda x, ws, c=(bn, bk, sp, wp, x2): [
-                q8_swapped(x, w, bn=c[0], bk=c[1], splits=c[2], warps=c[3], x2d=c[4])
-                for w in ws], (x, ws))
+        swaps = [(bn, bk, sp, wp, True, p2) for bn, bk, sp, wp in (
+            (64, 64, 7, 4), (64, 128, 7, 4), (64, 64, 8, 4), (128, 64, 8, 4), (64, 64, 4, 4),
+            (64, 128, 4, 4), (128, 128, 4, 4)) for p2 in (False, True)]
+        if not args.swap_only:
+            swaps += [(128, 64, 7, 4, False, False), (256, 64, 4, 8, True, False)]
+        if head:
+            swaps = [(bn, bk, 1, wp, True, p2) for bn, bk, wp in (
+                (64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 4)) for p2 in (False, True)]
+        global PACK2
+        for bn, bk, sp, wp, x2, p2 in swaps:
+            PACK2 = p2                                   # read at trace time: fresh below
+            add(f"q8 swapped {bn}x{bk} splits {sp} w{wp} x2d {x2} pack{2 if p2 else 4}",
+                lambda x, ws, c=(bn, bk, sp, wp, x2): [
+                    q8_swapped(x, w, bn=c[0], bk=c[1], splits=c[2], warps=c[3], x2d=c[4])
+                    for w in ws], (x, ws), fresh=True)
+        PACK2 = False
         name = add("xla bf16", lambda x, wds: [xla_dot(x, wd) for wd in wds], (x, wds))
         if name:
             txt = jax.jit(xla_dot).lower(x, wds[0]).compile().as_text()

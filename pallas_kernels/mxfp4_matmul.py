@@ -154,6 +154,8 @@ GEMV_MAX_ROWS = 2
 #: beat 4 with the same 64 x 128 x 64 tiles, q/k/v 25.5 -> 22.8 µs, attention output 22.0 -> 19.3
 #: (the fourth session's L2-warm sweep had chosen 4).
 MAX_SPLITS_BATCH = 8
+#: ... and with the swapped dot (:class:`Plan` ``swap``), whose 64-row tiles make twice the programs
+SWAP_MAX_SPLITS = 4
 #: Grouped MoE calls with at most this many routed rows decode bytes (:func:`_mxfp4_step_dot`).
 BYTE_VIEW_MAX_ROWS = 256
 #: Routed rows up to which the MoE matmul runs one GEMV per (token, slot) pair ("pairs").
@@ -646,7 +648,11 @@ class Plan:
     """Static tiling of one kernel call.  ``block_k`` counts input elements (a multiple of 32:
     whole quant blocks); ``k_splits`` programs share the K range of each output tile;
     ``prefetch`` (GEMV modes only) issues the next K step's loads before this step's arithmetic
-    (:func:`_gemv_loop`)."""
+    (:func:`_gemv_loop`); ``swap`` (dot mode of kernels whose :class:`DenseOps` has a
+    ``step_dot_t``) computes each tile transposed, ``out^T [bn, bm] += W [bn, bk] . x^T``: on
+    Hopper the decoded weight tile is then wgmma's register operand and x streams from shared
+    memory, instead of the decoded tile taking a shared-memory round trip and a barrier per step
+    (H100, Q8_0 at 64 rows: 21-26 % less time, benchmarks/q8_rows_ablation.py)."""
     mode: str            # "gemv" | "dot" (MoE: "pairs" | "grouped")
     block_m: int
     block_n: int
@@ -655,6 +661,7 @@ class Plan:
     num_warps: int
     num_stages: int
     prefetch: bool = False
+    swap: bool = False   # "dot" only: out^T = W x^T, the decoded weight tile as the register operand
 
 
 def cdiv(a: int, b: int) -> int:
@@ -681,6 +688,8 @@ def _check_plan(p: Plan, fn: str, elems_per_block: int = QK):
         raise ValueError(f"{fn}: mode={p.mode!r}: expected 'gemv' or 'dot'")
     if p.k_splits < 1:
         raise ValueError(f"{fn}: k_splits={p.k_splits} must be >= 1")
+    if p.swap and p.mode != "dot":
+        raise ValueError(f"{fn}: swap=True needs mode='dot', got {p.mode!r}")
 
 
 def _split_k(tiles: int, n_k_steps: int) -> int:
@@ -691,7 +700,8 @@ def _split_k(tiles: int, n_k_steps: int) -> int:
 
 
 def plan_dense(M: int, O: int, I: int, *, mode=None, block_m=None, block_n=None, block_k=None,
-               k_splits=None, num_warps=None, num_stages=None, prefetch=None) -> Plan:
+               k_splits=None, num_warps=None, num_stages=None, prefetch=None, swap=None,
+               swap_ok: bool = False) -> Plan:
     """Default tiling for an ``[M, I] x [O, I]^T`` MXFP4/Q8_0 matmul (any argument overrides).
 
     gemv (M <= GEMV_MAX_ROWS = 2), small grids (O / 32 < PREFETCH_MAX_PROGRAMS) with no tiling
@@ -702,8 +712,22 @@ def plan_dense(M: int, O: int, I: int, *, mode=None, block_m=None, block_n=None,
     batch decode (M < 256): 64 x 128 x 64, K split likewise but at most :data:`MAX_SPLITS_BATCH`
     times.  dot, prefill (M >= 256): 128 x 64 x 64 with 8 warps, no split.  Starting points for
     benchmarks/matmul_kernels.py, which sweeps alternatives on the GPU.
+
+    ``swap_ok``: the kernel has a swapped dot step (Q8_0).  Then batch decode (64 <= M < 256)
+    defaults to ``swap=True`` with 64 weight rows x 64 rows of x x 128 inputs, 4 warps, K split up
+    to 4 times (H100, benchmarks/q8_rows_ablation.py, 64 rows, L2-cold: q/k/v 24.2 -> 17.9 µs,
+    attention output 19.0 -> 15.0, vocab head 417.5 -> 338.7, each with its split-K sum).
+    ``swap=True`` forces it for any dot tiling (``block_n`` then counts weight rows, as always).
+    The environment variable ``GPTJAX_SWAP_DOT=0`` (read when a kernel is traced) turns the
+    swapped dot off everywhere (A/B timing).
     """
     mode = mode or ("gemv" if M <= GEMV_MAX_ROWS else "dot")
+    if swap and not swap_ok:
+        raise ValueError("swap=True: this kernel has no swapped dot step")
+    if swap is None:
+        swap = (swap_ok and mode == "dot" and 64 <= M < 256
+                and all(v is None for v in (block_m, block_n, block_k, num_warps, k_splits)))
+    swap = bool(swap)
     small = mode == "gemv" and -(-O // 32) < PREFETCH_MAX_PROGRAMS and k_splits is None
     if small and block_n is None and block_k is None and prefetch is None:
         # Small decode grids (gpt-oss-20b attention: 5120 or 2880 rows): 16 rows x 512 inputs,
@@ -716,6 +740,8 @@ def plan_dense(M: int, O: int, I: int, *, mode=None, block_m=None, block_n=None,
         d = dict(block_m=M, block_n=32, block_k=256, num_warps=4, num_stages=3)
     elif M < 64:
         d = dict(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=3)
+    elif swap and M < 256:
+        d = dict(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3)
     elif M < 256:
         # Batch decode (64 rows: gpt-oss-20b batch 64), H100 sweep of the Q8_0 kernel
         # (benchmarks/dense_rows_sweep.py): 64 x 128 x 64 and K split (up to MAX_SPLITS_BATCH)
@@ -736,12 +762,13 @@ def plan_dense(M: int, O: int, I: int, *, mode=None, block_m=None, block_n=None,
         s = int(k_splits)
     else:   # decode only: prefill tiles are big enough, and partials would cost a write of M x O
         s = _split_k(tiles, n_steps) if (mode == "gemv" or M < 64) else \
-            min(MAX_SPLITS_BATCH, _split_k(tiles, n_steps)) if M < 256 else 1
+            min(SWAP_MAX_SPLITS if swap else MAX_SPLITS_BATCH, _split_k(tiles, n_steps)) \
+            if M < 256 else 1
     s = -(-n_steps // -(-n_steps // max(1, min(s, n_steps))))      # no empty splits
     if prefetch is None:
         prefetch = mode == "gemv" and tiles * s < PREFETCH_MAX_PROGRAMS
     return Plan(mode, d["block_m"], d["block_n"], d["block_k"], s, d["num_warps"], d["num_stages"],
-                bool(prefetch))
+                bool(prefetch), swap)
 
 
 #: Static keyword arguments of every public kernel function (and its ``_ref`` twin).
@@ -774,7 +801,10 @@ class DenseOps(NamedTuple):
       step of the "dot" mode, returns the float32 accumulator [bm, bn];
     * ``gemv_load(w, w_refs, x_ref, rows, row0, bn, g0, gt, g_end)`` and
       ``gemv_compute(accs, tile)``: one K step of the "gemv" mode (see :func:`_gemv_loop`);
-    * ``x_view(x2 [M, I], G)``: the view of x the kernel reads; ``name``: the kernel's name.
+    * ``x_view(x2 [M, I], G)``: the view of x the kernel reads; ``name``: the kernel's name;
+    * ``step_dot_t``: the swapped dot step (:class:`Plan` ``swap``), same arguments with x read
+      as ``[M, I]`` and the accumulator ``[bn, bm]`` (the tile transposed); None if the kernel has
+      none.
     """
 
     step_dot: Any
@@ -782,6 +812,7 @@ class DenseOps(NamedTuple):
     gemv_compute: Any
     x_view: Any
     name: str
+    step_dot_t: Any = None
 
 
 def _dense_kernel(*refs, w: _W, p: Plan, M: int, has_bias: bool, cdt, interpret: bool,
@@ -803,12 +834,15 @@ def _dense_kernel(*refs, w: _W, p: Plan, M: int, has_bias: bool, cdt, interpret:
         bm = p.block_m
         m0 = i_m * bm
         m_ok = (m0 + _iota(bm)) < M
+        step = ops.step_dot_t if p.swap else ops.step_dot
 
         def body(t, acc):
-            return ops.step_dot(acc, w, w_refs, x_ref, pl.ds(m0, bm), m_ok, n0, bn,
-                                g_first + t * gt, gt, cdt, interpret)
+            return step(acc, w, w_refs, x_ref, pl.ds(m0, bm), m_ok, n0, bn, g_first + t * gt, gt,
+                        cdt, interpret)
 
-        y = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), F32))
+        y = lax.fori_loop(0, steps, body, jnp.zeros((bn, bm) if p.swap else (bm, bn), F32))
+        if p.swap:
+            y = y.T                                                         # [bm, bn]
         if with_bias:
             y = y + _load_bias(bias_ref, (), n0, bn, w.O)[None, :]
         _store_rows(out_ref, prefix, y, pl.ds(m0, bm), m_ok, n0, bn, w.O)
@@ -835,12 +869,13 @@ def dense_matmul(x, wp: _W, bias, ops: DenseOps, fn: str, tiling: dict, interpre
     if i != wp.I:
         raise WeightsError(f"{fn}: x[..., {i}] does not match the weight [O={wp.O}, I={wp.I}]")
     M = math.prod(lead)
-    p = plan_dense(M, wp.O, wp.I, **tiling)
+    swap_ok = ops.step_dot_t is not None and os.environ.get("GPTJAX_SWAP_DOT", "1") != "0"
+    p = plan_dense(M, wp.O, wp.I, **tiling, swap_ok=swap_ok)
     _check_plan(p, fn)
     # GEMV math is float32 anyway; converting x once here (a few KB) saves a conversion per
     # weight in the kernel (each thread would convert its own copy of the broadcast x tile).
     xk = x.astype(F32) if p.mode == "gemv" else x
-    args = [ops.x_view(xk.reshape(M, i), wp.G), *wp.arrays]
+    args = [xk.reshape(M, i) if p.swap else ops.x_view(xk.reshape(M, i), wp.G), *wp.arrays]
     if bias is not None:
         args.append(jnp.asarray(bias, F32).reshape(wp.O))
     shape = (p.k_splits, M, wp.O) if p.k_splits > 1 else (M, wp.O)

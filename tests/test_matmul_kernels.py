@@ -394,11 +394,13 @@ def test_mxfp4_bf16_dots_identity_is_exact(interpret, asm, monkeypatch):
     same_numbers_and_bits(np.asarray(y)[:, 0].T, oracle(narrow[0], T.MXFP4).astype(np.float32))
 
 
+@pytest.mark.parametrize("swap", [False, True], ids=["dot", "swapped-dot"])
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("layout", ["ggml", "split"])
-def test_q8_kernel_identity_is_exact(layout, interpret):
+def test_q8_kernel_identity_is_exact(layout, interpret, swap):
     """x = I: every quant byte under scales 0, +-subnormal, +-65504, random.  Exact as numbers;
-    bitwise except zeros (a sum of products gives +0 where q * (-d) alone is -0)."""
+    bitwise except zeros (a sum of products gives +0 where q * (-d) alone is -0).  ``swap``: the
+    64-row dot computes its tiles transposed (``Plan.swap``)."""
     rng = np.random.default_rng(2)
     raw = q8_bytes(rng, (40, 64)).reshape(40, 2, 34)
     raw[:, :, 2:] = np.resize(np.arange(256, dtype=np.uint8), (40, 2, 32))
@@ -407,20 +409,21 @@ def test_q8_kernel_identity_is_exact(layout, interpret):
     raw = raw.reshape(40, 68)
     want = oracle(raw, T.Q8_0).astype(np.float32)
     w = q8.repack_q8_0(jnp.asarray(raw)) if layout == "split" else jnp.asarray(raw)
-    y = q8.q8_0_matmul(jnp.eye(64, dtype=jnp.float32), w, interpret=interpret)
+    y = q8.q8_0_matmul(jnp.eye(64, dtype=jnp.float32), w, swap=swap, interpret=interpret)
     same_numbers_and_bits(np.asarray(y).T, want)
     f = jax.jit(lambda xx: q8.q8_0_matmul(xx, w, mode="gemv", interpret=interpret))
     for c in (0, 33, 63):
         same_numbers_and_bits(f(jnp.eye(64, dtype=jnp.float32)[c][None])[0], want[:, c])
 
 
+@pytest.mark.parametrize("swap", [False, True], ids=["dot", "swapped-dot"])
 @pytest.mark.parametrize("asm", [False, True], ids=["jnp-decode", "asm-decode"])
 @pytest.mark.parametrize("interpret", MODES)
-def test_q8_bf16_dot_identity_is_exact(interpret, asm, monkeypatch):
+def test_q8_bf16_dot_identity_is_exact(interpret, asm, swap, monkeypatch):
     """bf16 x = I through the dot mode's bf16 tensor-core dots: each weight ``q * d`` rounded once
     to bf16 (as the XLA reference path), every quant byte under the special and random scales,
     bitwise against gguf.quants rounded to bf16.  ``asm``: the inline-PTX decode (GPU only;
-    interpret mode takes the jnp decode)."""
+    interpret mode takes the jnp decode; four bytes per asm call, two in the swapped dot)."""
     monkeypatch.setattr(q8, "ASM_Q8_DECODE", asm)
     jax.clear_caches()                                           # the switch is read when traced
     rng = np.random.default_rng(3)
@@ -432,7 +435,8 @@ def test_q8_bf16_dot_identity_is_exact(interpret, asm, monkeypatch):
     want = oracle(raw, T.Q8_0).astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
     for layout in ("ggml", "split"):
         w = q8.repack_q8_0(jnp.asarray(raw)) if layout == "split" else jnp.asarray(raw)
-        y = q8.q8_0_matmul(jnp.eye(64, dtype=jnp.bfloat16), w, mode="dot", interpret=interpret)
+        y = q8.q8_0_matmul(jnp.eye(64, dtype=jnp.bfloat16), w, mode="dot", swap=swap,
+                           interpret=interpret)
         same_numbers_and_bits(np.asarray(y).T, want)
 
 
@@ -477,8 +481,17 @@ def test_mxfp4_matmul_vs_float64(case, interpret):
     check_bound(y_ref, x64, w64, b64, tol(dtype, i))
 
 
+# Q8_0 only: the swapped dot (Plan.swap), the default from 64 to 255 rows
+Q8_SWAP_CASES = [
+    (64, 72, 96, jnp.bfloat16, "ggml", True, {}),                # default plan: swapped, ragged O
+    (100, 200, 320, jnp.float32, "split", False, {}),            # two row tiles, IEEE f32 dots
+    (70, 40, 4096, jnp.bfloat16, "split", True, {"swap": True, "k_splits": 3}),  # split-K
+    (16, 40, 96, jnp.bfloat16, "split", True, {"swap": True, "block_m": 16}),    # forced, 16 rows
+]
+
+
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("case", DENSE_CASES[:7], ids=_case_id)
+@pytest.mark.parametrize("case", DENSE_CASES[:7] + Q8_SWAP_CASES, ids=_case_id)
 def test_q8_matmul_vs_float64(case, interpret):
     m, o, i, dtype, layout, with_bias, kw = case
     rng = np.random.default_rng(m * 1000 + o + i + 7)
@@ -645,8 +658,19 @@ def test_plan_fills_the_gpu():
     p = mx.plan_dense(512, 2880, 2880)
     assert p.mode == "dot" and p.block_m >= 64 and p.k_splits == 1
     p = mx.plan_dense(64, 2880, 4096)                       # batch decode: K split, capped
-    assert p.mode == "dot" and 1 < p.k_splits <= mx.MAX_SPLITS_BATCH
+    assert p.mode == "dot" and 1 < p.k_splits <= mx.MAX_SPLITS_BATCH and not p.swap
     assert mx.plan_dense(64, 201088, 2880).k_splits == 1
+    # kernels with a swapped dot step (Q8_0): batch decode swaps unless a tiling is asked for
+    p = mx.plan_dense(64, 2880, 4096, swap_ok=True)
+    assert p.swap and p.mode == "dot" and 1 < p.k_splits <= mx.SWAP_MAX_SPLITS
+    assert mx.plan_dense(64, 201088, 2880, swap_ok=True).k_splits == 1
+    assert not mx.plan_dense(64, 2880, 4096, swap_ok=True, block_n=128).swap
+    assert not any(mx.plan_dense(m, 2880, 2880, swap_ok=True).swap for m in (1, 16, 63, 256))
+    with pytest.raises(ValueError, match="no swapped dot"):
+        mx.plan_dense(64, 2880, 2880, swap=True)
+    with pytest.raises(ValueError, match="swap=True needs mode='dot'"):
+        q8.q8_0_matmul(jnp.zeros((1, 64)), jnp.zeros((8, 68), jnp.uint8), swap=True,
+                       interpret=True)
 
 
 @pytest.mark.parametrize("t", [T.MXFP4, T.Q8_0], ids=lambda t: t.name)
