@@ -85,7 +85,7 @@ for step in "$@"; do
     q8-swap) timeout 500 python3 benchmarks/q8_rows_ablation.py --copies 4 --swap-only ;;
     swap-ab)
       timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_matmul_kernels.py tests/test_kernels_e2e.py 2>&1 | tail -6
-      for v in 1 0 1; do echo "--- GPTJAX_SWAP_DOT=$v"; GPTJAX_SWAP_DOT=$v timeout 200 python3 benchmarks/gpt_oss_targets.py --skip b1,long,memory,pp512 2>&1 | grep -v "^ |^WARNING|^I0000" | tail -4; done ;;
+      for v in 1 0 1; do echo "--- GPTJAX_SWAP_DOT=$v"; GPTJAX_SWAP_DOT=$v timeout 200 python3 benchmarks/gpt_oss_targets.py --skip b1,long,memory,pp512 2>&1 | grep -E "^(b64|pp512|decode|load)" | tail -6; done ;;
     attn-dev-sweep) timeout 200 python3 benchmarks/decode_attention_sweep.py ;;
     dot-variants) timeout 300 python3 benchmarks/mxfp4_dot_variants.py ;;
     decode-variants) timeout 400 python3 benchmarks/mxfp4_dot_variants.py --decode-variants ;;
