@@ -81,6 +81,7 @@ for step in "$@"; do
     rows-big) timeout 400 python3 benchmarks/dense_rows_sweep.py --copies 4 --big --head ;;
     rows-asm) timeout 300 python3 benchmarks/dense_rows_sweep.py --copies 4 --asm --head ;;
     rows-xla) timeout 300 python3 benchmarks/dense_rows_sweep.py --copies 4 --xla --head --rows 1,64 ;;
+    rows-swap) timeout 500 python3 benchmarks/dense_rows_sweep.py --copies 4 --swap --head --rows 16,32 ;;
     q8-ablation) timeout 400 python3 benchmarks/q8_rows_ablation.py --copies 4 ;;
     q8-swap) timeout 500 python3 benchmarks/q8_rows_ablation.py --copies 4 --swap-only ;;
     swap-ab)
@@ -90,6 +91,7 @@ for step in "$@"; do
     dot-variants) timeout 300 python3 benchmarks/mxfp4_dot_variants.py ;;
     decode-variants) timeout 400 python3 benchmarks/mxfp4_dot_variants.py --decode-variants ;;
     grouped-stages) timeout 400 python3 benchmarks/mxfp4_dot_variants.py --stages ;;
+    scale-ablation) timeout 300 python3 benchmarks/mxfp4_dot_variants.py --scale-ablation ;;
     grouped-asm-tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_matmul_kernels.py \
                -k "bf16_dots or moe or identity" 2>&1 | tail -8 ;;
     next-first) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_moe_route.py 2>&1 | tail -3

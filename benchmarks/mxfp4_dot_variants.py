@@ -48,6 +48,9 @@ def main():
                          "straight to bf16 (mx.ASM_BYTE_DECODE) on / off x tiles")
     ap.add_argument("--stages", action="store_true",
                     help="batch-64 grouped kernel: software-pipeline depth (num_stages) x tiles")
+    ap.add_argument("--scale-ablation", action="store_true",
+                    help="batch-64 grouped kernel with its per-step scale-byte load replaced by a "
+                         "constant (timing only: wrong values), against the model's path")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     E, D = 32, 2880
@@ -101,12 +104,28 @@ def main():
             (f"{bm}x{bn}x{bk} w{w}", dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w))
             for bm, bn, bk, w in ((16, 128, 64, 4), (16, 256, 64, 8), (32, 128, 64, 8),
                                   (16, 256, 64, 4))]
+    real_tile = mx._load_w_tile
+    if args.scale_ablation:
+        w_down = random_mxfp4(rng, E, D, D)
+        cases = {"moe gate_up T=64 (b64)": cases["moe gate_up T=64 (b64)"],
+                 "moe down T=64 (b64)": (cases["moe gate_up T=64 (b64)"][0], x512[:64], w_down,
+                                         ids[64])}
+        asm = {"asm 1 factor": True, "no scale load (wrong values)": True}
+        variants = [(v, bv0) for v in asm]
+        tilings = [("default", {})]
+
+    def const_scale_tile(w, w_refs, lead, row0, bn, g0, gt, g_end=None):
+        qs, e = real_tile(w, w_refs, lead, row0, bn, g0, gt, g_end)
+        return qs, jnp.full(e.shape, 120, e.dtype)           # the scale load is dead code
+
     fns, meta = {}, {}
     for cname, (f, x, w, i) in cases.items():
         want, wbytes = None, w.qs.size * 4 + w.scales.size
         for vname, bv in variants:
             mx.BYTE_VIEW_MAX_ROWS = bv           # read at trace time: fresh=True below
-            if vname == "asm 1 factor":
+            mx._load_w_tile = const_scale_tile if vname.startswith("no scale") else real_tile
+            if vname in ("asm 1 factor", "no scale load (wrong values)") and \
+                    not isinstance(w, PackedWeight):
                 # the PackedWeight the model passes, with its scale_max (random_mxfp4 draws
                 # scale bytes 118..127): one bf16 multiply per weight pair instead of two
                 w = PackedWeight(w, T.MXFP4, (*w.scales.shape[:-1], w.scales.shape[-1] * 32),
@@ -114,16 +133,19 @@ def main():
             mx.ASM_BYTE_DECODE = asm[vname]
             for tname, t in tilings:
                 label = f"{vname} {tname}".strip()
+                wrong = vname.startswith("no scale")
                 name, y = add_candidate(fns, f"{cname} {label}",
-                                        lambda x, w, i, f=f, t=t: f(x, w, i, t), (x, w, i), want,
-                                        prefix="mdv", fresh=True)
-                if name:
+                                        lambda x, w, i, f=f, t=t: f(x, w, i, t), (x, w, i),
+                                        None if wrong else want, prefix="mdv", fresh=True)
+                if name and not wrong:
                     want = y if want is None else want
+                if name:
                     # bytes: the whole weight (64 tokens x top-4 route to all 32 experts)
                     meta[name] = (cname, label, wbytes)
-    mx.BYTE_VIEW_MAX_ROWS, mx.ASM_BYTE_DECODE = bv0, asm0
+    mx.BYTE_VIEW_MAX_ROWS, mx.ASM_BYTE_DECODE, mx._load_w_tile = bv0, asm0, real_tile
     base = ("default decode default" if args.decode_variants else
-            "jnp decode default" if args.asm else "default")
+            "jnp decode default" if args.asm else
+            "asm 1 factor default" if args.scale_ablation else "default")
     print_ranked(device_us_per_call(fns, reps=10), meta, base, top=12)
 
 
