@@ -154,7 +154,8 @@ GEMV_MAX_ROWS = 2
 #: beat 4 with the same 64 x 128 x 64 tiles, q/k/v 25.5 -> 22.8 µs, attention output 22.0 -> 19.3
 #: (the fourth session's L2-warm sweep had chosen 4).
 MAX_SPLITS_BATCH = 8
-#: ... and with the swapped dot (:class:`Plan` ``swap``), whose 64-row tiles make twice the programs
+#: ... and with the swapped dot (:class:`Plan` ``swap``) from 64 rows on (its 64-row tiles make
+#: twice the programs; below 64 rows it splits up to MAX_SPLITS_BATCH times)
 SWAP_MAX_SPLITS = 4
 #: Grouped MoE calls with at most this many routed rows decode bytes (:func:`_mxfp4_step_dot`).
 BYTE_VIEW_MAX_ROWS = 256
@@ -713,10 +714,13 @@ def plan_dense(M: int, O: int, I: int, *, mode=None, block_m=None, block_n=None,
     times.  dot, prefill (M >= 256): 128 x 64 x 64 with 8 warps, no split.  Starting points for
     benchmarks/matmul_kernels.py, which sweeps alternatives on the GPU.
 
-    ``swap_ok``: the kernel has a swapped dot step (Q8_0).  Then batch decode (64 <= M < 256)
-    defaults to ``swap=True`` with 64 weight rows x 64 rows of x x 128 inputs, 4 warps, K split up
-    to 4 times (H100, benchmarks/q8_rows_ablation.py, 64 rows, L2-cold: q/k/v 24.2 -> 17.9 µs,
-    attention output 19.0 -> 15.0, vocab head 417.5 -> 338.7, each with its split-K sum).
+    ``swap_ok``: the kernel has a swapped dot step (Q8_0).  Then decode-sized dots (3 <= M <
+    256) default to ``swap=True`` with 64 weight rows x ``min(64, pow2 >= M)`` (at least 16) rows
+    of x x 128 inputs, 4 warps, K split up to 8 times below 64 rows and 4 times from 64 (H100,
+    L2-cold, each with its split-K sum; benchmarks/q8_rows_ablation.py and dense_rows_sweep.py
+    --swap): at 64 rows q/k/v 24.2 -> 17.9 µs, attention output 19.0 -> 15.0, vocab head 417.5
+    -> 338.7; at 32 rows 25.6 -> 15.9, 21.2 -> 12.5, 620.7 -> 300.8; at 16 rows 17.3 -> 14.0,
+    14.8 -> 11.1, 368.5 -> 287.2.
     ``swap=True`` forces it for any dot tiling (``block_n`` then counts weight rows, as always).
     The environment variable ``GPTJAX_SWAP_DOT=0`` (read when a kernel is traced) turns the
     swapped dot off everywhere (A/B timing).
@@ -725,7 +729,7 @@ def plan_dense(M: int, O: int, I: int, *, mode=None, block_m=None, block_n=None,
     if swap and not swap_ok:
         raise ValueError("swap=True: this kernel has no swapped dot step")
     if swap is None:
-        swap = (swap_ok and mode == "dot" and 64 <= M < 256
+        swap = (swap_ok and mode == "dot" and M < 256
                 and all(v is None for v in (block_m, block_n, block_k, num_warps, k_splits)))
     swap = bool(swap)
     small = mode == "gemv" and -(-O // 32) < PREFETCH_MAX_PROGRAMS and k_splits is None
@@ -738,10 +742,11 @@ def plan_dense(M: int, O: int, I: int, *, mode=None, block_m=None, block_n=None,
         k_splits, prefetch = 1, False
     elif mode == "gemv":
         d = dict(block_m=M, block_n=32, block_k=256, num_warps=4, num_stages=3)
+    elif swap and M < 256:
+        d = dict(block_m=min(64, max(16, 1 << (M - 1).bit_length())), block_n=64, block_k=128,
+                 num_warps=4, num_stages=3)
     elif M < 64:
         d = dict(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=3)
-    elif swap and M < 256:
-        d = dict(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3)
     elif M < 256:
         # Batch decode (64 rows: gpt-oss-20b batch 64), H100 sweep of the Q8_0 kernel
         # (benchmarks/dense_rows_sweep.py): 64 x 128 x 64 and K split (up to MAX_SPLITS_BATCH)
@@ -761,9 +766,9 @@ def plan_dense(M: int, O: int, I: int, *, mode=None, block_m=None, block_n=None,
     if k_splits is not None:
         s = int(k_splits)
     else:   # decode only: prefill tiles are big enough, and partials would cost a write of M x O
-        s = _split_k(tiles, n_steps) if (mode == "gemv" or M < 64) else \
-            min(SWAP_MAX_SPLITS if swap else MAX_SPLITS_BATCH, _split_k(tiles, n_steps)) \
-            if M < 256 else 1
+        cap = MAX_SPLITS_BATCH if M < 64 else SWAP_MAX_SPLITS if swap else MAX_SPLITS_BATCH
+        s = _split_k(tiles, n_steps) if (mode == "gemv" or (M < 64 and not swap)) else \
+            min(cap, _split_k(tiles, n_steps)) if M < 256 else 1
     s = -(-n_steps // -(-n_steps // max(1, min(s, n_steps))))      # no empty splits
     if prefetch is None:
         prefetch = mode == "gemv" and tiles * s < PREFETCH_MAX_PROGRAMS

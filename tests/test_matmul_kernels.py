@@ -487,6 +487,7 @@ Q8_SWAP_CASES = [
     (100, 200, 320, jnp.float32, "split", False, {}),            # two row tiles, IEEE f32 dots
     (70, 40, 4096, jnp.bfloat16, "split", True, {"swap": True, "k_splits": 3}),  # split-K
     (16, 40, 96, jnp.bfloat16, "split", True, {"swap": True, "block_m": 16}),    # forced, 16 rows
+    (5, 130, 256, jnp.bfloat16, "ggml", False, {}),              # default plan: swapped, 5 rows
 ]
 
 
@@ -665,7 +666,10 @@ def test_plan_fills_the_gpu():
     assert p.swap and p.mode == "dot" and 1 < p.k_splits <= mx.SWAP_MAX_SPLITS
     assert mx.plan_dense(64, 201088, 2880, swap_ok=True).k_splits == 1
     assert not mx.plan_dense(64, 2880, 4096, swap_ok=True, block_n=128).swap
-    assert not any(mx.plan_dense(m, 2880, 2880, swap_ok=True).swap for m in (1, 16, 63, 256))
+    assert not any(mx.plan_dense(m, 2880, 2880, swap_ok=True).swap for m in (1, 2, 256, 512))
+    for m, bm in ((3, 16), (16, 16), (17, 32), (63, 64), (255, 64)):
+        p = mx.plan_dense(m, 2880, 4096, swap_ok=True)
+        assert p.swap and p.block_m == bm and p.k_splits <= mx.MAX_SPLITS_BATCH
     with pytest.raises(ValueError, match="no swapped dot"):
         mx.plan_dense(64, 2880, 2880, swap=True)
     with pytest.raises(ValueError, match="swap=True needs mode='dot'"):
