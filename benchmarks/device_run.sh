@@ -84,7 +84,7 @@ for step in "$@"; do
     rows-swap) timeout 500 python3 benchmarks/dense_rows_sweep.py --copies 4 --swap --head --rows 16,32 ;;
     q8-ablation) timeout 400 python3 benchmarks/q8_rows_ablation.py --copies 4 ;;
     q8-swap) timeout 500 python3 benchmarks/q8_rows_ablation.py --copies 4 --swap-only ;;
-    q8-tests) timeout 280 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_matmul_kernels.py tests/test_kernels_e2e.py 2>&1 | tail -6 ;;
+    swap-tests) timeout 280 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_matmul_kernels.py tests/test_kernels_e2e.py 2>&1 | tail -6 ;;
     swap-ab)
       timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_matmul_kernels.py tests/test_kernels_e2e.py 2>&1 | tail -6
       for v in 1 0 1; do echo "--- GPTJAX_SWAP_DOT=$v"; GPTJAX_SWAP_DOT=$v timeout 200 python3 benchmarks/gpt_oss_targets.py --skip b1,long,memory,pp512 2>&1 | grep -E "^(b64|pp512|decode|load)" | tail -6; done ;;
