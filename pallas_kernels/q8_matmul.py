@@ -32,7 +32,13 @@ Numerics per kernel mode (see :func:`pallas_kernels.mxfp4_matmul.plan_dense` for
 * ``"dot"`` (prefill, and decode with more than GEMV_MAX_ROWS rows): ``w = q * d`` exactly in
   float32 (8-bit times 11-bit significands), rounded once to the compute dtype (``x.dtype``), then
   tensor-core dots with float32 accumulation: exactly the XLA reference path
-  (``gptjax.packed.linear``), up to summation order.
+  (``gptjax.packed.linear``), up to summation order.  From 3 to 255 rows the dot is "swapped" by
+  default (``Plan.swap``, :func:`_step_dot_t`): each tile is computed as ``out^T = W x^T``, so on
+  Hopper the decoded weight tile feeds wgmma from registers and x streams from shared memory,
+  where the plain orientation stores the decoded tile to shared memory behind a barrier every K
+  step.  Same values (same decode, one rounding, float32 accumulation).  H100, 64 rows:
+  attention projections and the vocab head 19-26 % faster, gpt-oss-20b batch-64 decode 6,592 ->
+  6,805 tok/s; 16-32 rows up to 2x (benchmarks/RESULTS.md, thirteenth session).
 * ``"gemv"`` (decode): per block and row ``s = sum_j q_j x_j`` (32 products, exact for bf16 x),
   then ``acc += s * d``: one multiply per block instead of one per weight.  The weights are never
   rounded to bf16 here (the reference path rounds ``q * d`` to bf16 first), so with bf16 x the
