@@ -80,8 +80,17 @@ FEW_ROWS = 256
 #: many rows, MAX_ROWS per program along a second grid axis (``supports(..., row_groups=True)``;
 #: each group re-reads the weight, which L2 holds).  Batch decode's router (64 rows): one kernel
 #: instead of an XLA RMSNorm and five kernels of a padded split-K matmul (benchmarks/RESULTS.md,
-#: twelfth session).  Env ``GPTJAX_FUSED_ROUTER_ROWS`` overrides (0: never).
-GROUP_MAX_ROWS = int(os.environ.get("GPTJAX_FUSED_ROUTER_ROWS", "64"))
+#: twelfth session).  Env ``GPTJAX_FUSED_ROUTER_ROWS`` overrides (0: never), read when a call
+#: is traced (:func:`group_max_rows`), like ``moe.kernel_max_rows``.
+GROUP_MAX_ROWS = 64
+
+
+def group_max_rows() -> int:
+    """Rows up to which row groups apply: env ``GPTJAX_FUSED_ROUTER_ROWS``, default
+    :data:`GROUP_MAX_ROWS`."""
+    return int(os.environ.get("GPTJAX_FUSED_ROUTER_ROWS", GROUP_MAX_ROWS))
+
+
 _STATIC = ("norm", "eps", "act", "round_to", "cdt", "norm_out", "block_n", "block_k",
            "num_warps", "interpret")
 
@@ -146,7 +155,8 @@ def _weight_kind(w) -> str | None:
 def supports(x_shape, w, *, row_groups: bool = False) -> bool:
     """Whether :func:`fused_gemv` takes ``x [..., I]`` against ``w``: a 2-D plain float / Q8_0 /
     MXFP4 weight, I a multiple of 32, at most MAX_ROWS rows -- or, with ``row_groups``, up to
-    GROUP_MAX_ROWS rows against a plain weight of at most FEW_ROWS outputs (:func:`max_rows`)."""
+    :func:`group_max_rows` rows against a plain weight of at most FEW_ROWS outputs
+    (:func:`max_rows`)."""
     kind = _weight_kind(w)
     rows = int(np.prod(x_shape[:-1])) if len(x_shape) > 1 else 1
     if kind is None or x_shape[-1] % QK or getattr(w, "ndim", 2) != 2:
@@ -158,7 +168,7 @@ def supports(x_shape, w, *, row_groups: bool = False) -> bool:
 def max_rows(kind: str, O: int) -> int:
     """Rows :func:`fused_gemv` takes for a ``kind`` weight of O outputs (row groups: plain
     weights of at most FEW_ROWS outputs)."""
-    return max(MAX_ROWS, GROUP_MAX_ROWS) if kind == "plain" and O <= FEW_ROWS else MAX_ROWS
+    return max(MAX_ROWS, group_max_rows()) if kind == "plain" and O <= FEW_ROWS else MAX_ROWS
 
 
 def _parse(w, fn: str) -> tuple[str, _W]:
@@ -360,7 +370,7 @@ def fused_gemv(x, w, bias=None, norm_weight=None, norm_bias=None, residual=None,
     ``(y, h)`` with h ``cdt [..., I]``, the normalised rows that the matmul consumed (written by
     the programs of the first output block), for a next kernel that needs the same input.
 
-    x: float ``[..., I]`` with at most MAX_ROWS rows (:func:`max_rows`: up to GROUP_MAX_ROWS
+    x: float ``[..., I]`` with at most MAX_ROWS rows (:func:`max_rows`: up to :func:`group_max_rows`
     against a small plain weight, in row groups); w: plain float ``[O, I]``, or Q8_0 / MXFP4
     weights; bias: ``[O]`` or None; norm: None, "rms" (needs ``norm_weight [I]``) or "layer"
     (``norm_weight``, ``norm_bias [I]``), ``eps`` its epsilon; the normalised row is rounded to

@@ -233,6 +233,17 @@ def test_supports_and_errors():
             fg.fused_gemv(x, w, act=act, interpret=True)
 
 
+def test_row_group_limit_reads_env_at_call(monkeypatch):
+    """GPTJAX_FUSED_ROUTER_ROWS is read when a call is traced (0: no row groups at all)."""
+    w = jnp.zeros((8, 64))
+    assert fg.supports((8, 64), w, row_groups=True)
+    monkeypatch.setenv("GPTJAX_FUSED_ROUTER_ROWS", "0")
+    assert not fg.supports((8, 64), w, row_groups=True)
+    assert fg.supports((2, 64), w, row_groups=True)                     # MAX_ROWS still holds
+    monkeypatch.setenv("GPTJAX_FUSED_ROUTER_ROWS", "128")
+    assert fg.max_rows("plain", 8) == 128 and fg.max_rows("q8_0", 8) == fg.MAX_ROWS
+
+
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 @pytest.mark.parametrize("I", [96, 2880, 4160])        # one-load statistics, and the K loop
