@@ -61,6 +61,8 @@ def main():
     ap.add_argument("--asm", action="store_true")
     ap.add_argument("--big", action="store_true")
     ap.add_argument("--xla", action="store_true")
+    ap.add_argument("--swap8", action="store_true",
+                    help="swapped-dot tiles at 64 rows with 8 warps / wider steps")
     ap.add_argument("--swap", action="store_true",
                     help="the swapped dot (Plan.swap) over a grid of tiles, vs the default")
     args = ap.parse_args()
@@ -83,6 +85,13 @@ def main():
     if args.swap:
         grid = [dict(block_m=bm, block_n=64, block_k=bk, num_warps=4, k_splits=s, swap=True)
                 for bm, bk, s in itertools.product((16, 32, 64), (64, 128), (1, 2, 4, 8))]
+    if args.swap8:
+        grid = [dict(block_m=64, block_n=bn, block_k=bk, num_warps=w, k_splits=sp, swap=True)
+                for bn, bk, w, sp in ((64, 128, 4, 4), (128, 128, 8, 2), (128, 128, 8, 4),
+                                      (128, 64, 8, 4), (128, 64, 8, 8), (64, 128, 8, 4),
+                                      (64, 256, 4, 2), (64, 256, 4, 4), (128, 256, 8, 2),
+                                      (64, 128, 4, 1), (128, 128, 8, 1), (64, 256, 4, 1),
+                                      (128, 256, 8, 1))]
     if args.asm:
         few = [{}, dict(block_m=64, block_n=128, block_k=64, num_warps=4, k_splits=8),
                dict(block_m=32, block_n=64, block_k=128, num_warps=4, k_splits=4),
@@ -100,7 +109,8 @@ def main():
                 (str(c), c) for c in grid
                 if not (sname.startswith("head") and c.get("k_splits", 1) > 1)
                 and c.get("block_m", 0) <= max(16, M)
-                and not (args.swap and c["k_splits"] == 1 and not sname.startswith("head"))]
+                and not ((args.swap or args.swap8) and c["k_splits"] == 1
+                         and not sname.startswith("head"))]
             if args.swap:
                 cands.append(("unswapped default", dict(swap=False)))
             for label, c in cands:

@@ -82,6 +82,7 @@ for step in "$@"; do
     rows-asm) timeout 300 python3 benchmarks/dense_rows_sweep.py --copies 4 --asm --head ;;
     rows-xla) timeout 300 python3 benchmarks/dense_rows_sweep.py --copies 4 --xla --head --rows 1,64 ;;
     rows-swap) timeout 500 python3 benchmarks/dense_rows_sweep.py --copies 4 --swap --head --rows 16,32 ;;
+    rows-swap8) timeout 400 python3 benchmarks/dense_rows_sweep.py --copies 4 --swap8 --head --rows 64 ;;
     q8-ablation) timeout 400 python3 benchmarks/q8_rows_ablation.py --copies 4 ;;
     q8-swap) timeout 500 python3 benchmarks/q8_rows_ablation.py --copies 4 --swap-only ;;
     swap-tests) timeout 280 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_matmul_kernels.py tests/test_kernels_e2e.py 2>&1 | tail -6 ;;
