@@ -766,7 +766,7 @@ def plan_dense(M: int, O: int, I: int, *, mode=None, block_m=None, block_n=None,
     if k_splits is not None:
         s = int(k_splits)
     else:   # decode only: prefill tiles are big enough, and partials would cost a write of M x O
-        cap = MAX_SPLITS_BATCH if M < 64 else SWAP_MAX_SPLITS if swap else MAX_SPLITS_BATCH
+        cap = SWAP_MAX_SPLITS if (swap and M >= 64) else MAX_SPLITS_BATCH
         s = _split_k(tiles, n_steps) if (mode == "gemv" or (M < 64 and not swap)) else \
             min(cap, _split_k(tiles, n_steps)) if M < 256 else 1
     s = -(-n_steps // -(-n_steps // max(1, min(s, n_steps))))      # no empty splits
