@@ -241,16 +241,6 @@ cvt.rn.bf16x2.f32 $1, a3, a2;
 _Q8_OFFSET = np.float32(-(2.0 ** 15 + 128))
 
 
-def _q8_bf16_asm(qs, d):
-    """Quant bytes uint8 [bn, gt, 32] and scales float32 [bn, gt] -> bfloat16 [bn, gt, 32]
-    ``round_bf16(q * d)``, the values of the jnp chain.  GPU only (inline PTX, sm_90)."""
-    ds = jnp.broadcast_to(d[..., None], qs.shape)
-    offs = jnp.broadcast_to((d * _Q8_OFFSET)[..., None], qs.shape)          # exact
-    return pltriton.elementwise_inline_asm(
-        _Q8_BF16_ASM, args=[qs, ds, offs], pack=4, constraints="=r,=r,r,r,r,r,r,r,r,r,r",
-        result_shape_dtypes=[jax.ShapeDtypeStruct(qs.shape, jnp.bfloat16)])[0]
-
-
 # Two quant bytes (pack=2: their b16 zero-extended in $1) -> bf16(q * d) for both ($0): the
 # arithmetic of _Q8_BF16_ASM on half as many bytes ($2/$3 the scales, $4/$5 the offsets).  The
 # swapped dot's register operand holds the tile as byte pairs (wgmma's A fragments), so this
@@ -268,12 +258,20 @@ cvt.rn.bf16x2.f32 $0, a1, a0;
 }"""
 
 
-def _q8_bf16_asm2(qs, d):
-    """:func:`_q8_bf16_asm` two bytes at a time (the swapped dot's decode).  GPU only."""
+#: {pack: (asm, constraints)} of the two decodes: four bytes per call (the dot), two (the
+#: swapped dot).
+_Q8_BF16_ASMS = {4: (_Q8_BF16_ASM, "=r,=r,r,r,r,r,r,r,r,r,r"), 2: (_Q8_BF16_ASM2, "=r,r,r,r,r,r")}
+
+
+def _q8_bf16_asm(qs, d, pack: int = 4):
+    """Quant bytes uint8 [bn, gt, 32] and scales float32 [bn, gt] -> bfloat16 [bn, gt, 32]
+    ``round_bf16(q * d)``, the values of the jnp chain, ``pack`` (4 or 2) bytes per inline-asm
+    call.  GPU only (inline PTX, sm_90)."""
+    asm, constraints = _Q8_BF16_ASMS[pack]
     ds = jnp.broadcast_to(d[..., None], qs.shape)
     offs = jnp.broadcast_to((d * _Q8_OFFSET)[..., None], qs.shape)          # exact
     return pltriton.elementwise_inline_asm(
-        _Q8_BF16_ASM2, args=[qs, ds, offs], pack=2, constraints="=r,r,r,r,r,r",
+        asm, args=[qs, ds, offs], pack=pack, constraints=constraints,
         result_shape_dtypes=[jax.ShapeDtypeStruct(qs.shape, jnp.bfloat16)])[0]
 
 
@@ -281,7 +279,7 @@ def _decoded_tile(w: _W, w_refs, row0, bn, g0, gt, cdt, interpret, pack):
     """The weight tile [bn, gt * 32] as ``round_cdt(q * d)`` (exact decode, one rounding)."""
     qs, d = _load_tile(w, w_refs, (), row0, bn, g0, gt)
     if ASM_Q8_DECODE and not interpret and cdt == jnp.bfloat16:
-        wt = (_q8_bf16_asm(qs, d) if pack == 4 else _q8_bf16_asm2(qs, d))
+        wt = _q8_bf16_asm(qs, d, pack)
     else:
         wt = (q8_values(qs) * d[:, :, None]).astype(cdt)                   # exact, one rounding
     return wt.reshape(bn, gt * QK)

@@ -158,7 +158,7 @@ def test_mxfp4_decode_denormal_scales_flush_or_exact():
 
 
 def _run_ptx(asm: str, regs: dict) -> dict:
-    """A tiny interpreter for the PTX subset of ``mx._NIBBLE_BF16_ASM`` and ``q8._Q8_BF16_ASM``
+    """A tiny interpreter for the PTX subset of ``mx._NIBBLE_BF16_ASM`` and ``q8._Q8_BF16_ASMS``
     (prmt.b32 default mode, and/xor/mov.b32, mul.lo.u32, mul.rn.bf16x2 and cvt.rn.bf16x2.f32 with
     round-to-nearest-even, fma.rn.f32 where the sum is exact in float64), on numpy uint32 arrays.
     ``regs`` maps "$n" to inputs; returns every register after the run."""
@@ -220,16 +220,17 @@ def _run_ptx(asm: str, regs: dict) -> dict:
     return regs
 
 
-def _pack_bytes(b):
-    """uint [4 n] byte values -> n b32 operands, four per pack (element 0 in the low byte), as
-    Triton packs a pack=4 uint8 operand."""
-    return (b.astype(np.uint32).reshape(-1, 4) << np.arange(0, 32, 8, dtype=np.uint32)
+def _pack_bytes(b, pack: int = 4):
+    """uint [pack n] byte values -> n b32 operands, ``pack`` per operand (element 0 in the low
+    byte; pack 2 leaves the upper half zero), as Triton packs a uint8 operand."""
+    return (b.astype(np.uint32).reshape(-1, pack) << np.arange(0, 8 * pack, 8, dtype=np.uint32)
             ).sum(1, dtype=np.uint32)
 
 
-def _bf16_results(r):
-    """The two b32 results $0, $1 of a pack=4 bf16 asm -> float32 [4 n] in element order."""
-    bits = np.stack([r["$0"] & 0xFFFF, r["$0"] >> 16, r["$1"] & 0xFFFF, r["$1"] >> 16], 1)
+def _bf16_results(r, n_out: int = 2):
+    """The b32 results $0 .. $(n_out - 1) of a bf16 asm, two bf16 each (element 0 in the low
+    half) -> float32 [2 n_out n] in element order."""
+    bits = np.stack([h for i in range(n_out) for h in (r[f"${i}"] & 0xFFFF, r[f"${i}"] >> 16)], 1)
     return bits.astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float32).reshape(-1)
 
 
@@ -265,12 +266,14 @@ def test_byte_decode_ptx_every_code_and_scale(one):
     assert one or np.isinf(want[0]).any()                          # and overflow
 
 
-def test_q8_decode_ptx_every_byte_and_scale():
-    """The inline-PTX Q8_0 decode of the dot mode (``q8._Q8_BF16_ASM``), run by the interpreter on
-    Triton's operand packing (pack=4: four quant bytes in one b32, the scale operands one float32
-    register per element, bf16 results two per b32, element 0 low), for all 256 quant bytes under
-    every 16th f16 scale pattern (and the extremes: +-0, subnormals, +-65504), against gguf.quants
-    rounded to bf16: bitwise (up to the sign of 0).  (The GPU identity test runs the real thing.)"""
+@pytest.mark.parametrize("pack", [4, 2], ids=["dot-pack4", "swapped-dot-pack2"])
+def test_q8_decode_ptx_every_byte_and_scale(pack):
+    """The inline-PTX Q8_0 decodes (``q8._Q8_BF16_ASMS``: four bytes per call in the dot, two in
+    the swapped dot), run by the interpreter on Triton's operand packing (``pack`` quant bytes in
+    one b32, the scale operands one float32 register per element, bf16 results two per b32,
+    element 0 low), for all 256 quant bytes under every 16th f16 scale pattern (and the extremes:
+    +-0, subnormals, +-65504), against gguf.quants rounded to bf16: bitwise (up to the sign of
+    0).  (The GPU identity tests run the real thing.)"""
     u16 = np.concatenate([np.arange(0, 0x7C00, 16), np.arange(0x8000, 0xFC00, 16),
                           [1, 0x3FF, 0x7BFF, 0x8001, 0xFBFF]]).astype(np.uint16)
     u16 = u16[np.isfinite(u16.view(np.float16))]
@@ -286,11 +289,14 @@ def test_q8_decode_ptx_every_byte_and_scale():
     want = oracle(raw.reshape(n_d, -1), T.Q8_0).reshape(n_d, 256)[di, qb]
     want = want.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
     d = u16.view(np.float16).astype(np.float32)[di]
-    packed = {"$2": _pack_bytes(qb)}
-    for i in range(4):
-        packed[f"${3 + i}"] = d.reshape(-1, 4)[:, i].view(np.uint32)
-        packed[f"${7 + i}"] = (d * q8._Q8_OFFSET).reshape(-1, 4)[:, i].view(np.uint32)
-    same_numbers_and_bits(_bf16_results(_run_ptx(q8._Q8_BF16_ASM, packed)), want)
+    n_out = pack // 2                                       # b32 results: two bf16 each
+    packed = {f"${n_out}": _pack_bytes(qb, pack)}
+    for i in range(pack):
+        packed[f"${n_out + 1 + i}"] = d.reshape(-1, pack)[:, i].view(np.uint32)
+        packed[f"${n_out + 1 + pack + i}"] = \
+            (d * q8._Q8_OFFSET).reshape(-1, pack)[:, i].view(np.uint32)
+    asm = q8._Q8_BF16_ASMS[pack][0]
+    same_numbers_and_bits(_bf16_results(_run_ptx(asm, packed), n_out), want)
     assert (want != 0).mean() > 0.9 and np.isclose(np.abs(want).max(), 128 * 65504, rtol=1e-2)
 
 
