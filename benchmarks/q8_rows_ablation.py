@@ -60,6 +60,17 @@ def _bf16_kernel(x_ref, w_ref, o_ref, *, M, O, I, bm, bn, bk, steps, splits):
                    mask=m_ok[:, None] & n_ok[None, :])
 
 
+def _split_k_call(kern, args, name, *, M, O, bm, bn, splits, warps, stages):
+    """One program per (row block, output block, K split); float32 partials [splits, M, O],
+    summed by XLA (as the Q8_0 kernel's split-K)."""
+    y = pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((splits, M, O), F32),
+                       grid=(cdiv(M, bm), cdiv(O, bn), splits),
+                       compiler_params=pltriton.CompilerParams(num_warps=warps,
+                                                               num_stages=stages),
+                       name=name)(*args)
+    return y.sum(axis=0)
+
+
 @functools.partial(jax.jit, static_argnames=("bm", "bn", "bk", "splits", "warps", "stages"))
 def bf16_pallas(x, w, *, bm=64, bn=128, bk=64, splits=7, warps=4, stages=3):
     M, I = x.shape
@@ -67,43 +78,17 @@ def bf16_pallas(x, w, *, bm=64, bn=128, bk=64, splits=7, warps=4, stages=3):
     steps = cdiv(cdiv(I, bk), splits)
     kern = functools.partial(_bf16_kernel, M=M, O=O, I=I, bm=bm, bn=bn, bk=bk, steps=steps,
                              splits=splits)
-    y = pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((splits, M, O), F32),
-                       grid=(cdiv(M, bm), cdiv(O, bn), splits),
-                       compiler_params=pltriton.CompilerParams(num_warps=warps,
-                                                               num_stages=stages),
-                       name="bf16_pallas")(x, w)
-    return y.sum(axis=0)
+    return _split_k_call(kern, (x, w), "bf16_pallas", M=M, O=O, bm=bm, bn=bn, splits=splits,
+                         warps=warps, stages=stages)
 
 
-# Two quant bytes (pack=2: a b16 zero-extended in $1) -> bf16(q * d) for both ($0), the same
-# arithmetic as q8_matmul._Q8_BF16_ASM on half as many bytes: the swapped dot's register operand
-# holds byte pairs, so four-byte packs cost byte shuffles.
-_Q8_BF16_ASM2 = """{
-.reg .b32 u, k, f<2>, a<2>;
-xor.b32 u, $1, 0x8080;
-mov.b32 k, 0x47000000;
-prmt.b32 f0, u, k, 0x7404;
-prmt.b32 f1, u, k, 0x7414;
-fma.rn.f32 a0, f0, $2, $4;
-fma.rn.f32 a1, f1, $3, $5;
-cvt.rn.bf16x2.f32 $0, a1, a0;
-}"""
 
 
-def _q8_bf16_asm2(qs, d):
-    ds = jnp.broadcast_to(d[..., None], qs.shape)
-    offs = jnp.broadcast_to((d * q8._Q8_OFFSET)[..., None], qs.shape)
-    return pltriton.elementwise_inline_asm(
-        _Q8_BF16_ASM2, args=[qs, ds, offs], pack=2, constraints="=r,r,r,r,r,r",
-        result_shape_dtypes=[jax.ShapeDtypeStruct(qs.shape, jnp.bfloat16)])[0]
-
-
-PACK2 = False
-
-
-def _q8_swap_kernel(x_ref, qs_ref, sc_ref, o_ref, *, M, O, G, bm, bn, gt, steps, x2d):
+def _q8_swap_kernel(x_ref, qs_ref, sc_ref, o_ref, *, M, O, G, bm, bn, gt, steps, x2d, pack):
     """The Q8_0 dot with the operands swapped: out^T [bn, bm] += W [bn, bk] . x^T, so that the
-    decoded weight tile is the wgmma's register operand (A) and x the shared-memory one (B)."""
+    decoded weight tile is the wgmma's register operand (A) and x the shared-memory one (B).
+    The prototype of ``q8_matmul``'s swapped dot (``Plan.swap``, which keeps x2d and pack 2),
+    kept for the variants it dropped: a 3-D x tile, the four-byte decode."""
     i_m, i_n, i_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     m0, n0, g_first = i_m * bm, i_n * bn, i_s * steps * gt
     m_ok = (m0 + _iota(bm)) < M
@@ -112,8 +97,7 @@ def _q8_swap_kernel(x_ref, qs_ref, sc_ref, o_ref, *, M, O, G, bm, bn, gt, steps,
 
     def body(t, acc):
         g0 = g_first + t * gt
-        qs, d = q8._load_tile(wv, (qs_ref, sc_ref), (), n0, bn, g0, gt)
-        wt = (_q8_bf16_asm2 if PACK2 else q8._q8_bf16_asm)(qs, d).reshape(bn, gt * 32)
+        wt = q8._decoded_tile(wv, (qs_ref, sc_ref), n0, bn, g0, gt, jnp.bfloat16, False, pack)
         if x2d:
             k_ok = (g0 * 32 + _iota(gt * 32)) < G * 32
             xt = pltriton.load(x_ref.at[pl.ds(m0, bm), pl.ds(g0 * 32, gt * 32)],
@@ -128,20 +112,17 @@ def _q8_swap_kernel(x_ref, qs_ref, sc_ref, o_ref, *, M, O, G, bm, bn, gt, steps,
 
 
 @functools.partial(jax.jit, static_argnames=("bm", "bn", "bk", "splits", "warps", "stages",
-                                             "x2d"))
-def q8_swapped(x, w, *, bm=64, bn=128, bk=64, splits=7, warps=4, stages=3, x2d=True):
+                                             "x2d", "pack"))
+def q8_swapped(x, w, *, bm=64, bn=128, bk=64, splits=7, warps=4, stages=3, x2d=True, pack=4):
     M, I = x.shape
     O, G = w.scales.shape
     gt = bk // 32
     steps = cdiv(cdiv(G, gt), splits)
     kern = functools.partial(_q8_swap_kernel, M=M, O=O, G=G, bm=bm, bn=bn, gt=gt, steps=steps,
-                             x2d=x2d)
-    y = pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((splits, M, O), F32),
-                       grid=(cdiv(M, bm), cdiv(O, bn), splits),
-                       compiler_params=pltriton.CompilerParams(num_warps=warps,
-                                                               num_stages=stages),
-                       name="q8_swapped")(x if x2d else x.reshape(M, G, 32), w.qs, w.scales)
-    return y.sum(axis=0)
+                             x2d=x2d, pack=pack)
+    args = (x if x2d else x.reshape(M, G, 32), w.qs, w.scales)
+    return _split_k_call(kern, args, "q8_swapped", M=M, O=O, bm=bm, bn=bn, splits=splits,
+                         warps=warps, stages=stages)
 
 
 def xla_dot(x, wd):
@@ -212,14 +193,12 @@ def main():
         if head:
             swaps = [(bn, bk, 1, wp, True, p2) for bn, bk, wp in (
                 (64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 4)) for p2 in (False, True)]
-        global PACK2
         for bn, bk, sp, wp, x2, p2 in swaps:
-            PACK2 = p2                                   # read at trace time: fresh below
             add(f"q8 swapped {bn}x{bk} splits {sp} w{wp} x2d {x2} pack{2 if p2 else 4}",
-                lambda x, ws, c=(bn, bk, sp, wp, x2): [
-                    q8_swapped(x, w, bn=c[0], bk=c[1], splits=c[2], warps=c[3], x2d=c[4])
-                    for w in ws], (x, ws), fresh=True)
-        PACK2 = False
+                lambda x, ws, c=(bn, bk, sp, wp, x2, 2 if p2 else 4): [
+                    q8_swapped(x, w, bn=c[0], bk=c[1], splits=c[2], warps=c[3], x2d=c[4],
+                               pack=c[5])
+                    for w in ws], (x, ws))
         name = add("xla bf16", lambda x, wds: [xla_dot(x, wd) for wd in wds], (x, wds))
         if name:
             txt = jax.jit(xla_dot).lower(x, wds[0]).compile().as_text()
