@@ -74,6 +74,7 @@ for step in "$@"; do
     moe-flat-tiles) timeout 500 python3 benchmarks/moe_decode_sweep.py --set flat-tiles ;;
     moe-warps) timeout 300 python3 benchmarks/moe_decode_sweep.py --set warps ;;
     moe-ceiling) timeout 400 python3 benchmarks/moe_read_ceiling.py ;;
+    moe-b1-dot) timeout 500 python3 benchmarks/moe_b1_dot.py ;;
     attn-sweep) timeout 300 python3 benchmarks/attention_kernels.py --decode-sweep --runs 10 2>&1 | grep -v "^ok" ;;
     rows-sweep) timeout 300 python3 benchmarks/dense_rows_sweep.py --head ;;
     rows-sweep-cold) timeout 400 python3 benchmarks/dense_rows_sweep.py --copies 4 --wide ;;
