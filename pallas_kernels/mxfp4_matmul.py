@@ -1041,7 +1041,7 @@ def _grouped_kernel(*refs, w: _W, p: Plan, has_bias: bool, cdt, interpret: bool,
             # masked rows get an index past the end: never touched on the GPU, and dropped by
             # interpret mode's scatter (an in-range index could overwrite a real row there)
             routed = pltriton.load(order_ref.at[pl.ds(row0, bm)], mask=m_ok,
-                                   other=order_ref.shape[0])                # [bm]
+                                   other=out_ref.shape[0])                  # [bm]
             if x_div is not None:
                 x_rows = lax.div(routed, np.int32(x_div))
             if routed_out:
@@ -1203,7 +1203,8 @@ def _grouped_call(xs, tiles, wp: _W, b, p: Plan, interpret: bool, order=None,
     (``x_div`` with ``order``) token rows [R / x_div, I] gathered in the kernel; out rows in
     sorted order, or (``routed_out`` with ``order``) in routed order.  Rows no tile covers are
     not written."""
-    R, Mx = (order if order is not None else xs).shape[0], xs.shape[0]
+    Mx = xs.shape[0]
+    R = Mx * (x_div or 1)
     if R <= BYTE_VIEW_MAX_ROWS:                                             # byte-wise decode
         xk, wp = xs.reshape(Mx, wp.G, 4, 2, 2, 2), byte_view(wp)
     else:
@@ -1221,7 +1222,8 @@ def _grouped_call(xs, tiles, wp: _W, b, p: Plan, interpret: bool, order=None,
 
 
 def _check_sorted(xs, tiles, wp: _W, fn: str, order=None, n_used=None, routed_out=False):
-    """Shapes of a grouped call; returns R, the routed (= sorted) row count."""
+    """Shapes of a grouped call; returns R, the routed (= sorted) row count: xs's rows, times
+    ``n_used`` when xs holds token rows."""
     if xs.ndim != 2 or xs.shape[1] != wp.I:
         raise WeightsError(f"{fn}: xs must be [R, {wp.I}] for experts [E={wp.lead[0]}, O={wp.O}, "
                            f"I={wp.I}], got {list(xs.shape)}")
@@ -1231,13 +1233,10 @@ def _check_sorted(xs, tiles, wp: _W, fn: str, order=None, n_used=None, routed_ou
         if n_used is not None or routed_out:
             raise ValueError(f"{fn}: n_used / routed_out need the routing order")
         return xs.shape[0]
-    if order.ndim != 1:
-        raise WeightsError(f"{fn}: order must be int [R], got {list(order.shape)}")
-    R = order.shape[0]
-    want = R if n_used is None else R / int(n_used)
-    if xs.shape[0] != want:
-        raise WeightsError(f"{fn}: xs has {xs.shape[0]} rows; order of {R} routed rows with "
-                           f"n_used={n_used} needs {want}")
+    R = xs.shape[0] * (1 if n_used is None else int(n_used))
+    if order.ndim != 1 or order.shape[0] < R:
+        raise WeightsError(f"{fn}: order must be int [>= R = {R}] for xs of {xs.shape[0]} rows "
+                           f"with n_used={n_used}, got {list(order.shape)}")
     return R
 
 
@@ -1254,10 +1253,10 @@ def mxfp4_moe_grouped(xs, w, tiles, bias=None, *, order=None, n_used=None, route
     Where the rows come from and go to:
 
     * ``order`` None: xs float ``[R, I]`` is already in sorted order, and so is the output;
-    * ``order`` int ``[R]`` (sorted position -> routed row ``t * n_used + u``, as
-      :func:`moe_tiles` / ``moe_route`` give it) with ``n_used``: xs holds the token rows ``[R /
-      n_used, I]`` and sorted row s reads row ``order[s] // n_used`` (the gather happens in the
-      kernel's loads); without ``n_used`` xs is sorted;
+    * ``order`` int ``[>= R]`` (sorted position -> routed row ``t * n_used + u``, as
+      :func:`moe_tiles` / ``moe_route`` give it; entries past R are not read) with ``n_used``:
+      xs holds the token rows ``[R / n_used, I]`` and sorted row s reads row ``order[s] //
+      n_used`` (the gather happens in the kernel's loads); without ``n_used`` xs is sorted;
     * ``routed_out`` (needs ``order``): sorted row s is stored at output row ``order[s]``, i.e.
       the output is in routed order ``[T * n_used, O]`` (the un-sort happens in the stores).
 
@@ -1294,6 +1293,7 @@ def mxfp4_moe_grouped_ref(xs, w, tiles, bias=None, *, order=None, n_used=None, r
     del mode, block_m, block_n, block_k, k_splits, num_warps, num_stages, prefetch, interpret
     wp = _parse_weights(w, 1, "mxfp4_moe_grouped_ref")
     R = _check_sorted(xs, tiles, wp, "mxfp4_moe_grouped_ref", order, n_used, routed_out)
+    order = None if order is None else order[:R]
     if n_used is not None:
         xs = jnp.take(xs, order // int(n_used), axis=0)
     ids = tile_experts(tiles, R)[:, None]

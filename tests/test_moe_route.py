@@ -87,10 +87,13 @@ def test_route_nan_and_inf_logits(interpret):
     logits[4, 1] = 0.0                                           # no NaN beside +inf
     got = mr.moe_route(jnp.asarray(logits), n_used=4, block_m=4, interpret=interpret)
     ref = mr.moe_route_ref(jnp.asarray(logits), n_used=4, block_m=4)
-    for name, g, w in zip(got._fields[1:], got[1:], ref[1:]):
+    for name, g, w in zip(got._fields[1:5], got[1:5], ref[1:5]):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
     np.testing.assert_allclose(np.asarray(got.weights), np.asarray(ref.weights), rtol=1e-6,
                                equal_nan=True)
+    # the kernel's padded order buffer starts with the order
+    assert ref.order_padded is None and got.order_padded.shape[0] >= 64
+    np.testing.assert_array_equal(np.asarray(got.order_padded)[:64], np.asarray(got.order))
 
 
 def test_route_size_and_argument_errors():
@@ -144,12 +147,13 @@ def test_grouped_on_sorted_rows(case, interpret):
     np.testing.assert_array_equal(yg, ys)
     yr = np.asarray(mx.mxfp4_moe_grouped(xs, w, r.tiles, b, order=r.order, routed_out=True, **kw))
     np.testing.assert_array_equal(yr, y)
-    yb = np.asarray(mx.mxfp4_moe_grouped(x, w, r.tiles, b, order=r.order, n_used=U,
+    padded = jnp.concatenate([r.order, jnp.full((7,), 10**6, jnp.int32)])   # read up to R only
+    yb = np.asarray(mx.mxfp4_moe_grouped(x, w, r.tiles, b, order=padded, n_used=U,
                                          routed_out=True, **kw))
     np.testing.assert_array_equal(yb, y)
     # the twin takes the same arguments
     for kw2, want in ((dict(n_used=U), ys_ref), (dict(n_used=U, routed_out=True), None)):
-        got = np.asarray(mx.mxfp4_moe_grouped_ref(x, w, r.tiles, b, order=r.order, **kw2))
+        got = np.asarray(mx.mxfp4_moe_grouped_ref(x, w, r.tiles, b, order=padded, **kw2))
         want = ys_ref[np.asarray(r.inv).reshape(-1)] if want is None else want
         np.testing.assert_array_equal(got, want)
 
@@ -160,7 +164,7 @@ def test_grouped_row_arguments_checked():
     r = mr.moe_route_ref(jnp.asarray(rng.standard_normal((5, 4)), jnp.float32), n_used=2,
                          block_m=16)
     x = jnp.zeros((5, 64), jnp.float32)
-    with pytest.raises(WeightsError, match="needs 5"):
+    with pytest.raises(WeightsError, match=r"\[>= R = 20\]"):
         mx.mxfp4_moe_grouped(jnp.zeros((10, 64)), w, r.tiles, order=r.order, n_used=2,
                              interpret=True)
     with pytest.raises(ValueError, match="need the routing order"):

@@ -277,7 +277,8 @@ def experts_grouped_kernel(x, logits, p, config):
     M, U = x.shape[0], config.n_experts_used
     bm = moe_block_m(M * U)
     r = moe_route(logits, n_used=U, block_m=bm, interpret=interpret)
-    kw = dict(order=r.order, block_m=bm, interpret=interpret)
+    order = r.order if r.order_padded is None else r.order_padded          # [>= R]
+    kw = dict(order=order, block_m=bm, interpret=interpret)
     g, u = gate_up(p, lambda q: mxfp4_moe_grouped(x, q["weight"], r.tiles, q["bias"], n_used=U,
                                                   **kw))                    # [R, F] sorted
     h = swiglu_oai(g, u, alpha=config.swiglu_alpha, limit=config.swiglu_limit).astype(x.dtype)
