@@ -205,8 +205,8 @@ def plan(kind: str, O: int, I: int, *, M: int = 1, block_n=None, block_k=None,
     inputs per step and 4 warps, or 2048 and 8 warps from 4096 inputs (below).  At most
     :data:`FEW_ROWS` outputs (gpt-oss's 32-expert router): up to 4096 inputs per step, so each
     of the few programs is one step, not a chain of latency-bound ones (5.2 µs with 512); in row
-    groups (M > MAX_ROWS) 4 outputs x 2048 inputs (64 rows x 32 experts: 6.5 µs, RESULTS.md
-    twelfth session; not swept)."""
+    groups (M > MAX_ROWS) 8 outputs x 1024 inputs, 8 warps (64 rows x 32 experts: 5.6 µs,
+    RESULTS.md twelfth session's sweep)."""
     bn = block_n or max(2, min(16, 1 << max(0, (O // (2 * mx.SM_COUNT)).bit_length() - 1)))
     if kind == "plain":
         bk, nw = (256 if I <= 1024 else 512), (8 if bn >= 8 else 4)
@@ -220,8 +220,10 @@ def plan(kind: str, O: int, I: int, *, M: int = 1, block_n=None, block_k=None,
         bk = 4096        # a handful of programs: one long step each, not a chain of short ones
         if M > MAX_ROWS:
             # row groups: every group re-reads the weight (from L2), so more outputs per
-            # program; the [4, 2048 / 32, 32] float32 tile keeps 64 registers per thread
-            bn, bk = (block_n or 4), 2048
+            # program.  H100 sweep (benchmarks/router_b64.py --sweep, 64 rows x 32 experts,
+            # twelfth session): 8 outputs x 1024 inputs, 8 warps 5.64 µs; 4 x 2048 / 4 warps
+            # 6.49; 4 x 1024 / 4 6.08; 8 x 1024 / 4 6.29; 4 x 2048 / 8 6.26
+            bn, bk, nw = (block_n or 8), 1024, 8
     bk = block_k or min(bk, 1 << (max(QK, I) - 1).bit_length())
     nw = num_warps or nw
     for name, v in (("block_n", bn), ("block_k", bk)):
