@@ -134,6 +134,7 @@ for step in "$@"; do
         GPTJAX_FUSED_ROUTER_ROWS=$r timeout 140 python3 benchmarks/gpt_oss_targets.py --skip b1,long,pp512,memory 2>&1 | grep -i "tok/s\|error" | head -4
       done ;;
     router-sweep) timeout 200 python3 benchmarks/router_b64.py --rows 64 --sweep ;;
+    route-warps) timeout 200 python3 benchmarks/router_b64.py --route-warps 4,8,16,32 ;;
     gpu-tests) python3 -m pytest -q -m gpu tests 2>&1 | tail -30 ;;
     *) echo "unknown step $step" ;;
   esac

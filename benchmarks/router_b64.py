@@ -3,7 +3,10 @@ as XLA runs it, with JAX's default matmul precision (TF32 for float32 operands o
 and with ``precision=HIGHEST``, and as one fused GEMV kernel (``fused_gemv`` row groups, up to
 ``GROUP_MAX_ROWS`` rows): device time per call and the error against a float64 product.
 
-    python benchmarks/router_b64.py [--rows 64,512]
+    python benchmarks/router_b64.py [--rows 64,512] [--route-warps 4,8,16]
+
+``--route-warps``: instead, the routing kernel (pallas_kernels/moe_route.py, one program) on 64
+tokens' logits with each number of warps.
 """
 from __future__ import annotations
 
@@ -49,7 +52,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="64,512")
     ap.add_argument("--sweep", action="store_true", help="also other row-group tiles")
+    ap.add_argument("--route-warps", default="")
     args = ap.parse_args()
+    if args.route_warps:
+        return route_warps([int(w) for w in args.route_warps.split(",")])
     rng = np.random.default_rng(0)
     D, E = 2880, 32
     g = jnp.asarray(rng.uniform(0.5, 1.5, D), F32)
@@ -81,6 +87,30 @@ def main():
         times = device_us_per_call(fns)
         for name, (label, err) in labels.items():
             print(f"| {M} | {label} | {times[name]:.2f} | {err:.2e} |")
+
+
+def route_warps(warps, T=64, E=32, U=4):
+    """Device time of the routing kernel per call, by warps (same result checked)."""
+    from pallas_kernels import moe_route as mr
+
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.standard_normal((T, E)), F32)
+    fns, labels = {}, {}
+    want = None
+    for nw in warps:
+        def f(lg, nw=nw):
+            r = mr.moe_route(lg, n_used=U, block_m=16, num_warps=nw)
+            return jnp.concatenate([r.order.astype(F32), r.tiles.reshape(-1).astype(F32),
+                                    r.weights.reshape(-1)])
+        name, y = add_candidate(fns, f"{nw} warps", f, (logits,), want=want, rtol=0.0,
+                                prefix="route")
+        if name:
+            want = y if want is None else want
+            labels[name] = nw
+    times = device_us_per_call(fns)
+    print(f"| routing kernel, {T} tokens x {E} experts | µs |\n|---|---|")
+    for name, nw in labels.items():
+        print(f"| {nw} warps | {times[name]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -150,10 +150,12 @@ def _check(logits, n_used, block_m, fn):
     return T, E
 
 
-@functools.partial(jax.jit, static_argnames=("n_used", "block_m", "interpret"))
-def moe_route(logits, *, n_used: int, block_m: int, interpret: bool = False) -> Route:
+@functools.partial(jax.jit, static_argnames=("n_used", "block_m", "num_warps", "interpret"))
+def moe_route(logits, *, n_used: int, block_m: int, num_warps: int | None = None,
+              interpret: bool = False) -> Route:
     """The :class:`Route` of router logits float ``[T, E]`` (top ``n_used`` experts per token,
-    tiles of ``block_m`` sorted rows), in one Pallas program; ``fits(T, E)`` must hold."""
+    tiles of ``block_m`` sorted rows), in one Pallas program; ``fits(T, E)`` must hold.
+    ``num_warps``: the program's warps (default :func:`_warps`)."""
     T, E = _check(logits, n_used, block_m, "moe_route")
     if not fits(T, E):
         raise ValueError(f"moe_route: {T} tokens x {E} experts exceed one program "
@@ -166,7 +168,8 @@ def moe_route(logits, *, n_used: int, block_m: int, interpret: bool = False) -> 
         out_shape=(jax.ShapeDtypeStruct((T, U), F32), jax.ShapeDtypeStruct((T, U), I32),
                    jax.ShapeDtypeStruct((T, U), I32), jax.ShapeDtypeStruct((R + next_pow2(T),), I32),
                    jax.ShapeDtypeStruct((3, NT), I32)),
-        grid=(1,), compiler_params=pltriton.CompilerParams(num_warps=_warps(T, E), num_stages=1),
+        grid=(1,), compiler_params=pltriton.CompilerParams(num_warps=num_warps or _warps(T, E),
+                                                          num_stages=1),
         interpret=interpret, name="moe_route")(logits.astype(F32))
     w, ids, inv, order, tiles = out
     return Route(w, ids, inv, order[:R], tiles, order)
