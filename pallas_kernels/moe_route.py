@@ -54,16 +54,13 @@ class Route(NamedTuple):
     """The routing of T tokens: ``weights`` float32 [T, U] (softmax over the U selected
     logits, slot 0 the largest), ``ids`` int32 [T, U] (their experts), ``inv`` int32 [T, U] (the
     sorted position of routed row t U + u), ``order`` int32 [T U] (sorted position -> routed
-    row), ``tiles`` int32 [3, n_tiles] (expert, first row, end row; ``moe_n_tiles``);
-    ``order_padded``: the routing kernel's own order buffer (``order`` then padding; None from
-    the reference), for consumers that read only its first T U entries (no slice copy)."""
+    row), ``tiles`` int32 [3, n_tiles] (expert, first row, end row; ``moe_n_tiles``)."""
 
     weights: jax.Array
     ids: jax.Array
     inv: jax.Array
     order: jax.Array
     tiles: jax.Array
-    order_padded: jax.Array | None = None
 
 
 def fits(T: int, E: int) -> bool:
@@ -172,7 +169,7 @@ def moe_route(logits, *, n_used: int, block_m: int, num_warps: int | None = None
                                                           num_stages=1),
         interpret=interpret, name="moe_route")(logits.astype(F32))
     w, ids, inv, order, tiles = out
-    return Route(w, ids, inv, order[:R], tiles, order)
+    return Route(w, ids, inv, order[:R], tiles)
 
 
 @functools.partial(jax.jit, static_argnames=("n_used", "block_m", "interpret"))

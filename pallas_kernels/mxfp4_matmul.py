@@ -527,26 +527,6 @@ def flat_words(arrays):
     return (qs.reshape(*qs.shape[:-2], qs.shape[-2] * qs.shape[-1]), sc)
 
 
-def rows_at(ref, rows, rest, interpret: bool):
-    """``ref.at[rows, *rest]``: rows a slice, a scalar or an int32 [bm] array (a scatter of
-    rows: :func:`_store_rows`), rest slices and scalars.  Interpret mode's discharge rules take either no
-    index array or only index arrays, so there the slices become broadcast iota arrays (same
-    elements, same result shape); Triton takes the mix as is and keeps the slices' contiguity."""
-    if not interpret or isinstance(rows, pl.Slice) or not getattr(rows, "ndim", 0):
-        return ref.at[(rows, *rest)]
-    n = 1 + sum(isinstance(r, pl.Slice) for r in rest)                     # result rank
-    idx, k = [rows.reshape(-1, *([1] * (n - 1)))], 1
-    for r in rest:
-        if isinstance(r, pl.Slice):
-            shape = [1] * n
-            shape[k] = r.size
-            idx.append((r.start + _iota(r.size)).reshape(shape))
-            k += 1
-        else:
-            idx.append(r)
-    return ref.at[tuple(idx)]
-
-
 def load_x32(x_ref, rows, row_ok, g0, gt, g_end):
     """x viewed [M, G, 32] -> [bm, gt, 32] (or [gt, 32] for a single row); rows with ``row_ok``
     false and blocks >= ``g_end`` read 0."""
@@ -645,17 +625,13 @@ def _gemv_loop(load, compute, accs, g_first, gt, steps, g_end, prefetch=True):
     return accs
 
 
-def _store_rows(out_ref, prefix, y, m_rows, m_ok, n0, bn, n_out, interpret: bool = False):
-    """Store y [bm, bn] (or [bn] for a single row) at rows m_rows (a slice, or an int32 [bm]
-    array: a scatter, see :func:`rows_at`), columns n0 + [0, bn)."""
+def _store_rows(out_ref, prefix, y, m_rows, m_ok, n0, bn, n_out):
+    """Store y [bm, bn] (or [bn] for a single row) at rows m_rows, columns n0 + [0, bn)."""
     n_ok = (n0 + _iota(bn)) < n_out
     if m_ok is None:
         pltriton.store(out_ref.at[(*prefix, _ix(m_rows), pl.ds(n0, bn))], y, mask=n_ok)
-    elif prefix:
-        pltriton.store(out_ref.at[(*prefix, m_rows, pl.ds(n0, bn))], y,
-                       mask=m_ok[:, None] & n_ok[None, :])
     else:
-        pltriton.store(rows_at(out_ref, m_rows, (pl.ds(n0, bn),), interpret), y,
+        pltriton.store(out_ref.at[(*prefix, m_rows, pl.ds(n0, bn))], y,
                        mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -1011,16 +987,11 @@ def _pairs_kernel(*refs, w: _W, p: Plan, k: int, has_bias: bool, cdt):
     _store_rows(out_ref, (i_s,) if p.k_splits > 1 else (), y, r, None, n0, bn, w.O)
 
 
-def _grouped_kernel(*refs, w: _W, p: Plan, has_bias: bool, cdt, interpret: bool,
-                    routed_out: bool = False):
-    """One program per (tile of block_m expert-sorted rows of one expert, block of output rows).
-    ``routed_out``: an ``order`` ref (sorted position -> routed row) follows the tiles, and
-    sorted row s is stored at out row ``order[s]`` (the un-sort happens in the stores)."""
+def _grouped_kernel(*refs, w: _W, p: Plan, has_bias: bool, cdt, interpret: bool):
+    """One program per (tile of block_m expert-sorted rows of one expert, block of output rows)."""
     n_w = len(w.arrays)
-    x_ref, tiles_ref = refs[0], refs[1]
-    order_ref = refs[2] if routed_out else None
-    w_refs = refs[2 + routed_out:2 + routed_out + n_w]
-    bias_ref = refs[2 + routed_out + n_w] if has_bias else None
+    x_ref, tiles_ref, w_refs = refs[0], refs[1], refs[2:2 + n_w]
+    bias_ref = refs[2 + n_w] if has_bias else None
     out_ref = refs[-1]
     i, i_n = pl.program_id(0), pl.program_id(1)
     e = jnp.clip(tiles_ref[0, i], 0, w.lead[0] - 1)
@@ -1039,13 +1010,7 @@ def _grouped_kernel(*refs, w: _W, p: Plan, has_bias: bool, cdt, interpret: bool,
         y = lax.fori_loop(0, -(-w.G // gt), body, jnp.zeros((bm, bn), F32))
         if has_bias:
             y = y + _load_bias(bias_ref, (e,), n0, bn, w.O)[None, :]
-        out_rows = pl.ds(row0, bm)
-        if routed_out:
-            # masked rows get an index past the end: never touched on the GPU, and dropped by
-            # interpret mode's scatter (an in-range index could overwrite a real row there)
-            out_rows = pltriton.load(order_ref.at[pl.ds(row0, bm)], mask=m_ok,
-                                     other=out_ref.shape[0])                # [bm]
-        _store_rows(out_ref, (), y, out_rows, m_ok, n0, bn, w.O, interpret)
+        _store_rows(out_ref, (), y, pl.ds(row0, bm), m_ok, n0, bn, w.O)
 
 
 def moe_n_tiles(R: int, n_experts: int, block_m: int) -> int:
@@ -1183,64 +1148,56 @@ def mxfp4_moe_matmul(x, w, expert_ids, bias=None, *, mode=None, block_m=None, bl
                 y = y + jnp.take(b, jnp.clip(flat, 0, E - 1), axis=0)
         return y.reshape(T, k, wp.O)
     order, tiles = moe_tiles(flat, E, p.block_m)
-    xs = jnp.take(x, order // k, axis=0, mode="clip")                      # expert-sorted rows
-    y = _grouped_call(xs, tiles, wp, b, p, interpret, order)               # stored routed
-    return y.reshape(T, k, wp.O)
+    xs = jnp.take(x, order // k, axis=0)                                    # expert-sorted rows
+    ys = _grouped_call(xs, tiles, wp, b, p, interpret)
+    return jnp.take(ys, inverse_order(order), axis=0).reshape(T, k, wp.O)
 
 
-def _grouped_call(xs, tiles, wp: _W, b, p: Plan, interpret: bool, order=None):
-    """The grouped kernel on expert-sorted rows xs [R, I] and their tiles -> float32 [R, O]: in
-    the same sorted order, or (``order`` given: sorted position -> routed row, at least R
-    entries) in routed order.  Rows no tile covers are not written."""
+def _grouped_call(xs, tiles, wp: _W, b, p: Plan, interpret: bool):
+    """The grouped kernel on expert-sorted rows xs [R, I] and their tiles -> float32 [R, O] in
+    the same sorted order (rows no tile covers are not written)."""
     R = xs.shape[0]
     if R <= BYTE_VIEW_MAX_ROWS:                                             # byte-wise decode
         xk, wp = xs.reshape(R, wp.G, 4, 2, 2, 2), byte_view(wp)
     else:
         xk = xs.reshape(R, wp.G, QK)
-    args = [xk, tiles] + ([order.astype(jnp.int32)] if order is not None else [])
-    args += list(wp.arrays) + ([b] if b is not None else [])
+    args = [xk, tiles, *wp.arrays] + ([b] if b is not None else [])
     kernel = functools.partial(_grouped_kernel, w=wp.static(), p=p, has_bias=b is not None,
-                               cdt=xs.dtype, interpret=interpret, routed_out=order is not None)
+                               cdt=xs.dtype, interpret=interpret)
     return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((R, wp.O), F32),
                           grid=(tiles.shape[1], -(-wp.O // p.block_n)),
                           compiler_params=_params(p), interpret=interpret,
                           name="mxfp4_moe_grouped")(*args)
 
 
-def _check_sorted(xs, tiles, wp: _W, fn: str, order=None):
+def _check_sorted(xs, tiles, wp: _W, fn: str):
     if xs.ndim != 2 or xs.shape[1] != wp.I:
         raise WeightsError(f"{fn}: xs must be [R, {wp.I}] for experts [E={wp.lead[0]}, O={wp.O}, "
                            f"I={wp.I}], got {list(xs.shape)}")
     if tiles.ndim != 2 or tiles.shape[0] != 3:
         raise WeightsError(f"{fn}: tiles must be int [3, n_tiles], got {list(tiles.shape)}")
-    if order is not None and (order.ndim != 1 or order.shape[0] < xs.shape[0]):
-        raise WeightsError(f"{fn}: order must be int [>= R = {xs.shape[0]}], got "
-                           f"{list(order.shape)}")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def mxfp4_moe_grouped(xs, w, tiles, bias=None, *, order=None, mode=None, block_m=None,
-                      block_n=None, block_k=None, k_splits=None, num_warps=None, num_stages=None,
+def mxfp4_moe_grouped(xs, w, tiles, bias=None, *, mode=None, block_m=None, block_n=None,
+                      block_k=None, k_splits=None, num_warps=None, num_stages=None,
                       prefetch=None, interpret=False):
     """The grouped expert matmul on rows already sorted by expert: ``y[s] = xs[s] @
     dequant(w[e])^T (+ bias[e])`` for every sorted row s of a tile ``(e, row0, row_end)`` of
     ``tiles`` (int ``[3, n_tiles]``, as :func:`moe_tiles` / ``moe_route`` build them with this
-    call's ``block_m``) -> float32 ``[R, O]`` in the same sorted order, or, with ``order`` (int
-    ``[>= R]``: sorted position -> routed row, as :func:`moe_tiles` / ``moe_route`` give it;
-    entries past R are not read), in routed order: sorted row s is stored at row ``order[s]``
-    (the un-sort happens in the kernel's stores).  Rows no tile covers are left unwritten.
-    xs: float ``[R, I]``; w, bias as :func:`mxfp4_moe_matmul`.  ``block_m`` must be the tiles'
-    (default: :func:`plan_moe` for R rows).  Lets a MoE keep its rows sorted from the first
-    projection to the second (no un-sort and re-sort in between)."""
+    call's ``block_m``) -> float32 ``[R, O]`` in the same sorted order (rows no tile covers are
+    left unwritten).  xs: float ``[R, I]``; w, bias as :func:`mxfp4_moe_matmul`.  ``block_m``
+    must be the tiles' (default: :func:`plan_moe` for R rows).  Lets a MoE keep its rows sorted
+    from the first projection to the second (no un-sort and re-sort in between)."""
     del mode
     wp = _parse_weights(w, 1, "mxfp4_moe_grouped")
-    _check_sorted(xs, tiles, wp, "mxfp4_moe_grouped", order)
+    _check_sorted(xs, tiles, wp, "mxfp4_moe_grouped")
     p = plan_moe(xs.shape[0], 1, wp.O, wp.I, mode="grouped", block_m=block_m, block_n=block_n,
                  block_k=block_k, k_splits=k_splits, num_warps=num_warps, num_stages=num_stages,
                  prefetch=prefetch)
     _check_plan(dataclasses.replace(p, mode="dot"), "mxfp4_moe_grouped")
     b = None if bias is None else jnp.asarray(bias, F32).reshape(wp.lead[0], wp.O)
-    return _grouped_call(xs, tiles.astype(jnp.int32), wp, b, p, interpret, order)
+    return _grouped_call(xs, tiles.astype(jnp.int32), wp, b, p, interpret)
 
 
 def tile_experts(tiles, R: int) -> jax.Array:
@@ -1251,19 +1208,16 @@ def tile_experts(tiles, R: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def mxfp4_moe_grouped_ref(xs, w, tiles, bias=None, *, order=None, mode=None, block_m=None,
-                          block_n=None, block_k=None, k_splits=None, num_warps=None,
-                          num_stages=None, prefetch=None, interpret=False):
+def mxfp4_moe_grouped_ref(xs, w, tiles, bias=None, *, mode=None, block_m=None, block_n=None,
+                          block_k=None, k_splits=None, num_warps=None, num_stages=None,
+                          prefetch=None, interpret=False):
     """Plain-jnp twin of :func:`mxfp4_moe_grouped` (tiling arguments ignored): each sorted row's
-    expert from the tiles, then :func:`mxfp4_moe_matmul_ref` (rows no tile covers: expert 0),
-    scattered to routed order with ``order``."""
+    expert from the tiles, then :func:`mxfp4_moe_matmul_ref` (rows no tile covers: expert 0)."""
     del mode, block_m, block_n, block_k, k_splits, num_warps, num_stages, prefetch, interpret
     wp = _parse_weights(w, 1, "mxfp4_moe_grouped_ref")
-    _check_sorted(xs, tiles, wp, "mxfp4_moe_grouped_ref", order)
-    R = xs.shape[0]
-    ids = tile_experts(tiles, R)[:, None]
-    y = mxfp4_moe_matmul_ref(xs, w, ids, bias)[:, 0]
-    return y if order is None else jnp.zeros_like(y).at[order[:R]].set(y)
+    _check_sorted(xs, tiles, wp, "mxfp4_moe_grouped_ref")
+    ids = tile_experts(tiles, xs.shape[0])[:, None]
+    return mxfp4_moe_matmul_ref(xs, w, ids, bias)[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)

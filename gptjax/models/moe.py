@@ -266,9 +266,8 @@ def experts_grouped_kernel(x, logits, p, config):
     """The experts with the routing kernel and the grouped kernel on expert-sorted rows
     (pallas_kernels.moe_route, mxfp4_matmul.mxfp4_moe_grouped): one routing program (top-k,
     softmax, sort, tiles), the rows gathered once into expert order, both projections and the
-    SwiGLU in that order, down storing its rows back in routed order (the un-sort is in the
-    kernel's stores), then the weighted sum.  x: [M, D] in the compute dtype; logits: float32
-    [M, E] → float32 [M, D]."""
+    SwiGLU in that order, one gather back for the weighted sum.  x: [M, D] in the compute dtype;
+    logits: float32 [M, E] → float32 [M, D]."""
     from pallas_kernels import kernel_mode
     from pallas_kernels.moe_route import moe_route
     from pallas_kernels.mxfp4_matmul import moe_block_m, mxfp4_moe_grouped
@@ -277,15 +276,14 @@ def experts_grouped_kernel(x, logits, p, config):
     M, U = x.shape[0], config.n_experts_used
     bm = moe_block_m(M * U)
     r = moe_route(logits, n_used=U, block_m=bm, interpret=interpret)
-    # the indices are in range by construction: "clip" keeps XLA from a bounds mask + select
-    xs = jnp.take(x, r.order // U, axis=0, mode="clip")                     # [R, D] sorted
+    xs = jnp.take(x, r.order // U, axis=0)                                    # [R, D] sorted
     kw = dict(block_m=bm, interpret=interpret)
     g, u = gate_up(p, lambda q: mxfp4_moe_grouped(xs, q["weight"], r.tiles, q["bias"], **kw))
     h = swiglu_oai(g, u, alpha=config.swiglu_alpha, limit=config.swiglu_limit).astype(x.dtype)
     pd = p["ffn_down_exps"]
-    order = r.order if r.order_padded is None else r.order_padded          # [>= R]
-    y = mxfp4_moe_grouped(h, pd["weight"], r.tiles, pd["bias"], order=order, **kw)  # [R, D] routed
-    return jnp.einsum("mu,mud->md", r.weights, y.reshape(M, U, -1))
+    y = mxfp4_moe_grouped(h, pd["weight"], r.tiles, pd["bias"], **kw)        # [R, D] sorted
+    y = jnp.take(y, r.inv.reshape(-1), axis=0).reshape(M, U, -1)              # [M, U, D]
+    return jnp.einsum("mu,mud->md", r.weights, y)
 
 
 def moe(x, p, config, *, path=None):
