@@ -21,12 +21,23 @@ Decode reads every weight byte once per token either way; what fusion removes is
 """
 from __future__ import annotations
 
+import os
+
 import jax.numpy as jnp
 
 from gptjax.models.layers import norm_linear
-from gptjax.packed import PackedWeight
+from gptjax.packed import PackedWeight, SplitK
 
-__all__ = ["FUSIONS", "fuse_block", "fuse_params", "split_linear"]
+__all__ = ["FUSIONS", "fuse_block", "fuse_params", "split_linear", "fused_partials"]
+
+
+def fused_partials() -> bool:
+    """Whether :func:`split_linear` hands a fused projection's consumer the K splits' partials
+    (``packed.SplitK``) where the Q8_0 kernel splits K (batch decode), so that the decode
+    attention kernel sums them as it reads q/k/v instead of an XLA kernel before it.  Env
+    ``GPTJAX_QKV_PARTIALS=1`` (read when a model is traced); off by default until timed on the
+    GPU."""
+    return os.environ.get("GPTJAX_QKV_PARTIALS", "0") == "1"
 
 #: fused parameter -> the parameters it replaces, in row order.
 FUSIONS: dict[str, tuple[str, ...]] = {
@@ -101,18 +112,20 @@ def split_linear(p: dict, names: tuple[str, ...], x, sizes, *, out_dtype=None, n
     dtype; float32 holding such values on the fused decode path).  ``with_fused=True``: returns
     (that tuple, the fused output [..., sum(sizes)] or None when the projections ran one by one)
     -- for a consumer that reads the parts straight from the fused array (XLA would otherwise
-    materialise each slice in its own kernel)."""
+    materialise each slice in its own kernel); with :func:`fused_partials` on, that fused output
+    may be a ``packed.SplitK`` (the matmul's unsummed K splits; the parts are its value)."""
     fused = next((f for f, parts in FUSIONS.items() if parts == tuple(names)), None)
     dtype = x.dtype if dtype is None else dtype
     out_dtype = dtype if out_dtype is None else out_dtype
     if fused is not None and fused in p:
         y = norm_linear(x, p[fused]["weight"], p[fused].get("bias"), norm=norm, dtype=dtype,
-                        out_dtype=out_dtype)
+                        out_dtype=out_dtype, partials=with_fused and fused_partials())
+        whole = y.value() if isinstance(y, SplitK) else y
         cuts, acc = [], 0
         for s in sizes[:-1]:
             acc += s
             cuts.append(acc)
-        parts = tuple(jnp.split(y, cuts, axis=-1))
+        parts = tuple(jnp.split(whole, cuts, axis=-1))
         return (parts, y) if with_fused else parts
     parts = tuple(norm_linear(x, p[n]["weight"], p[n].get("bias"), norm=norm, dtype=dtype,
                               out_dtype=out_dtype) for n in names)

@@ -69,6 +69,7 @@ from gptjax.quant import (
 
 __all__ = [
     "PackedWeight",
+    "SplitK",
     "linear",
     "embed",
     "to_dense",
@@ -92,6 +93,28 @@ FLOAT_TYPES = frozenset({int(_T.F32), int(_T.F16), int(_T.BF16)})
 TILE_ELEMENTS = 1 << 18
 #: CPU reference path: matrices with at most this many weights are dequantized whole.
 UNTILED_MAX_ELEMENTS = 1 << 20
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["parts", "bias"],
+                   meta_fields=["dtype"])
+@dataclasses.dataclass(frozen=True)
+class SplitK:
+    """A projection's result left as its K splits' partial products (``linear(...,
+    partials=True)``), for a kernel that sums them where it reads the result (the decode
+    attention reads the fused q/k/v projection this way at batch decode: no XLA sum kernel in
+    between).  parts: float32 ``[S, ..., O]``; bias: float32 ``[O]`` or None; dtype: the
+    rounding of the result (static in the pytree).  :meth:`value` is exactly what
+    :func:`linear` returns otherwise."""
+
+    parts: jax.Array
+    bias: Any
+    dtype: Any
+
+    def value(self) -> jax.Array:
+        y = self.parts.sum(axis=0)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.astype(self.dtype)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -283,7 +306,7 @@ def _tile_rows(w: PackedWeight) -> int:
     return max(1, min(o, TILE_ELEMENTS // i))
 
 
-def linear(x, w, b=None, *, out_dtype=None):
+def linear(x, w, b=None, *, out_dtype=None, partials=False):
     """Dense layer ``y = x @ w.T + b`` accumulated in float32, for plain or packed ``w``.
 
     x: [..., I] float; w: [O, I] (a jax/numpy array or a :class:`PackedWeight`); b: [O] or None
@@ -294,6 +317,10 @@ def linear(x, w, b=None, *, out_dtype=None):
     Packed ``w``: decoded exactly, rounded to ``x.dtype``, multiplied with float32 accumulation
     (see the module docstring for tiling).  Matmul precision follows JAX's default
     (``jax_default_matmul_precision``), as for plain arrays.
+
+    ``partials=True``: where the Pallas Q8_0 kernel runs with its K split, returns a
+    :class:`SplitK` instead (``.value()`` is the array this call returns otherwise); elsewhere
+    the array as usual.
     """
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if isinstance(w, PackedWeight):
@@ -306,7 +333,13 @@ def linear(x, w, b=None, *, out_dtype=None):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise WeightsError(f"linear: x must be a float array, got dtype {x.dtype}")
         kernel = _matmul_kernel(w)
-        if kernel is not None:                                              # fused Pallas decode
+        if kernel is not None and partials and w.ggml_type == int(_T.Q8_0):
+            parts = kernel(x, w.data, None, partials=True, interpret=_interpret())  # [S, ..., O]
+            bias = None if b is None else to_dense(b, F32)
+            if parts.shape[0] > 1:
+                return SplitK(parts, bias, jnp.dtype(out_dtype))
+            y = parts[0]
+        elif kernel is not None:                                            # fused Pallas decode
             y = kernel(x, w.data, None, interpret=_interpret())            # [..., O] f32
         else:
             y = _packed_matmul(x, w.to_ggml_layout(), _tile_rows(w))       # [..., O] f32

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -218,11 +219,34 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, *refs, block_k, num_splits, win
     _emit(outs, acc, m, l, kh=kh, G=G)
 
 
-def _rope_rows(ref, b, base, rows_ok, Hp, H, cos_ref, sin_ref, rope_type):
-    """Rows ``r`` of width H at columns ``base + r H`` of row b of the flat ``ref`` [B, W],
-    loaded and rotated by RoPE in float32 -> [R, Hp]: ``out[i] = x[i] cos[pair i] -+
-    x[partner i] sin[pair i]``, the partner of i being i +- H/2 for "neox" (minus in the first
-    half) and i ^ 1 for "norm" (minus at even i): the products and sums of
+class _Qkv(NamedTuple):
+    """Where the decode kernel reads the new token's q/k/v: ``ref`` [B, W] (the fused
+    projection), or its K splits' partials [P, B, W] with ``bias_ref`` [W] (or None) and the
+    projection's rounding ``rnd`` (``packed.SplitK``: the value is ``rnd(sum_s ref[s] + bias)``,
+    summed in split order)."""
+
+    ref: Any
+    bias_ref: Any = None
+    rnd: Any = None
+
+    def load(self, b, cols, ok):
+        """float32 values at columns ``cols`` (int array) of row b, 0 where not ``ok``."""
+        if len(self.ref.shape) == 2:
+            return pltriton.load(self.ref.at[b, cols], mask=ok, other=0).astype(F32)
+        y = None
+        for s in range(self.ref.shape[0]):
+            p = pltriton.load(self.ref.at[s, b, cols], mask=ok, other=0.0)
+            y = p if y is None else y + p
+        if self.bias_ref is not None:
+            y = y + pltriton.load(self.bias_ref.at[cols], mask=ok, other=0.0)
+        return y.astype(self.rnd).astype(F32)
+
+
+def _rope_rows(src: _Qkv, b, base, rows_ok, Hp, H, cos_ref, sin_ref, rope_type):
+    """Rows ``r`` of width H at columns ``base + r H`` of row b of the flat q/k/v source (see
+    :class:`_Qkv`), loaded and rotated by RoPE in float32 -> [R, Hp]: ``out[i] = x[i] cos[pair
+    i] -+ x[partner i] sin[pair i]``, the partner of i being i +- H/2 for "neox" (minus in the
+    first half) and i ^ 1 for "norm" (minus at even i): the products and sums of
     ``gptjax.models.layers.apply_rope``.  rows_ok: [R] bool."""
     R = rows_ok.shape[0]
     i = jnp.arange(Hp)
@@ -234,8 +258,8 @@ def _rope_rows(ref, b, base, rows_ok, Hp, H, cos_ref, sin_ref, rope_type):
     h_ok = i < H
     ok = rows_ok[:, None] & h_ok[None, :]
     col = base + jnp.arange(R)[:, None] * H                            # [R, 1]
-    x = pltriton.load(ref.at[b, col + i[None, :]], mask=ok, other=0).astype(F32)
-    xp = pltriton.load(ref.at[b, col + partner[None, :]], mask=ok, other=0).astype(F32)
+    x = src.load(b, col + i[None, :], ok)
+    xp = src.load(b, col + partner[None, :], ok)
     c = pltriton.load(cos_ref.at[b, pair], mask=h_ok, other=0.0)[None, :]
     sn = pltriton.load(sin_ref.at[b, pair], mask=h_ok, other=0.0)[None, :]
     return jnp.where(first[None, :], x * c - xp * sn, x * c + xp * sn)
@@ -243,14 +267,18 @@ def _rope_rows(ref, b, base, rows_ok, Hp, H, cos_ref, sin_ref, rope_type):
 
 def _update_kernel(len_ref, slot_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in, *refs, block_k,
                    num_splits, window, head_dim, n_heads, n_kv_heads, scale, rope_type,
-                   has_sinks, finish):
+                   has_sinks, finish, has_bias=False, qkv_round=None):
     # _decode_kernel with RoPE and the cache write folded in.  qkv_ref [B, (N + 2K) H]: the
-    # fused projection (q heads, then k, then v), before RoPE; k_ref / v_ref [S, H] are the
+    # fused projection (q heads, then k, then v), before RoPE -- or [P, B, (N + 2K) H], its K
+    # splits' partials, summed here with the bias ref (first of refs when has_bias) and rounded
+    # to qkv_round (_Qkv); k_ref / v_ref [S, H] are the
     # output aliases of k_in / v_in (one buffer).  Split 0 takes the new token from registers
     # and writes it to slot slot_ref; no program reads that slot from memory, so the write
     # races nothing.  refs: finishing one split: (sink_ref if has_sinks, out_ref, k_ref, v_ref);
     # else (o_ref, m_ref, l_ref, k_ref, v_ref) (see _emit).
     del k_in, v_in
+    src = _Qkv(qkv_ref, refs[0] if has_bias else None, qkv_round)
+    refs = refs[int(has_bias):]
     if finish:
         sink_ref = refs[0] if has_sinks else None
         out_ref, k_ref, v_ref = refs[int(has_sinks):]
@@ -269,10 +297,9 @@ def _update_kernel(len_ref, slot_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in, *re
     i = jnp.arange(Hp)
     h_ok = (i < H)[None, :]                                            # [1, Hp]
     rope = dict(Hp=Hp, H=H, cos_ref=cos_ref, sin_ref=sin_ref, rope_type=rope_type)
-    q = _rope_rows(qkv_ref, b, kh * (G * H), jnp.arange(Gp) < G, **rope).astype(dt)   # [Gp, Hp]
-    kn = _rope_rows(qkv_ref, b, N * H + kh * H, jnp.arange(1) < 1, **rope).astype(dt)  # [1, Hp]
-    vn = pltriton.load(qkv_ref.at[b, (N * H + K * H + kh * H + i)[None, :]], mask=h_ok,
-                       other=0).astype(dt)                             # [1, Hp]
+    q = _rope_rows(src, b, kh * (G * H), jnp.arange(Gp) < G, **rope).astype(dt)   # [Gp, Hp]
+    kn = _rope_rows(src, b, N * H + kh * H, jnp.arange(1) < 1, **rope).astype(dt)  # [1, Hp]
+    vn = src.load(b, (N * H + K * H + kh * H + i)[None, :], h_ok).astype(dt)       # [1, Hp]
     # score of the new key: products of dt values are exact in float32, summed in float32
     s_new = jnp.sum(q.astype(F32) * kn.astype(F32), axis=1) * scale   # [Gp]
     first = split == 0
@@ -294,14 +321,14 @@ def _update_kernel(len_ref, slot_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in, *re
 
 
 _UPDATE_STATIC = ("n_heads", "window", "scale", "rope_type", "block_k", "num_splits", "num_warps",
-                  "num_stages", "layer", "combine", "out_dtype", "interpret")
+                  "num_stages", "layer", "combine", "out_dtype", "qkv_dtype", "interpret")
 
 
 @functools.partial(jax.jit, static_argnames=_UPDATE_STATIC)
 def decode_attention_update_qkv(qkv, k_cache, v_cache, lengths, slots, cos, sin, *, n_heads,
                                 rope_type, window=None, sinks=None, scale, block_k=64,
                                 num_splits=None, num_warps=4, num_stages=2, layer, combine=None,
-                                out_dtype=None, interpret=False):
+                                out_dtype=None, qkv_bias=None, qkv_dtype=None, interpret=False):
     """RoPE, the cache write and :func:`decode_attention` in one kernel, reading the fused q/k/v
     projection directly (batch-1 decode on the H100: RoPE, the two cache writes and the slices
     of the fused projection were five XLA kernels of ~1.2 µs per layer).
@@ -314,19 +341,34 @@ def decode_attention_update_qkv(qkv, k_cache, v_cache, lengths, slots, cos, sin,
     position mod W'); cos, sin: float32 [B, H/2] of the new position; rope_type "neox" or "norm"
     (``gptjax.models.layers.apply_rope``).  Returns (out [B, N, H] in ``out_dtype`` (default the
     cache's), k_cache, v_cache): ``apply_rope`` + the cache write + :func:`decode_attention`
-    (:func:`decode_attention_update_ref`)."""
+    (:func:`decode_attention_update_ref`).
+
+    qkv may also be the projection's K-split partials float32 [P, B, (N + 2K) H]
+    (``packed.SplitK``), with ``qkv_bias`` float [(N + 2K) H] or None and ``qkv_dtype`` its
+    rounding: the kernel then reads ``qkv_dtype(sum_s qkv[s] + qkv_bias)`` -- the array
+    ``SplitK.value()`` would have materialised in an XLA kernel of its own."""
     name = "decode_attention_update"
-    if qkv.ndim != 2:
-        raise GptjaxError(f"{name}: qkv must be [B, (N + 2K) H], got shape {qkv.shape}")
-    B, N = qkv.shape[0], int(n_heads)
+    parts = qkv.ndim == 3
+    if qkv.ndim not in (2, 3):
+        raise GptjaxError(f"{name}: qkv must be [B, (N + 2K) H] or its partials [P, B, (N + 2K) "
+                          f"H], got shape {qkv.shape}")
+    if not parts and (qkv_bias is not None or qkv_dtype is not None):
+        raise GptjaxError(f"{name}: qkv_bias / qkv_dtype go with partials [P, B, (N + 2K) H]")
+    if parts and qkv_dtype is None:
+        raise GptjaxError(f"{name}: partials need qkv_dtype, the projection's rounding")
+    B, N = qkv.shape[-2], int(n_heads)
     H = k_cache.shape[-1]
     K, S = check_cache_args(name, B, N, H, k_cache, v_cache, "lengths", lengths, layer, window,
                             sinks)
-    if qkv.shape[1] != (N + 2 * K) * H or slots.shape != (B,) or cos.shape != (B, H // 2) or \
+    W = (N + 2 * K) * H
+    if qkv.shape[-1] != W or slots.shape != (B,) or cos.shape != (B, H // 2) or \
             sin.shape != (B, H // 2) or H % 2:
-        raise GptjaxError(f"{name}: need qkv [B, (N + 2K) H] = {[B, (N + 2 * K) * H]}, slots [B], "
+        raise GptjaxError(f"{name}: need qkv [B, (N + 2K) H] = {[B, W]}, slots [B], "
                           f"cos/sin [B, H/2] (H even); got {qkv.shape}, {slots.shape}, "
                           f"{cos.shape}, {sin.shape}")
+    if qkv_bias is not None and qkv_bias.shape != (W,):
+        raise GptjaxError(f"{name}: qkv_bias must be [(N + 2K) H] = [{W}], got "
+                          f"{list(qkv_bias.shape)}")
     if rope_type not in ("neox", "norm"):
         raise GptjaxError(f"{name}: rope_type {rope_type!r}: expected 'neox' or 'norm'")
     P = default_num_splits(B, K, S, block_k) if num_splits is None else int(num_splits)
@@ -337,9 +379,12 @@ def decode_attention_update_qkv(qkv, k_cache, v_cache, lengths, slots, cos, sin,
     finish = one_split_in_kernel(P, combine)
     one_spec, one_shape, unpad = _one_out(B, N, K, H, out_dtype)
     sink_args = [sinks.astype(F32)] if finish and sinks is not None else []
+    sink_args = ([qkv_bias.astype(F32)] if qkv_bias is not None else []) + sink_args
     kernel = functools.partial(_update_kernel, block_k=block_k, num_splits=P, window=window,
                                head_dim=H, n_heads=N, n_kv_heads=K, scale=float(scale),
-                               rope_type=rope_type, has_sinks=sinks is not None, finish=finish)
+                               rope_type=rope_type, has_sinks=sinks is not None, finish=finish,
+                               has_bias=qkv_bias is not None,
+                               qkv_round=None if qkv_dtype is None else jnp.dtype(qkv_dtype))
     n_out = 1 if finish else 3                       # then the two caches
     *outs, k_cache, v_cache = pl.pallas_call(
         kernel,
@@ -364,7 +409,7 @@ def decode_attention_update_qkv(qkv, k_cache, v_cache, lengths, slots, cos, sin,
 
 
 @functools.partial(jax.jit, static_argnames=tuple(a for a in _UPDATE_STATIC
-                                                  if a not in ("n_heads", "out_dtype")))
+                                                  if a not in ("n_heads", "out_dtype", "qkv_dtype")))
 def decode_attention_update(q, k_new, v_new, k_cache, v_cache, lengths, slots, cos, sin, *,
                             rope_type, window=None, sinks=None, scale, block_k=64,
                             num_splits=None, num_warps=4, num_stages=2, layer, combine=None,

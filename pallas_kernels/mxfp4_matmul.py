@@ -866,10 +866,16 @@ def _dense_kernel(*refs, w: _W, p: Plan, M: int, has_bias: bool, cdt, interpret:
             _store_rows(out_ref, prefix, y + b if b is not None else y, r, None, n0, bn, w.O)
 
 
-def dense_matmul(x, wp: _W, bias, ops: DenseOps, fn: str, tiling: dict, interpret: bool):
+def dense_matmul(x, wp: _W, bias, ops: DenseOps, fn: str, tiling: dict, interpret: bool,
+                 partials: bool = False):
     """The body of :func:`mxfp4_matmul` and ``q8_0_matmul``: x [..., I] @ the parsed weight
     ``wp`` [O, I]^T (+ bias [O]) -> float32 [..., O] with the tiling of :func:`plan_dense`
-    (``tiling``: its keyword overrides).  ``fn`` names the caller in errors."""
+    (``tiling``: its keyword overrides).  ``fn`` names the caller in errors.  ``partials=True``
+    (no bias): the K splits' float32 partial products ``[S, ..., O]`` unsummed (S = 1 without a
+    split), for a consumer that sums them itself (``y.sum(axis=0)`` is the plain result)."""
+    if partials and bias is not None:
+        raise ValueError(f"{fn}: partials=True takes no bias (add it where the partials are "
+                         f"summed)")
     lead, i = x.shape[:-1], x.shape[-1]
     if i != wp.I:
         raise WeightsError(f"{fn}: x[..., {i}] does not match the weight [O={wp.O}, I={wp.I}]")
@@ -889,6 +895,8 @@ def dense_matmul(x, wp: _W, bias, ops: DenseOps, fn: str, tiling: dict, interpre
     y = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(shape, F32),
                        grid=(cdiv(M, p.block_m), cdiv(wp.O, p.block_n), p.k_splits),
                        compiler_params=_params(p), interpret=interpret, name=ops.name)(*args)
+    if partials:
+        return y.reshape(p.k_splits, *lead, wp.O)
     y = _finish(y, args[-1] if bias is not None else None, p.k_splits)
     return y.reshape(*lead, wp.O)
 

@@ -319,13 +319,13 @@ def _gemv_compute(accs, tile):
 #: read as [M, G, 32] (as [M, I] by the swapped dot).
 Q8_OPS = DenseOps(_step_dot, _gemv_load, _gemv_compute, lambda x2, G: x2.reshape(x2.shape[0], G, QK),
                   "q8_0_matmul", _step_dot_t)
-_Q8_STATIC = _STATIC + ("swap",)
+_Q8_STATIC = _STATIC + ("swap", "partials")
 
 
 @functools.partial(jax.jit, static_argnames=_Q8_STATIC)
 def q8_0_matmul(x, w, bias=None, *, mode=None, block_m=None, block_n=None, block_k=None,
                 k_splits=None, num_warps=None, num_stages=None, prefetch=None, swap=None,
-                interpret=False):
+                partials=False, interpret=False):
     """``x [..., I] @ dequant(w)[O, I]^T (+ bias [O])`` -> float32 ``[..., O]``, fused (Pallas).
 
     x: float32 / bfloat16 / float16 ``[..., I]``; w: ggml Q8_0 bytes ``uint8[O, I / 32 * 34]``
@@ -333,22 +333,28 @@ def q8_0_matmul(x, w, bias=None, *, mode=None, block_m=None, block_n=None, block
     Tiling arguments as in :func:`pallas_kernels.mxfp4_matmul.mxfp4_matmul` (defaults:
     :func:`~pallas_kernels.mxfp4_matmul.plan_dense`), and ``swap`` (the dot mode's transposed
     tile, ``Plan.swap``; default on for 64-255 rows); ``interpret=True`` for CPU.
+    ``partials=True`` (bias None): the K splits' partial products float32 ``[S, ..., O]``
+    unsummed (``mxfp4_matmul.dense_matmul``); their sum over axis 0 is the result.
     """
     tiling = dict(mode=mode, block_m=block_m, block_n=block_n, block_k=block_k, k_splits=k_splits,
                   num_warps=num_warps, num_stages=num_stages, prefetch=prefetch, swap=swap)
     return dense_matmul(x, _parse_weights(w, 0, "q8_0_matmul"), bias, Q8_OPS, "q8_0_matmul",
-                        tiling, interpret)
+                        tiling, interpret, partials)
 
 
 @functools.partial(jax.jit, static_argnames=_Q8_STATIC)
 def q8_0_matmul_ref(x, w, bias=None, *, mode=None, block_m=None, block_n=None, block_k=None,
                     k_splits=None, num_warps=None, num_stages=None, prefetch=None, swap=None,
-                    interpret=False):
+                    partials=False, interpret=False):
     """Plain-jnp twin of :func:`q8_0_matmul` (tiling arguments ignored): exact decode with
     ``quant.dequantize_q8_0``, rounded to ``x.dtype``, one dot with float32 accumulation (IEEE
-    float32 for float32 x)."""
+    float32 for float32 x); ``partials=True`` returns it as the one "split" ``[1, ..., O]``."""
     del mode, block_m, block_n, block_k, k_splits, num_warps, num_stages, prefetch, swap
     del interpret
+    if partials:
+        if bias is not None:
+            raise ValueError("q8_0_matmul_ref: partials=True takes no bias")
+        return q8_0_matmul_ref(x, w)[None]
     wp = _parse_weights(w, 0, "q8_0_matmul_ref")
     lead, i = x.shape[:-1], x.shape[-1]
     if i != wp.I:

@@ -339,6 +339,49 @@ def test_decode_attention_update_matches_ref(case, interpret):
 
 
 @pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("case", ["full_neox_sinks_2rows", "full_norm_window_bf16",
+                                  "ring_one_split_bf16"])
+def test_decode_attention_update_reads_split_k_partials(case, interpret):
+    """The fused update reading the q/k/v projection as its K splits' partials (packed.SplitK):
+    the same outputs and cache as reading the array those partials sum to -- the splits added
+    in order, then the bias, then the projection's rounding, as numpy does it here.  Bit for
+    bit with a bf16 rounding; float32 within 1e-6 (the compiler may contract the sum's last add
+    into RoPE's multiplies, which a bf16 rounding in between prevents)."""
+    L, B, N, K, S, H, pos, ring, window, sinks, rope, dtype, tiling = UPDATE_CASES[case]
+    rng = np.random.default_rng(len(case) + 1)
+    W = (N + 2 * K) * H
+    kc = jnp.asarray(rng.standard_normal((L, B, K, S, H)), dtype)
+    vc = jnp.asarray(rng.standard_normal((L, B, K, S, H)), dtype)
+    parts = rng.standard_normal((3, B, W)).astype(np.float32)
+    bias = rng.standard_normal(W).astype(np.float32)
+    qkv = jnp.asarray(((parts[0] + parts[1]) + parts[2]) + bias).astype(dtype)
+    p = jnp.asarray(pos, jnp.int32)
+    ang = p[:, None].astype(jnp.float32) * jnp.asarray(rng.uniform(1e-3, 1.0, H // 2), jnp.float32)
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    lengths, slots = (jnp.minimum(p + 1, S), p % S) if ring else (p + 1, p)
+    kw = dict(n_heads=N, rope_type=rope, window=window, scale=H ** -0.5, layer=L - 1,
+              sinks=jnp.asarray(rng.standard_normal(N), jnp.float32) if sinks else None,
+              interpret=interpret, **tiling)
+    want = decode_attention_update_qkv(qkv, kc, vc, lengths, slots, cos, sin, **kw)
+    got = decode_attention_update_qkv(jnp.asarray(parts), kc, vc, lengths, slots, cos, sin,
+                                      qkv_bias=jnp.asarray(bias), qkv_dtype=dtype, **kw)
+    for g, w in zip(got, want):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        if dtype == jnp.bfloat16:
+            np.testing.assert_array_equal(g, w)
+        else:
+            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+    with pytest.raises(GptjaxError, match="qkv_dtype"):
+        decode_attention_update_qkv(jnp.asarray(parts), kc, vc, lengths, slots, cos, sin, **kw)
+    with pytest.raises(GptjaxError, match="partials"):
+        decode_attention_update_qkv(qkv, kc, vc, lengths, slots, cos, sin,
+                                    qkv_bias=jnp.asarray(bias), **kw)
+    with pytest.raises(GptjaxError, match="qkv_bias"):
+        decode_attention_update_qkv(jnp.asarray(parts), kc, vc, lengths, slots, cos, sin,
+                                    qkv_bias=jnp.asarray(bias[:-1]), qkv_dtype=dtype, **kw)
+
+
+@pytest.mark.parametrize("interpret", MODES)
 def test_decode_empty_row_is_zero(interpret):
     q = jnp.ones((2, 4, 16), jnp.float32)
     k = jnp.ones((2, 2, 20, 16), jnp.float32)

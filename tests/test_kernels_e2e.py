@@ -78,6 +78,45 @@ def test_cache_attention_dispatch_matches_reference():
             np.testing.assert_array_equal(np.asarray(new.k), np.asarray(k))
 
 
+def test_cache_attention_reads_split_k_partials(monkeypatch):
+    """The fused decode path of cache_attention (interpret mode) given the q/k/v projection as a
+    packed.SplitK: the same output and cache, bit for bit (bf16 projection), as given the array
+    ``SplitK.value()`` -- and split_linear hands out the SplitK only with GPTJAX_QKV_PARTIALS=1."""
+    from gptjax.cache import KVCache
+    from gptjax.fusion import split_linear
+    from gptjax.models.layers import cache_attention, rope_cos_sin
+    from gptjax.packed import PackedWeight, SplitK
+    from test_quant_linear import random_bytes
+    from gguf import GGMLQuantizationType as T
+
+    monkeypatch.setenv("GPTJAX_KERNELS", "interpret")
+    rng = np.random.default_rng(5)
+    L, B, K, S, H, N = 2, 4, 2, 16, 16, 4
+    W = (N + 2 * K) * H
+    D = 1024                                        # 8 K steps: the Q8_0 dot splits K
+    cache = KVCache(k=jnp.asarray(rng.standard_normal((L, B, K, S, H)), jnp.bfloat16),
+                    v=jnp.asarray(rng.standard_normal((L, B, K, S, H)), jnp.bfloat16))
+    p = {"attn_qkv": {"weight": PackedWeight.from_bytes(random_bytes(rng, T.Q8_0, (W, D)), T.Q8_0,
+                                                        (W, D)).to_kernel_layout(),
+                      "bias": jnp.asarray(rng.standard_normal(W), jnp.float32)}}
+    x = jnp.asarray(rng.standard_normal((B, 1, D)), jnp.bfloat16)
+    names, sizes = ("attn_q", "attn_k", "attn_v"), (N * H, K * H, K * H)
+    pos = jnp.asarray([[3], [7], [0], [12]], jnp.int32)
+    cos, sin = rope_cos_sin(pos, 1.0 / 10000.0 ** (np.arange(0, H, 2, dtype=np.float32) / H))
+    outs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("GPTJAX_QKV_PARTIALS", flag)
+        (q, k, v), qkv = split_linear(p, names, x, sizes, dtype=jnp.bfloat16, with_fused=True)
+        assert isinstance(qkv, SplitK) == (flag == "1")
+        q, k, v = q.reshape(B, 1, N, H), k.reshape(B, 1, K, H), v.reshape(B, 1, K, H)
+        outs[flag] = cache_attention(q, k, v, cache, 1, pos, scale=H ** -0.5,
+                                     rope=(cos, sin, "neox"), qkv=qkv)
+    (a0, c0), (a1, c1) = outs["0"], outs["1"]
+    np.testing.assert_array_equal(np.asarray(a1, np.float32), np.asarray(a0, np.float32))
+    np.testing.assert_array_equal(np.asarray(c1.k, np.float32), np.asarray(c0.k, np.float32))
+    np.testing.assert_array_equal(np.asarray(c1.v, np.float32), np.asarray(c0.v, np.float32))
+
+
 def test_kernel_wiring_in_interpret_mode(tmp_path, monkeypatch):
     """The model-level wiring of every kernel (flash attention at prefill, flash-decoding, the MXFP4
     MoE "pairs" matmul, the Q8_0 matmul) runs on CPU in Pallas interpret mode and gives the

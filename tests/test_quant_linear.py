@@ -359,3 +359,34 @@ def test_real_smollm2_tensors():
     bits_equal(jax.jit(embed)(w, jnp.asarray(ids)), w64.astype(np.float32)[ids])
     norm = pack_from_gguf_tensor(gf.tensors["output_norm.weight"])
     np.testing.assert_array_equal(np.asarray(norm), gf.tensors["output_norm.weight"].array())
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_linear_partials_sum_to_the_plain_result(monkeypatch, dtype):
+    """``linear(..., partials=True)`` with the Pallas Q8_0 kernel (interpret mode) at a batch
+    that splits K: a SplitK whose value is bit for bit the plain call's result (same kernel, the
+    same XLA sum, bias and rounding); its parts sum to it; where K is not split (one row: the
+    GEMV) and on the reference path the plain array comes back."""
+    rng = np.random.default_rng(11)
+    o, i = 40, 1024
+    w = PackedWeight.from_bytes(random_bytes(rng, T.Q8_0, (o, i)), T.Q8_0, (o, i))
+    b = jnp.asarray(rng.standard_normal(o), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, 3, i)), dtype)
+    monkeypatch.setenv("GPTJAX_KERNELS", "interpret")
+    def bits_equal(a, b):                      # any float dtype, compared bit for bit
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == b.dtype == dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a.astype(np.float32).view(np.uint32),
+                                      b.astype(np.float32).view(np.uint32))
+
+    y = linear(x, w, b, out_dtype=dtype)
+    s = linear(x, w, b, out_dtype=dtype, partials=True)
+    assert isinstance(s, packed.SplitK) and s.parts.shape[0] > 1
+    assert s.parts.shape[1:] == (2, 3, o) and s.dtype == dtype
+    bits_equal(s.value(), y)
+    bits_equal(jax.jit(lambda s: s.value())(s), y)
+    one = linear(x[:1, :1], w, b, out_dtype=dtype, partials=True)          # GEMV: no split
+    assert not isinstance(one, packed.SplitK)
+    bits_equal(one, linear(x[:1, :1], w, b, out_dtype=dtype))
+    monkeypatch.setenv("GPTJAX_KERNELS", "ref")
+    assert not isinstance(linear(x, w, b, out_dtype=dtype, partials=True), packed.SplitK)

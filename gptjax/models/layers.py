@@ -111,7 +111,7 @@ def swiglu(gate, up, *, out_dtype=None):
     return (jax.nn.silu(gate.astype(F32)) * up.astype(F32)).astype(out_dtype)
 
 
-def linear(x, w, b=None, *, out_dtype=None):
+def linear(x, w, b=None, *, out_dtype=None, partials=False):
     """Dense layer y = x @ w.T + b, accumulated in float32 (``gptjax.quant.linear``).
 
     x: [..., I]; w: [O, I] (torch Linear / GGUF row layout: one row per output feature), a plain
@@ -121,8 +121,9 @@ def linear(x, w, b=None, *, out_dtype=None):
 
     This is the single entry point for every matmul against a weight, so that packed quantized
     weights and Pallas kernels are dispatched in one place without touching models.
+    ``partials=True``: may return a ``packed.SplitK`` (the K splits' partial products) instead.
     """
-    return packed.linear(x, w, b, out_dtype=out_dtype)
+    return packed.linear(x, w, b, out_dtype=out_dtype, partials=partials)
 
 
 class Norm(NamedTuple):
@@ -143,7 +144,7 @@ class Norm(NamedTuple):
 
 
 def norm_linear(x, w, b=None, *, norm: Norm | None = None, dtype, out_dtype=F32, act=None,
-                residual=None, return_normed=False, row_groups=False):
+                residual=None, return_normed=False, row_groups=False, partials=False):
     """A projection with its neighbours: ``act(norm(x) @ w.T + b)`` in ``out_dtype``, plus
     ``residual``.
 
@@ -160,7 +161,8 @@ def norm_linear(x, w, b=None, *, norm: Norm | None = None, dtype, out_dtype=F32,
     returns ``out_dtype`` (float32 with a residual).  ``return_normed=True`` (with a norm):
     returns ``(y, h)``, h = the normalised input in ``dtype``.  ``row_groups=True``: more rows
     go to the kernel where the weight is small (``fused_gemv.supports``: gpt-oss's router at
-    batch decode).
+    batch decode).  ``partials=True`` (no act, no residual): the matmul may return a
+    ``packed.SplitK`` (:func:`linear`), handed on as is.
     """
     from pallas_kernels import kernel_mode
     from pallas_kernels import fused_gemv as fg
@@ -175,6 +177,9 @@ def norm_linear(x, w, b=None, *, norm: Norm | None = None, dtype, out_dtype=F32,
             eps=1e-5 if norm is None else float(norm.eps), act=act, round_to=round_to, cdt=dtype,
             norm_out=return_normed, interpret=mode == "interpret")
     h = x if norm is None else norm(x, out_dtype=dtype)
+    if partials and act is None and residual is None:
+        y = linear(h, w, b, out_dtype=out_dtype, partials=True)
+        return (y, h) if return_normed else y
     y = linear(h, w, b, out_dtype=F32 if act else out_dtype)
     if act:
         y = gelu(y, approximate=act == "gelu_tanh").astype(out_dtype)
@@ -374,7 +379,8 @@ def cache_attention(q, k, v, cache, layer: int, q_positions, *, lengths=None, wi
     one-token decode without ``lengths`` inside the attention kernel, which also writes the new
     key/value into the cache (``decode_attention_update``: three XLA kernels fewer per layer).
     qkv: None, or the fused projection [B, T, (N + 2K) H] whose slices q, k, v are (given, that
-    kernel reads it instead of the slices, which XLA would materialise in kernels of their own).
+    kernel reads it instead of the slices, which XLA would materialise in kernels of their own),
+    or a ``packed.SplitK`` of it (its K splits' partials: the kernel sums them as it reads).
 
     Implementation by ``pallas_kernels.kernel_mode()``: on a GPU (unless env
     ``GPTJAX_KERNELS=ref``; ``interpret`` runs them on CPU) the Pallas kernels, flash-decoding
@@ -455,6 +461,10 @@ def _fused_decode_attention(q, k, v, qkv, cache, in_ring, idx, q_positions, cos,
     tables = (n_visible, slots, cos[:, 0], sin[:, 0])
     if qkv is None:                                       # the projections ran one by one
         out, ks, vs = decode_attention_update(q[:, 0], k[:, 0], v[:, 0], ks, vs, *tables, **kw)
+    elif isinstance(qkv, packed.SplitK):                  # partials [P, B, (N + 2K) H]
+        out, ks, vs = decode_attention_update_qkv(qkv.parts[:, :, 0], ks, vs, *tables,
+                                                  n_heads=q.shape[2], out_dtype=q.dtype,
+                                                  qkv_bias=qkv.bias, qkv_dtype=qkv.dtype, **kw)
     else:                                                 # [B, (N + 2K) H], as the GEMV wrote it
         out, ks, vs = decode_attention_update_qkv(qkv[:, 0], ks, vs, *tables,
                                                   n_heads=q.shape[2], out_dtype=q.dtype, **kw)
