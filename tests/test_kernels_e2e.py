@@ -279,3 +279,27 @@ def test_batch_decode_moe_takes_the_one_factor_byte_decode(tmp_path, monkeypatch
     monkeypatch.setenv("GPTJAX_KERNELS", "ref")                # prefill on the CPU, plain XLA
     _lower_decode_chunk(gen, 64, monkeypatch)
     assert seen and all(seen) and len(seen) % 2 == 0            # gate/up and down, one factor
+
+
+def test_batch_decode_attention_reads_qkv_partials(tmp_path, monkeypatch):
+    """GPTJAX_QKV_PARTIALS=1 reaches the model: the batch-64 decode step of a gpt-oss whose q/k/v
+    Q8_0 dot splits K (hidden 512: 4 K steps, 2 splits), lowered for CUDA on any machine, hands
+    every attention kernel the float32 partials [2, 64, W] and the bias [W] instead of the
+    summed bf16 projection [64, W] (layer-level numbers: test_cache_attention_reads_split_k_
+    partials; the kernel: test_attention_kernels)."""
+    import gptjax
+    from tiny_models import tiny_gpt_oss, write_gpt_oss_gguf
+
+    monkeypatch.setenv("GPTJAX_KERNELS", "pallas")
+    m = gptjax.load(write_gpt_oss_gguf(tiny_gpt_oss(seed=2, hidden_size=512), tmp_path / "m.gguf"),
+                    dtype=jnp.bfloat16, dequantize_at_load=False)
+    W = (6 + 2 * 2) * 24
+    calls = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("GPTJAX_QKV_PARTIALS", flag)
+        monkeypatch.setenv("GPTJAX_KERNELS", "ref")            # prefill on the CPU, plain XLA
+        text = _lower_decode_chunk(m._generator, 64, monkeypatch).as_text()
+        calls[flag] = [ln for ln in text.splitlines() if "call @decode_attention_update_qkv" in ln]
+    assert len(calls["0"]) == len(calls["1"]) == 4                      # one call per layer
+    assert all(f"(tensor<64x{W}xbf16>," in ln for ln in calls["0"])
+    assert all(f"(tensor<2x64x{W}xf32>," in ln and f"tensor<{W}xf32>" in ln for ln in calls["1"])
