@@ -87,6 +87,10 @@ for step in "$@"; do
     q8-ablation) timeout 400 python3 benchmarks/q8_rows_ablation.py --copies 4 ;;
     q8-swap) timeout 500 python3 benchmarks/q8_rows_ablation.py --copies 4 --swap-only ;;
     swap-tests) timeout 280 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_matmul_kernels.py tests/test_kernels_e2e.py 2>&1 | tail -6 ;;
+    qkv-partials-ab)
+      timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention_kernels.py tests/test_quant_linear.py \
+               tests/test_kernels_e2e.py 2>&1 | tail -6
+      for v in 1 0 1; do echo "--- GPTJAX_QKV_PARTIALS=$v"; GPTJAX_QKV_PARTIALS=$v timeout 200 python3 benchmarks/gpt_oss_targets.py --skip b1,long,memory,pp512 2>&1 | grep -E "^(b64|pp512|decode|load)" | tail -6; done ;;
     swap-ab)
       timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_matmul_kernels.py tests/test_kernels_e2e.py 2>&1 | tail -6
       for v in 1 0 1; do echo "--- GPTJAX_SWAP_DOT=$v"; GPTJAX_SWAP_DOT=$v timeout 200 python3 benchmarks/gpt_oss_targets.py --skip b1,long,memory,pp512 2>&1 | grep -E "^(b64|pp512|decode|load)" | tail -6; done ;;
