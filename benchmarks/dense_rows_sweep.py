@@ -31,7 +31,8 @@ import numpy as np  # noqa: E402
 
 from pallas_kernels import q8_matmul as q8  # noqa: E402
 from pallas_kernels.mxfp4_matmul import plan_dense  # noqa: E402
-from report import BY_KERNEL, add_candidate, device_us_per_call, print_ranked  # noqa: E402
+from report import (BY_KERNEL, add_candidate, device_us_per_call, gpt_oss_q8_shapes,  # noqa: E402
+                    print_ranked)
 from jax import lax  # noqa: E402
 
 
@@ -67,9 +68,7 @@ def main():
                     help="the swapped dot (Plan.swap) over a grid of tiles, vs the default")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    shapes = {"qkv 5120x2880": (5120, 2880), "out 2880x4096": (2880, 4096)}
-    if args.head:
-        shapes["head 201088x2880"] = (201088, 2880)
+    shapes = gpt_oss_q8_shapes(head=args.head)
     grid = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, k_splits=s)
             for bm, bn, bk, w, s in itertools.product((16, 64), (32, 64, 128), (64, 128),
                                                       (4, 8), (1, 4))]

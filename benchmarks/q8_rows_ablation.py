@@ -35,7 +35,8 @@ from jax.experimental.pallas import triton as pltriton  # noqa: E402
 
 from pallas_kernels import q8_matmul as q8  # noqa: E402
 from pallas_kernels.mxfp4_matmul import _W, _dot_nt, _iota, cdiv, load_x32  # noqa: E402
-from report import BY_KERNEL, add_candidate, device_us_per_call, print_ranked  # noqa: E402
+from report import (BY_KERNEL, add_candidate, device_us_per_call, gpt_oss_q8_shapes,  # noqa: E402
+                    print_ranked)
 
 F32 = jnp.float32
 
@@ -136,9 +137,7 @@ def main():
                     help="the swapped kernel's tiles (+ default, one bf16 row), and the head")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    shapes = {"qkv 5120x2880": (5120, 2880), "out 2880x4096": (2880, 4096)}
-    if args.swap_only:
-        shapes["head 201088x2880"] = (201088, 2880)
+    shapes = gpt_oss_q8_shapes(head=args.swap_only)
     fns, meta = {}, {}
     M = 64
     real_load_tile = q8._load_tile

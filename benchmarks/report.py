@@ -118,6 +118,17 @@ def print_ranked(times: dict, meta: dict, base_label: str, top: int = 8, keep=()
             print(f"| {us:.2f} | {base / us:.2f}x | {nb / (us * 1e-6) / 1e12:.2f} | {lab} |")
 
 
+#: gpt-oss-20b's Q8_0 projections, (O, I): the fused q/k/v and the attention output.
+GPT_OSS_Q8_SHAPES = {"qkv 5120x2880": (5120, 2880), "out 2880x4096": (2880, 4096)}
+#: ... and its vocab head.
+GPT_OSS_HEAD_SHAPE = {"head 201088x2880": (201088, 2880)}
+
+
+def gpt_oss_q8_shapes(head: bool) -> dict:
+    """{label: (O, I)} of the gpt-oss-20b Q8_0 matmuls the row benchmarks time (a new dict)."""
+    return {**GPT_OSS_Q8_SHAPES, **(GPT_OSS_HEAD_SHAPE if head else {})}
+
+
 def random_mxfp4(rng, *shape):
     """Random MXFP4 weights of logical shape ``[..., O, I]`` in the kernel layout (random code
     bytes, scale bytes 118..127): ``pallas_kernels.mxfp4_matmul.Mxfp4Weights``."""
