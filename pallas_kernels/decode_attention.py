@@ -378,8 +378,9 @@ def decode_attention_update_qkv(qkv, k_cache, v_cache, lengths, slots, cos, sin,
     out_dtype = k_cache.dtype if out_dtype is None else out_dtype
     finish = one_split_in_kernel(P, combine)
     one_spec, one_shape, unpad = _one_out(B, N, K, H, out_dtype)
-    sink_args = [sinks.astype(F32)] if finish and sinks is not None else []
-    sink_args = ([qkv_bias.astype(F32)] if qkv_bias is not None else []) + sink_args
+    # inputs after the caches, in the kernel's order: the q/k/v bias, then the sinks (one split)
+    extra_args = [qkv_bias.astype(F32)] if qkv_bias is not None else []
+    extra_args += [sinks.astype(F32)] if finish and sinks is not None else []
     kernel = functools.partial(_update_kernel, block_k=block_k, num_splits=P, window=window,
                                head_dim=H, n_heads=N, n_kv_heads=K, scale=float(scale),
                                rope_type=rope_type, has_sinks=sinks is not None, finish=finish,
@@ -392,7 +393,7 @@ def decode_attention_update_qkv(qkv, k_cache, v_cache, lengths, slots, cos, sin,
         in_specs=[pl.BlockSpec((None,), lambda b, k, s: (b,)),
                   pl.BlockSpec((None,), lambda b, k, s: (b,)),
                   pl.no_block_spec, pl.no_block_spec, pl.no_block_spec, kv_spec, kv_spec]
-                 + [pl.no_block_spec] * len(sink_args),
+                 + [pl.no_block_spec] * len(extra_args),
         out_specs=([one_spec] if finish else _split_out_specs(Gp, Hp)) + [kv_spec, kv_spec],
         out_shape=([one_shape] if finish else _split_out_shapes(B, K, P, Gp, Hp))
         + [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
@@ -402,7 +403,7 @@ def decode_attention_update_qkv(qkv, k_cache, v_cache, lengths, slots, cos, sin,
         interpret=interpret,
         name=name,
     )(lengths.astype(jnp.int32), slots.astype(jnp.int32), qkv, cos.astype(F32), sin.astype(F32),
-      k_cache, v_cache, *sink_args)
+      k_cache, v_cache, *extra_args)
     if finish:
         return unpad(outs[0]), k_cache, v_cache
     return merge_splits(*outs, sinks, G, H, out_dtype, combine, interpret), k_cache, v_cache

@@ -332,7 +332,7 @@ def q8_0_matmul(x, w, bias=None, *, mode=None, block_m=None, block_n=None, block
     (or a ``PackedWeight`` of type Q8_0, or :class:`Q8Weights`); bias: float ``[O]`` or None.
     Tiling arguments as in :func:`pallas_kernels.mxfp4_matmul.mxfp4_matmul` (defaults:
     :func:`~pallas_kernels.mxfp4_matmul.plan_dense`), and ``swap`` (the dot mode's transposed
-    tile, ``Plan.swap``; default on for 64-255 rows); ``interpret=True`` for CPU.
+    tile, ``Plan.swap``; default on for 3-255 rows); ``interpret=True`` for CPU.
     ``partials=True`` (bias None): the K splits' partial products float32 ``[S, ..., O]``
     unsummed (``mxfp4_matmul.dense_matmul``); their sum over axis 0 is the result.
     """
