@@ -12,7 +12,8 @@ session).  ``--wide``: more splits and narrower tiles (more programs per wave). 
 tiles each with the dot mode's inline-PTX decode (``q8_matmul.ASM_Q8_DECODE``) on and off.
 ``--big``: 256-wide output tiles too (every tile re-reads its 64 x rows: at 64 x 128 tiles as
 many bytes of x as of weights).  ``--swap``: the swapped dot's tiles (``swap=True``) and
-the default without it (``swap=False``).  ``--xla``: XLA's own fusion of the same matmul (the exact decode
+the default without it (``swap=False``).  ``--gemv-head``: batch-1 GEMV tiles for the vocab head alone, with
+XLA's read of the same bytes as the card's ceiling.  ``--xla``: XLA's own fusion of the same matmul (the exact decode
 ``round_bf16(q * d)`` written in jnp in front of one dot, no Pallas) and a plain bf16 dot on
 already-decoded weights (twice the bytes), with the kernels each one launched.
 """
@@ -66,9 +67,11 @@ def main():
                     help="swapped-dot tiles at 64 rows with 8 warps / wider steps")
     ap.add_argument("--swap", action="store_true",
                     help="the swapped dot (Plan.swap) over a grid of tiles, vs the default")
+    ap.add_argument("--gemv-head", action="store_true",
+                    help="batch-1 GEMV tiles of the output head only (rows 1)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    shapes = gpt_oss_q8_shapes(head=args.head)
+    shapes = gpt_oss_q8_shapes(head=args.head or args.gemv_head)
     grid = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, k_splits=s)
             for bm, bn, bk, w, s in itertools.product((16, 64), (32, 64, 128), (64, 128),
                                                       (4, 8), (1, 4))]
@@ -91,6 +94,23 @@ def main():
                                       (64, 256, 4, 2), (64, 256, 4, 4), (128, 256, 8, 2),
                                       (64, 128, 4, 1), (128, 128, 8, 1), (64, 256, 4, 1),
                                       (128, 256, 8, 1))]
+    if args.gemv_head:      # the head alone, one row: GEMV tiles (no split: 6,284 programs)
+        shapes = {k: v for k, v in shapes.items() if k.startswith("head")}
+        args.rows = "1"
+        grid = [dict(block_n=bn, block_k=bk, num_warps=w, num_stages=st, prefetch=pf)
+                for bn, bk, w, st, pf in itertools.product((16, 32, 64), (256, 512, 1024), (4, 8),
+                                                           (3,), (False,))
+                if bn * bk <= 32768]
+        grid += [dict(block_n=32, block_k=256, num_warps=4, num_stages=st, prefetch=pf)
+                 for st, pf in ((4, False), (2, False), (3, True))]
+        grid += [dict(block_n=bn, block_k=bk, num_warps=w, num_stages=4, prefetch=False)
+                 for bn, bk, w in ((16, 512, 8), (32, 512, 8), (16, 1024, 8), (64, 256, 8))]
+        grid += [dict(block_n=bn, block_k=bk, num_warps=w, num_stages=st, prefetch=pf)
+                 for bn, bk, w, st, pf in ((16, 2048, 4, 3, False), (16, 1024, 2, 3, False),
+                                           (8, 1024, 4, 3, False), (8, 2048, 4, 3, False),
+                                           (16, 1024, 4, 4, False), (16, 1024, 4, 2, False),
+                                           (16, 1024, 4, 3, True), (32, 1024, 4, 3, False),
+                                           (32, 1024, 8, 3, False), (8, 2048, 2, 3, False))]
     if args.asm:
         few = [{}, dict(block_m=64, block_n=128, block_k=64, num_warps=4, k_splits=8),
                dict(block_m=32, block_n=64, block_k=128, num_warps=4, k_splits=4),
@@ -108,6 +128,7 @@ def main():
                 (str(c), c) for c in grid
                 if not (sname.startswith("head") and c.get("k_splits", 1) > 1)
                 and c.get("block_m", 0) <= max(16, M)
+                and (args.gemv_head or c.get("block_m", 0) > 0)
                 and not ((args.swap or args.swap8) and c["k_splits"] == 1
                          and not sname.startswith("head"))]
             if args.swap:
@@ -132,10 +153,17 @@ def main():
                     dense_dot(x, wd) for wd in wds], (x, wds), ref, rtol=2e-2, prefix="drs")
                 if name:
                     meta[name] = (f"{sname} M={M}", "bf16 weights, one dot (2x bytes)", nbytes)
+            if args.gemv_head:     # the card's read ceiling: XLA's max over the same bytes
+                name, _ = add_candidate(fns, f"{sname} read", lambda x, ws: [
+                    jnp.max(w.qs) + jnp.max(w.scales) for w in ws], (x, ws), prefix="drs")
+                if name:
+                    meta[name] = (f"{sname} M={M}", "xla read ceiling (max over the bytes)",
+                                  nbytes)
             print(f"{sname} M={M}: default plan {plan_dense(M, O, I)}")
     times = {n: us / args.copies for n, us in device_us_per_call(fns, reps=10).items()}
     print_ranked(times, meta, "{'asm': False}" if args.asm else "default", top=6 + 6 * args.asm,
-                 keep=("xla dequant + dot", "bf16 weights, one dot (2x bytes)"))
+                 keep=("xla dequant + dot", "bf16 weights, one dot (2x bytes)",
+                       "xla read ceiling (max over the bytes)"))
     for name, (case, label, _) in meta.items():
         if label.startswith(("xla", "bf16", "default")):
             ks = sorted(BY_KERNEL.get(name, {}).items(), key=lambda kv: -kv[1])

@@ -81,6 +81,7 @@ for step in "$@"; do
     q8-tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_matmul_kernels.py -k "q8" 2>&1 | tail -8 ;;
     rows-big) timeout 400 python3 benchmarks/dense_rows_sweep.py --copies 4 --big --head ;;
     rows-asm) timeout 300 python3 benchmarks/dense_rows_sweep.py --copies 4 --asm --head ;;
+    gemv-head) timeout 400 python3 benchmarks/dense_rows_sweep.py --gemv-head ;;
     rows-xla) timeout 300 python3 benchmarks/dense_rows_sweep.py --copies 4 --xla --head --rows 1,64 ;;
     rows-swap) timeout 500 python3 benchmarks/dense_rows_sweep.py --copies 4 --swap --head --rows 16,32 ;;
     rows-swap8) timeout 400 python3 benchmarks/dense_rows_sweep.py --copies 4 --swap8 --head --rows 64 ;;

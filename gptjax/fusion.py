@@ -35,9 +35,9 @@ def fused_partials() -> bool:
     """Whether :func:`split_linear` hands a fused projection's consumer the K splits' partials
     (``packed.SplitK``) where the Q8_0 kernel splits K (batch decode), so that the decode
     attention kernel sums them as it reads q/k/v instead of an XLA kernel before it.  Env
-    ``GPTJAX_QKV_PARTIALS=1`` (read when a model is traced); off by default until timed on the
-    GPU."""
-    return os.environ.get("GPTJAX_QKV_PARTIALS", "0") == "1"
+    ``GPTJAX_QKV_PARTIALS=0`` (read when a model is traced) turns it off; on by default
+    (batch-64 gpt-oss-20b decode 7,099 vs 7,090 tok/s on an H200, fifteenth session)."""
+    return os.environ.get("GPTJAX_QKV_PARTIALS", "1") == "1"
 
 #: fused parameter -> the parameters it replaces, in row order.
 FUSIONS: dict[str, tuple[str, ...]] = {

@@ -163,6 +163,19 @@ BYTE_VIEW_MAX_ROWS = 256
 PAIRS_MAX_ROWS = 16
 #: GEMV grids with fewer programs than this prefetch the next K step in software.
 PREFETCH_MAX_PROGRAMS = 4 * SM_COUNT
+#: Cards whose memory (H200: HBM3e, 4.8 TB/s against the H100's 3.35) wants more bytes per step
+#: from large batch-1 GEMV grids (the vocab head) than the H100's 32 rows x 256 inputs: 16 x
+#: 1024 there.  H200, gpt-oss-20b's Q8_0 head [201088, 2880] at one row: 214 -> 180 µs (2.87 ->
+#: 3.41 TB/s; benchmarks/dense_rows_sweep.py --gemv-head, fifteenth session); the decode GEMVs
+#: of fused_gemv / moe_decode kept their H100 tiles there (same sweep, no better tile).
+WIDE_GEMV_CARDS = ("H200",)
+
+
+@functools.lru_cache(maxsize=None)
+def wide_gemv_card() -> bool:
+    """Whether the default device is one of :data:`WIDE_GEMV_CARDS` (by ``device_kind``)."""
+    kind = getattr(jax.devices()[0], "device_kind", "").lower()
+    return any(c.lower() in kind for c in WIDE_GEMV_CARDS)
 
 
 def use_kernel() -> bool:
@@ -707,8 +720,8 @@ def plan_dense(M: int, O: int, I: int, *, mode=None, block_m=None, block_n=None,
 
     gemv (M <= GEMV_MAX_ROWS = 2), small grids (O / 32 < PREFETCH_MAX_PROGRAMS) with no tiling
     asked for: 16 output rows x 512 inputs per step, 8 warps, no split, no prefetch (the H100
-    sweep's best, benchmarks/tile_sweep.py).  Otherwise 32 x 256, 4 warps, software prefetch when
-    the grid is small (the prefetch costs ~40 registers and ~13 % more instructions, in SASS).
+    sweep's best, benchmarks/tile_sweep.py).  Otherwise 32 x 256, 4 warps (16 x 1024 for rows of
+    >= 2048 inputs on :data:`WIDE_GEMV_CARDS`), software prefetch when the grid is small (the prefetch costs ~40 registers and ~13 % more instructions, in SASS).
     dot, decode-sized M (< 64): 16 x 32 x 128, K split up to TARGET_PROGRAMS programs.  dot,
     batch decode (M < 256): 64 x 128 x 64, K split likewise but at most :data:`MAX_SPLITS_BATCH`
     times.  dot, prefill (M >= 256): 128 x 64 x 64 with 8 warps, no split.  Starting points for
@@ -740,6 +753,9 @@ def plan_dense(M: int, O: int, I: int, *, mode=None, block_m=None, block_n=None,
         # 10.5 -> 7.3 µs against the 32 x 256 / prefetch plan below.
         d = dict(block_m=M, block_n=16, block_k=512, num_warps=8, num_stages=3)
         k_splits, prefetch = 1, False
+    elif mode == "gemv" and I >= 2048 and block_n is None and block_k is None \
+            and wide_gemv_card():
+        d = dict(block_m=M, block_n=16, block_k=1024, num_warps=4, num_stages=3)
     elif mode == "gemv":
         d = dict(block_m=M, block_n=32, block_k=256, num_warps=4, num_stages=3)
     elif swap and M < 256:

@@ -460,6 +460,7 @@ DENSE_CASES = [
     (2, 48, 256, jnp.float32, "split", True, {"k_splits": 3, "block_k": 64}),   # split-K GEMV
     (20, 48, 256, jnp.bfloat16, "ggml", False, {"k_splits": 2, "block_k": 32}),  # split-K dot
     (1, 24, 2880, jnp.bfloat16, "split", True, {}),              # gpt-oss row length
+    (1, 40, 2080, jnp.bfloat16, "ggml", True, {"block_n": 16, "block_k": 1024}),  # wide GEMV
 ]
 
 
@@ -498,7 +499,7 @@ Q8_SWAP_CASES = [
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("case", DENSE_CASES[:7] + Q8_SWAP_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", DENSE_CASES[:7] + DENSE_CASES[-1:] + Q8_SWAP_CASES, ids=_case_id)
 def test_q8_matmul_vs_float64(case, interpret):
     m, o, i, dtype, layout, with_bias, kw = case
     rng = np.random.default_rng(m * 1000 + o + i + 7)
@@ -652,7 +653,7 @@ def test_use_kernel_switch(monkeypatch):
     assert mx.use_kernel() == HAS_GPU
 
 
-def test_plan_fills_the_gpu():
+def test_plan_fills_the_gpu(monkeypatch):
     """Decode of a 2880 x 2880 matrix: 16-row tiles (180 programs, the H100 sweep's best) unless
     a tiling is asked for, then K is split until >= TARGET_PROGRAMS programs; the vocab head
     needs no split; prefill uses dot tiles."""
@@ -662,6 +663,13 @@ def test_plan_fills_the_gpu():
     n_prog = -(-2880 // p.block_n) * p.k_splits
     assert p.mode == "gemv" and p.k_splits > 1 and n_prog >= mx.TARGET_PROGRAMS
     assert mx.plan_dense(1, 201088, 2880).k_splits == 1
+    for wide, tiles in ((False, (32, 256)), (True, (16, 1024))):      # per card (H200: wide)
+        monkeypatch.setattr(mx, "wide_gemv_card", lambda wide=wide: wide)
+        p = mx.plan_dense(1, 201088, 2880)
+        assert (p.mode, p.block_n, p.block_k, p.k_splits) == ("gemv", *tiles, 1)
+        assert (mx.plan_dense(1, 201088, 1024).block_k, mx.plan_dense(1, 201088, 2880,
+                                                                      block_n=64).block_k) == (256, 256)
+    monkeypatch.undo()
     p = mx.plan_dense(512, 2880, 2880)
     assert p.mode == "dot" and p.block_m >= 64 and p.k_splits == 1
     p = mx.plan_dense(64, 2880, 4096)                       # batch decode: K split, capped
