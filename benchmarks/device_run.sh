@@ -81,6 +81,11 @@ for step in "$@"; do
     q8-tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_matmul_kernels.py -k "q8" 2>&1 | tail -8 ;;
     rows-big) timeout 400 python3 benchmarks/dense_rows_sweep.py --copies 4 --big --head ;;
     rows-asm) timeout 300 python3 benchmarks/dense_rows_sweep.py --copies 4 --asm --head ;;
+    final-15)
+      timeout 380 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_matmul_kernels.py \
+               tests/test_attention_kernels.py tests/test_quant_linear.py tests/test_fused_gemv.py \
+               tests/test_moe_decode.py tests/test_moe_route.py tests/test_kernels_e2e.py 2>&1 | tail -6
+      timeout 200 python3 benchmarks/gpt_oss_targets.py --out "$OUT/results.md" ;;
     gemv-head) timeout 400 python3 benchmarks/dense_rows_sweep.py --gemv-head ;;
     rows-xla) timeout 300 python3 benchmarks/dense_rows_sweep.py --copies 4 --xla --head --rows 1,64 ;;
     rows-swap) timeout 500 python3 benchmarks/dense_rows_sweep.py --copies 4 --swap --head --rows 16,32 ;;
