@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as T
 from gptjax.cache import init_cache
 from gptjax.config import ModelConfig
 from gptjax.formats.gguf import read_gguf
-from gptjax.fusion import FUSIONS, fuse_block, fuse_params, split_linear
+from gptjax.fusion import FUSIONS, fuse_block, fuse_params, fused_partials, split_linear
 from gptjax.packed import PackedWeight
 from gptjax.weights import load_params_gguf
 from tiny_models import (rel_err, tiny_gpt_oss, tiny_llama, write_gpt_oss_gguf,
@@ -93,3 +93,12 @@ def test_fused_model_equals_unfused(tmp_path, arch):
     toks = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 11)), jnp.int32)
     ref = _logits(mod, plain, config, toks)
     assert rel_err(_logits(mod, fused, config, toks), ref) < FUSED_RTOL
+
+
+def test_qkv_partials_default_on(monkeypatch):
+    """The q/k/v partials path is the default (timed on the H200, fifteenth session); the env
+    switch turns it off."""
+    monkeypatch.delenv("GPTJAX_QKV_PARTIALS", raising=False)
+    assert fused_partials()
+    monkeypatch.setenv("GPTJAX_QKV_PARTIALS", "0")
+    assert not fused_partials()
