@@ -721,7 +721,8 @@ def plan_dense(M: int, O: int, I: int, *, mode=None, block_m=None, block_n=None,
     gemv (M <= GEMV_MAX_ROWS = 2), small grids (O / 32 < PREFETCH_MAX_PROGRAMS) with no tiling
     asked for: 16 output rows x 512 inputs per step, 8 warps, no split, no prefetch (the H100
     sweep's best, benchmarks/tile_sweep.py).  Otherwise 32 x 256, 4 warps (16 x 1024 for rows of
-    >= 2048 inputs on :data:`WIDE_GEMV_CARDS`), software prefetch when the grid is small (the prefetch costs ~40 registers and ~13 % more instructions, in SASS).
+    >= 2048 inputs on :data:`WIDE_GEMV_CARDS`), software prefetch when the grid is small (the
+    prefetch costs ~40 registers and ~13 % more instructions, in SASS).
     dot, decode-sized M (< 64): 16 x 32 x 128, K split up to TARGET_PROGRAMS programs.  dot,
     batch decode (M < 256): 64 x 128 x 64, K split likewise but at most :data:`MAX_SPLITS_BATCH`
     times.  dot, prefill (M >= 256): 128 x 64 x 64 with 8 warps, no split.  Starting points for
