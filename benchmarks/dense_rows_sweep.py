@@ -13,7 +13,7 @@ tiles each with the dot mode's inline-PTX decode (``q8_matmul.ASM_Q8_DECODE``) o
 ``--big``: 256-wide output tiles too (every tile re-reads its 64 x rows: at 64 x 128 tiles as
 many bytes of x as of weights).  ``--swap``: the swapped dot's tiles (``swap=True``) and
 the default without it (``swap=False``). ``--gemv-head``: batch-1 GEMV tiles for the vocab head
-alone, with XLA's read of the same bytes as the card's ceiling. ``--xla``: XLA's own fusion of
+alone, with XLA's max over the same bytes for comparison (on the H200 slower than the kernel). ``--xla``: XLA's own fusion of
 the same matmul (the exact decode ``round_bf16(q * d)`` written in jnp in front of one dot, no
 Pallas) and a plain bf16 dot on already-decoded weights (twice the bytes), with the kernels each
 one launched.
@@ -154,7 +154,7 @@ def main():
                     dense_dot(x, wd) for wd in wds], (x, wds), ref, rtol=2e-2, prefix="drs")
                 if name:
                     meta[name] = (f"{sname} M={M}", "bf16 weights, one dot (2x bytes)", nbytes)
-            if args.gemv_head:     # the card's read ceiling: XLA's max over the same bytes
+            if args.gemv_head:     # XLA reading the same bytes (max), for comparison
                 name, _ = add_candidate(fns, f"{sname} read", lambda x, ws: [
                     jnp.max(w.qs) + jnp.max(w.scales) for w in ws], (x, ws), prefix="drs")
                 if name:
