@@ -13,10 +13,10 @@ tiles each with the dot mode's inline-PTX decode (``q8_matmul.ASM_Q8_DECODE``) o
 ``--big``: 256-wide output tiles too (every tile re-reads its 64 x rows: at 64 x 128 tiles as
 many bytes of x as of weights).  ``--swap``: the swapped dot's tiles (``swap=True``) and
 the default without it (``swap=False``). ``--gemv-head``: batch-1 GEMV tiles for the vocab head
-alone, with XLA's max over the same bytes for comparison (on the H200 slower than the kernel). ``--xla``: XLA's own fusion of
-the same matmul (the exact decode ``round_bf16(q * d)`` written in jnp in front of one dot, no
-Pallas) and a plain bf16 dot on already-decoded weights (twice the bytes), with the kernels each
-one launched.
+alone, with XLA's max over the same bytes for comparison (on the H200 slower than the kernel).
+``--xla``: XLA's own fusion of the same matmul (the exact decode ``round_bf16(q * d)`` written
+in jnp in front of one dot, no Pallas) and a plain bf16 dot on already-decoded weights (twice
+the bytes), with the kernels each one launched.
 """
 from __future__ import annotations
 
